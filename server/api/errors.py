@@ -1,0 +1,69 @@
+"""Exception handlers: every error is JSON `{"error": {...}}`, never a traceback.
+
+Native routes answer validation errors with 422; the OpenAI-compatible routes
+(`/v1/models`, `/v1/completions`, `/v1/chat/completions`) with 400 and OpenAI's
+error shape (`message`, `type`, `param`, `code`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def is_openai_route(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIXES)
+
+
+def error_response(request: Request, status: int, type_: str, message: str,
+                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    openai = is_openai_route(request.url.path)
+    if openai and status == 422:
+        status = 400
+    body: dict = {"type": type_, "message": message}
+    if openai:
+        body.update(param=param, code=type_)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    param = None
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc) or "body"
+        param = param or where
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return error_response(request, 422, "invalid_request_error", message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+        return error_response(request, exc.status_code, types.get(exc.status_code, "http_error"),
+                              str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "internal_error", "internal server error")

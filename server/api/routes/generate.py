@@ -1,0 +1,5 @@
+"""Routes: generate (thin handlers; work happens in the engine / store / jobs)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

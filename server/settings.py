@@ -1,0 +1,97 @@
+"""The one typed configuration object, validated once at start-up.
+
+Every field has an env twin `LORAPLEX_<FIELD>` (pydantic-settings); CLI flags
+are passed as init kwargs and win over the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "loraplex"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    # --- process -----------------------------------------------------------
+    model: str | None = Field(None, description="Local HF model dir or hub id; None = embedded SmolLM2-135M-Instruct")
+    store: Path = Field(Path("adapters_store"), description="Adapters and job records live here")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}; None = single-tenant dev mode")
+    insecure_no_auth: bool = False
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Converted default-model cache")
+    log_level: str = "info"
+    log_prompts: bool = False
+
+    # --- engine ------------------------------------------------------------
+    max_batch: int = Field(32, ge=1, le=4096, description="Sequences decoded together")
+    max_queue: int = Field(256, ge=1, description="Waiting requests before 429")
+    max_tokens_per_step: int = Field(512, ge=16, description="Token budget of one step (prefill chunks + decode)")
+    max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (clipped to the model context)")
+    max_new_tokens_limit: int = Field(4096, ge=1)
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_chars: int = Field(256, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # --- adapters ----------------------------------------------------------
+    max_adapters_resident: int = Field(8, ge=1, description="Device slots per adapted module")
+    max_adapters_host: int = Field(128, ge=1, description="Host-memory LRU capacity (adapters)")
+    max_rank: int = Field(64, ge=1, le=1024)
+    max_adapter_bytes: int = Field(256 * MiB, ge=1)
+    max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")
+
+    # --- HTTP limits -------------------------------------------------------
+    max_body_bytes: int = Field(4 * MiB, ge=1024, description="JSON bodies (uploads use max_adapter_bytes)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+
+    # --- training ----------------------------------------------------------
+    max_train_examples: int = Field(10_000, ge=1)
+    max_train_tokens_per_example: int = Field(1024, ge=8)
+    max_train_steps: int = Field(100_000, ge=1)
+    train_max_attempts: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind non-loopback host {self.host!r} without --api-keys "
+                "(pass --insecure-no-auth to override)"
+            )
+        return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
