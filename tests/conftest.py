@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama (fast) and the real embedded default model.
+
+The tiny model uses the real SmolLM2 tokenizer (so chat templates and EOS are
+realistic) with a 2-layer random Llama of hidden size 64. Both are built once
+per test session; the embedded model's safetensors cache lives in the normal
+user cache (`~/.cache/loraplex`) so it is converted only once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.model.load import ensure_embedded_cache
+from server.settings import Settings, default_cache_dir
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """Plain HF dir of SmolLM2-135M-Instruct (converted from the GGUF once)."""
+    return ensure_embedded_cache(Path(os.environ.get("LORAPLEX_CACHE_DIR", default_cache_dir())))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """A 2-layer random Llama saved as a local HF model dir, with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    # Random init gives near-uniform logits; scale up so greedy choices are
+    # well separated (argmax ties would make token-equality tests flaky).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir, tmp_path) -> Settings:
+    return Settings(model=str(tiny_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
