@@ -1,0 +1,390 @@
+"""The durable adapter store: the source of truth for which adapters exist.
+
+Layout under `--store` (ROOT):
+
+    ROOT/<tenant>/<adapter_id>/v000001/{adapter_config.json, adapter_model.safetensors, loraplex_record.json}
+    ROOT/<tenant>/<adapter_id>/v000002/...          # a re-upload: a new, immutable version
+    ROOT/<tenant>/<adapter_id>/adapter_config.json  # "loose" files placed by hand (+ the safetensors)
+    ROOT/<tenant>/<adapter_id>/.deleted_through     # highest version ever deleted (keeps versions monotonic)
+    ROOT/.tmp/<uuid>/                               # uploads being written (swept at start-up)
+    ROOT/.trash/<tenant>+<id>+v<N>+<uuid>/          # versions waiting for their last request to finish
+
+Precedence: the highest version wins. Loose files (an adapter copied in by
+hand, as the shipped examples are) count as version `deleted_through + 1`
+(i.e. 1 for a fresh adapter); a `vNNNNNN` directory with the same number takes
+precedence over them, and any upload creates a higher version. Versions at or
+below `.deleted_through` are never served.
+
+Why this shape: a version directory appears only through one atomic rename of a
+fully written, fsynced staging directory, so a crash can never leave a half
+adapter that resolves; a delete commits by writing `.deleted_through` (after
+moving loose files away), so a crash mid-delete cannot resurrect it; and
+versions only ever grow, so an `AdapterKey` names one set of weights forever
+(no cache can serve stale weights under a reused key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
+from server.errors import InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+RECORD_NAME = "loraplex_record.json"
+DELETED_NAME = ".deleted_through"
+TMP_DIR = ".tmp"
+TRASH_DIR = ".trash"
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+# Summarises one adapter directory as {type, variant, rank, target_modules};
+# set by the app to the engine's own validator (peft_format.read_adapter).
+Describer = Callable[[Path], dict[str, Any]]
+
+
+def check_tenant(tenant: str) -> str:
+    """Tenant names become directory names, so they obey the adapter-id rule."""
+    if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant) or ".." in tenant:
+        raise InvalidRequest(f"invalid tenant {tenant!r}: must match {TENANT_RE.pattern} and not contain '..'")
+    return tenant
+
+
+def not_found(adapter_id: str) -> NotFound:
+    """The same message whether the id is unknown or another tenant's: existence is not leaked."""
+    return NotFound(f"adapter {adapter_id!r} not found")
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 hex and size of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_file():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One resolvable version plus its stored record fields (no mode/resident: those are live state)."""
+
+    ref: AdapterRef
+    record: dict[str, Any]
+
+
+class AdapterStore:
+    def __init__(self, root: Path, describe: Describer | None = None) -> None:
+        self.root = Path(root)
+        self.describe = describe
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP_DIR).mkdir(exist_ok=True)
+        (self.root / TRASH_DIR).mkdir(exist_ok=True)
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._described: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ paths
+    def adapter_dir(self, tenant: str, adapter_id: str) -> Path:
+        return self.root / check_tenant(tenant) / check_adapter_id(adapter_id)
+
+    def lock(self, tenant: str, adapter_id: str) -> threading.Lock:
+        """One lock per (tenant, id): publishes and deletes of one adapter are serialised."""
+        with self._locks_guard:
+            return self._locks.setdefault((tenant, adapter_id), threading.Lock())
+
+    # --------------------------------------------------------------- reading
+    def _deleted_through(self, adir: Path) -> int:
+        try:
+            return int((adir / DELETED_NAME).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _versions(self, adir: Path) -> dict[int, Path]:
+        """Every live version of one adapter dir: {version: dir holding the two files}."""
+        if not adir.is_dir():
+            return {}
+        floor = self._deleted_through(adir)
+        found: dict[int, Path] = {}
+        if (adir / CONFIG_NAME).is_file() and (adir / WEIGHTS_NAME).is_file():
+            found[floor + 1] = adir
+        for child in adir.iterdir():
+            m = VERSION_RE.fullmatch(child.name)
+            if m and int(m.group(1)) > floor and (child / CONFIG_NAME).is_file():
+                found[int(m.group(1))] = child
+        return found
+
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterRef:
+        """The newest live version; NotFound (no tenant leak) if there is none."""
+        check_adapter_id(adapter_id)
+        versions = self._versions(self.adapter_dir(tenant, adapter_id))
+        if not versions:
+            raise not_found(adapter_id)
+        version = max(versions)
+        return AdapterRef(AdapterKey(tenant, adapter_id, version), versions[version])
+
+    def exists(self, tenant: str, adapter_id: str) -> bool:
+        try:
+            self.resolve(tenant, adapter_id)
+        except NotFound:
+            return False
+        return True
+
+    def tenants(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TENANT_RE.fullmatch(p.name))
+
+    def adapter_ids(self, tenant: str) -> list[str]:
+        tdir = self.root / check_tenant(tenant)
+        if not tdir.is_dir():
+            return []
+        ids = []
+        for child in sorted(tdir.iterdir()):
+            try:
+                check_adapter_id(child.name)
+            except InvalidRequest:
+                continue
+            if self._versions(child):
+                ids.append(child.name)
+        return ids
+
+    def get(self, tenant: str, adapter_id: str) -> StoredVersion:
+        ref = self.resolve(tenant, adapter_id)
+        return StoredVersion(ref, self._record(ref))
+
+    def list(self, tenant: str | None = None) -> list[StoredVersion]:
+        """Every live adapter of one tenant (None: all tenants, for admins)."""
+        out = []
+        for t in [tenant] if tenant is not None else self.tenants():
+            for adapter_id in self.adapter_ids(t):
+                with contextlib.suppress(NotFound):
+                    out.append(self.get(t, adapter_id))
+        return out
+
+    def _record(self, ref: AdapterRef) -> dict[str, Any]:
+        """Stored fields of a version; loose/foreign dirs are summarised once and cached."""
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads((ref.path / RECORD_NAME).read_text())
+            return {**rec, "id": ref.key.adapter_id, "tenant": ref.key.tenant, "version": ref.key.version}
+        weights = ref.path / WEIGHTS_NAME
+        st = weights.stat()
+        cache_key = (str(weights), st.st_mtime_ns, st.st_size)
+        if cache_key not in self._described:
+            sha, size = file_digest(weights)
+            self._described[cache_key] = {**self._summary(ref.path), "size_bytes": size, "sha256": sha,
+                                          "created_at": _iso(st.st_mtime)}
+        return {"id": ref.key.adapter_id, "tenant": ref.key.tenant, **self._described[cache_key],
+                "version": ref.key.version}
+
+    def _summary(self, path: Path) -> dict[str, Any]:
+        if self.describe is not None:
+            with contextlib.suppress(Exception):
+                return self.describe(path)
+        return summary_from_config(path / CONFIG_NAME)
+
+    # --------------------------------------------------------------- writing
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh dir inside the store (same filesystem: publish is one rename); gone on exit unless published."""
+        path = self.root / TMP_DIR / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any]) -> StoredVersion:
+        """Make a fully validated staging dir the newest version, atomically.
+
+        `summary` holds {type, variant, rank, target_modules}; size and sha256
+        are computed here from the bytes that are actually published.
+        """
+        adir = self.adapter_dir(tenant, adapter_id)
+        if not (staged / CONFIG_NAME).is_file() or not (staged / WEIGHTS_NAME).is_file():
+            raise InvalidRequest(f"an adapter needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        sha, size = file_digest(staged / WEIGHTS_NAME)
+        with self.lock(tenant, adapter_id):
+            adir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(adir.parent)
+            version = max([self._deleted_through(adir), *self._versions(adir)], default=0) + 1
+            record = {"id": adapter_id, "tenant": tenant, **summary, "size_bytes": size, "sha256": sha,
+                      "version": version, "created_at": _iso(time.time())}
+            (staged / RECORD_NAME).write_text(json.dumps(record))
+            fsync_tree(staged)
+            target = adir / f"v{version:06d}"
+            os.rename(staged, target)
+            fsync_dir(adir)
+        log.info("published adapter %s/%s v%d (%d bytes)", tenant, adapter_id, version, size)
+        return StoredVersion(AdapterRef(AdapterKey(tenant, adapter_id, version), target), record)
+
+    def add_from_dir(self, tenant: str, adapter_id: str, src: Path, summary: dict[str, Any]) -> StoredVersion:
+        """Copy a finished adapter dir (e.g. a training job's output) in as a new version."""
+        with self.staging() as staged:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copyfile(Path(src) / name, staged / name)
+            return self.publish(tenant, adapter_id, staged, summary)
+
+    def delete(self, tenant: str, adapter_id: str) -> list[AdapterKey]:
+        """Stop serving every version now; files go to the trash until no request holds them."""
+        adir = self.adapter_dir(tenant, adapter_id)
+        with self.lock(tenant, adapter_id):
+            versions = self._versions(adir)
+            if not versions:
+                raise not_found(adapter_id)
+            floor = self._deleted_through(adir)
+            if adir in versions.values():  # loose files first: the marker must not resurrect them
+                self._trash_loose(adir, AdapterKey(tenant, adapter_id, floor + 1))
+            write_json_atomic(adir / DELETED_NAME, max(versions))
+            for version, path in versions.items():
+                if path != adir:
+                    self._to_trash(path, AdapterKey(tenant, adapter_id, version))
+        log.info("deleted adapter %s/%s (versions %s)", tenant, adapter_id, sorted(versions))
+        return [AdapterKey(tenant, adapter_id, v) for v in sorted(versions)]
+
+    def _trash_name(self, key: AdapterKey) -> Path:
+        return self.root / TRASH_DIR / f"{key.tenant}+{key.adapter_id}+v{key.version}+{uuid.uuid4().hex[:8]}"
+
+    def _to_trash(self, path: Path, key: AdapterKey) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, self._trash_name(key))
+
+    def _trash_loose(self, adir: Path, key: AdapterKey) -> None:
+        dest = self._trash_name(key)
+        dest.mkdir()
+        for name in (WEIGHTS_NAME, CONFIG_NAME, RECORD_NAME):  # weights first: config alone never resolves
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(adir / name, dest / name)
+        fsync_dir(adir)
+
+    # --------------------------------------------------- garbage collection
+    def collect_garbage(self, is_pinned: Callable[[AdapterKey], bool] | None = None) -> int:
+        """Remove trashed and superseded versions that no running request holds.
+
+        `is_pinned` comes from the adapter manager's pin counts; without it
+        nothing that may be in use is removed (only at start-up, see `sweep`).
+        """
+        if is_pinned is None:
+            return 0
+        removed = 0
+        for entry in list((self.root / TRASH_DIR).iterdir()):
+            key = _trash_key(entry.name)
+            if key is None or not is_pinned(key):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        for tenant in self.tenants():
+            for adapter_id in self.adapter_ids(tenant):
+                removed += self._drop_superseded(tenant, adapter_id, is_pinned)
+        return removed
+
+    def _drop_superseded(self, tenant: str, adapter_id: str, is_pinned: Callable[[AdapterKey], bool]) -> int:
+        adir = self.adapter_dir(tenant, adapter_id)
+        removed = 0
+        with self.lock(tenant, adapter_id):
+            versions = self._versions(adir)
+            newest = max(versions, default=0)
+            for version, path in versions.items():
+                key = AdapterKey(tenant, adapter_id, version)
+                if version == newest or is_pinned(key):
+                    continue
+                if path == adir:
+                    self._trash_loose(adir, key)
+                else:
+                    self._to_trash(path, key)
+                removed += 1
+        return removed
+
+    def sweep(self) -> None:
+        """Start-up: no request runs yet, so every staging dir, trash entry and old version can go."""
+        for sub in (TMP_DIR, TRASH_DIR):
+            for entry in list((self.root / sub).iterdir()):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for tenant in self.tenants():
+            tdir = self.root / tenant
+            for adir in tdir.iterdir():
+                if adir.is_dir():
+                    self._sweep_dead_versions(adir)
+        self.collect_garbage(lambda key: False)
+        shutil.rmtree(self.root / TRASH_DIR, ignore_errors=True)
+        (self.root / TRASH_DIR).mkdir(exist_ok=True)
+
+    def _sweep_dead_versions(self, adir: Path) -> None:
+        """Version dirs at or below the delete marker (a crash mid-delete left them)."""
+        floor = self._deleted_through(adir)
+        for child in list(adir.iterdir()):
+            m = VERSION_RE.fullmatch(child.name)
+            if m and int(m.group(1)) <= floor:
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _trash_key(name: str) -> AdapterKey | None:
+    parts = name.split("+")
+    if len(parts) != 4 or not parts[2].startswith("v") or not parts[2][1:].isdigit():
+        return None
+    return AdapterKey(parts[0], parts[1], int(parts[2][1:]))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def summary_from_config(config_path: Path) -> dict[str, Any]:
+    """A best-effort record summary straight from adapter_config.json (no validation)."""
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    peft_type = str(cfg.get("peft_type", "")).lower() or "unknown"
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if peft_type == "lora":
+        variant = "rslora" if cfg.get("use_rslora") else "lora"
+    elif peft_type == "miss":
+        init = cfg.get("init_weights", True)
+        variant = init if isinstance(init, str) else "balance"
+    else:
+        variant = peft_type
+    return {"type": peft_type, "variant": variant, "rank": cfg.get("r"), "target_modules": sorted(targets)}
