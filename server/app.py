@@ -1,24 +1,94 @@
 """create_app and the lifespan that builds and tears down the services.
 
 Start-up order: settings → base model → adapter layers injected → store →
-adapter cache → engine thread → training worker. Shutdown reverses it after
-draining in-flight requests.
+adapter cache → engine thread → training worker. Shutdown: stop admitting
+(503), drain in-flight requests (bounded by `drain_timeout_s`), stop the
+engine, then run the services' shutdown hooks (e.g. persisting job state).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
 from fastapi import FastAPI
 
 from server.api.errors import install_error_handlers
+from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, openai, training
+from server.engine.engine import Engine
+from server.metrics import Metrics
+from server.model.load import BaseModel, load_base
+from server.services import Services
 from server.settings import Settings
 
+log = logging.getLogger(__name__)
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+DRAIN_POLL_S = 0.05
+
+
+def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
+    """`base` lets tests share one loaded model between apps; production loads it in the lifespan."""
     settings = settings or Settings()
-    app = FastAPI(title="loraplex", version="0.1.0")
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.preloaded_base = base
     install_error_handlers(app)
+    app.add_middleware(SizeLimitMiddleware, settings=settings)
     for module in (health, generate, openai, adapters, training):
         app.include_router(module.router)
     return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services = build_services(app.state.settings, app.state.preloaded_base)
+    app.state.services = services
+    services.engine.start()
+    try:
+        yield
+    finally:
+        await shutdown(services)
+
+
+def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
+    base = base or load_base(settings)
+    metrics = Metrics()
+    engine = Engine(base, settings, metrics)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    # Adapter work attaches here (before the engine starts): inject adapter
+    # layers into base.model, open the store, build the manager, then
+    # `services.adapters = manager; engine.set_adapter_manager(manager)`.
+    # Training attaches after that: `services.jobs = ...;
+    # engine.set_background_worker(worker); services.add_shutdown_hook(...)`.
+    return services
+
+
+async def drain(services: Services, timeout: float) -> bool:
+    """Stop admitting and wait (bounded) until no request is queued or running."""
+    services.accepting = False
+    deadline = time.monotonic() + timeout
+    while not services.engine.idle() and services.engine.alive:
+        if time.monotonic() >= deadline:
+            log.warning("drain timeout: %s", services.engine.stats())
+            return False
+        await asyncio.sleep(DRAIN_POLL_S)
+    return True
+
+
+async def shutdown(services: Services) -> None:
+    await drain(services, services.settings.drain_timeout_s)
+    await asyncio.to_thread(services.engine.stop)
+    await asyncio.to_thread(services.run_shutdown_hooks)
+
+
+def uvicorn_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn options matching our limits: h11 must let headers through to the 431 check."""
+    return {
+        "h11_max_incomplete_event_size": max(4 * settings.max_header_bytes, 64 * 1024),
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
+    }

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0)
     max_stop_chars: int = Field(256, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
+    train_interleave_steps: int = Field(4, ge=1, description="When busy, a training step at least every N serving steps")
 
     # --- adapters ----------------------------------------------------------
     max_adapters_resident: int = Field(8, ge=1, description="Device slots per adapted module")

@@ -1,5 +1,40 @@
-"""Routes: health (thin handlers; work happens in the engine / store / jobs)."""
+"""Routes: liveness, readiness and Prometheus metrics."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.deps import Principal, get_principal
+from server.services import get_services
 
 router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return _not_ready("starting")
+    if not services.engine.alive:
+        return _not_ready("the generation engine is not running")
+    if not services.accepting:
+        return _not_ready("shutting down")
+    return JSONResponse({"ready": True, "model": services.base.model_id})
+
+
+def _not_ready(reason: str) -> JSONResponse:
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request, principal: Principal = Depends(get_principal)) -> Response:
+    services = get_services(request)
+    services.metrics.queue_depth.set(services.engine.scheduler.num_waiting)
+    services.metrics.running.set(len(services.engine.scheduler.running))
+    return Response(services.metrics.render(), media_type=services.metrics.content_type)

@@ -1,0 +1,124 @@
+"""`loraplex` command line: `serve` runs the server; other subcommands belong to the client.
+
+Flags override their env twins (`LORAPLEX_<FLAG>`): a flag left out is not
+passed to Settings at all, so the environment (then the default) decides.
+
+SIGTERM/SIGINT: stop admitting (new requests 503 + Retry-After, /ready false),
+let in-flight requests finish within `drain_timeout_s`, run the shutdown hooks
+through the app's lifespan, exit 0. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+CLIENT_COMMANDS = ("generate", "adapters", "train", "jobs", "bench")
+DRAIN_POLL_S = 0.05
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA/MiSS adapter server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the base model and adapters over HTTP",
+                           argument_default=argparse.SUPPRESS)
+    serve.add_argument("--model", help="local HF model dir or hub id (default: embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--store", help="adapter and job store directory (default ./adapters_store)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-batch", type=int, dest="max_batch", help="sequences decoded together")
+    serve.add_argument("--max-queue", type=int, dest="max_queue", help="waiting requests before 429")
+    serve.add_argument("--max-adapters-resident", type=int, dest="max_adapters_resident")
+    serve.add_argument("--api-keys", dest="api_keys", help="JSON file {key: {tenant, admin}}")
+    serve.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
+                       help="allow a non-loopback host without --api-keys")
+    serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish in-flight work")
+    serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    for name in CLIENT_COMMANDS:
+        sub.add_parser(name, help=f"client command (see `loraplex {name} --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return _delegate_to_client(argv)
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+            print(f"loraplex serve: {where}: {err.get('msg')}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def _delegate_to_client(argv: list[str]) -> int:
+    try:
+        from client.cli import main as client_main
+    except ImportError as exc:
+        print(f"loraplex {argv[0]}: the client commands are not installed ({exc})", file=sys.stderr)
+        return 2
+    return int(client_main(argv) or 0)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains the engine before closing, and exits 0 on SIGTERM.
+
+    uvicorn's own handler would stop accepting connections at once and then
+    re-raise the signal after shutdown (exit status -15); we flip the app to
+    'not accepting' (503), wait for in-flight generation, then let uvicorn shut
+    down normally.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        logging.getLogger("loraplex").info("signal %s: draining in-flight requests", signal.Signals(sig).name)
+        threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        services = getattr(self.config.app.state, "services", None)  # type: ignore[union-attr]
+        if services is not None:
+            services.accepting = False
+            deadline = time.monotonic() + services.settings.drain_timeout_s
+            while not services.engine.idle() and services.engine.alive and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    from server.app import create_app, uvicorn_limits
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            lifespan="on", **uvicorn_limits(settings))
+    server = DrainingServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

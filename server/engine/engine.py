@@ -1,0 +1,282 @@
+"""The engine: one thread that owns the model and runs the serving loop.
+
+Loop, once per iteration: schedule (admit / cancel / plan) → one batched
+forward → sample → detokenize and stream each sequence's new text → retire
+finished sequences. Between serving steps it gives a background worker (the
+trainer) a step: always when idle, and at least once every
+`settings.train_interleave_steps` serving steps when busy, so serving comes
+first but training never starves.
+
+Failure model: an exception inside a step fails only the requests of that
+step (each gets an error event) and the loop goes on; if the thread itself
+dies, `alive` turns False (/ready reports it) and every waiting request gets
+an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Protocol
+
+import torch
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.kv_cache import KVCache
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
+from server.engine.runner import Runner
+from server.engine.sampling import SamplingBatch, sample
+from server.engine.scheduler import Admission, Scheduler, StepPlan
+from server.engine.sequence import Sequence
+from server.errors import ApiError, Unavailable
+from server.model.load import BaseModel
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+class BackgroundWorker(Protocol):
+    def has_work(self) -> bool: ...
+    def run_one_step(self) -> None: ...
+
+
+class EngineStepError(ApiError):
+    status = 500
+    type = "internal_error"
+
+
+class Engine:
+    def __init__(self, base: BaseModel, settings: Settings, metrics: Any = None) -> None:
+        self.base = base
+        self.settings = settings
+        self.metrics = metrics
+        self.cache = KVCache.for_model(base.model.config, settings.max_batch, base.max_context,
+                                       base.device, base.dtype)
+        self.runner = Runner(base, self.cache)
+        self.scheduler = Scheduler(self.cache, settings.max_batch, settings.max_queue,
+                                   settings.max_tokens_per_step, self._new_sequence)
+        self.eos_ids = _eos_ids(base)
+        self.vocab = int(base.model.config.vocab_size)
+        self.background_every = settings.train_interleave_steps
+        self._worker: BackgroundWorker | None = None
+        self._since_background = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.step_errors = 0
+        self.background_steps = 0
+
+    # --- lifecycle (any thread) -----------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still queued or running get an error event."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def set_adapter_manager(self, manager: Any) -> None:
+        """manager.acquire(key) -> slot | None (pins), manager.release(key); optional merged_id(key)."""
+        self.scheduler.adapters = manager
+
+    def set_background_worker(self, worker: BackgroundWorker | None) -> None:
+        self._worker = worker
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- requests (any thread) ------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if not self.alive:
+            raise Unavailable("the generation engine is not running")
+        self.scheduler.submit(request)
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        self._wake.set()
+
+    def idle(self) -> bool:
+        return not self.scheduler.running and self.scheduler.num_waiting == 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "alive": self.alive,
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.num_waiting,
+            "free_kv_rows": self.cache.free_rows,
+            "max_batch": self.scheduler.max_batch,
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "prompt_tokens": self.prompt_tokens,
+            "step_errors": self.step_errors,
+            "background_steps": self.background_steps,
+        }
+
+    # --- engine thread --------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                served = self._serve_step()
+                trained = self._background_step(busy=served)
+                if not served and not trained:
+                    self._wake.wait(IDLE_WAIT_S)
+        except BaseException as exc:  # noqa: BLE001 - report, then fail everyone below
+            self.error = exc
+            log.exception("engine thread died")
+        finally:
+            self._stopping.set()
+            self._fail_everything(Unavailable("the generation engine stopped"))
+
+    def _serve_step(self) -> bool:
+        admission = Admission()
+        plan = self.scheduler.schedule(admission)
+        self._report_admission(admission)
+        if plan is None:
+            self._update_gauges()
+            return False
+        started = time.perf_counter()
+        try:
+            self._execute(plan)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+            self.step_errors += 1
+            log.exception("engine step failed; failing its %d requests", len(plan.decode) + len(plan.prefill))
+            self._fail_plan(plan, exc)
+            if self.metrics is not None:
+                self.metrics.engine_errors.inc()
+        self.steps += 1
+        self._observe(plan, time.perf_counter() - started)
+        return True
+
+    def _execute(self, plan: StepPlan) -> None:
+        logits = self.runner.forward(plan)  # [sampling rows, vocab]
+        sampling = plan.sampling()
+        tokens: list[int] = []
+        if sampling:
+            batch = SamplingBatch.build([s.request.params for s in sampling], [s.generator for s in sampling],
+                                        self.vocab, logits.device)
+            tokens = sample(logits, batch).tolist()
+        for s, n in plan.prefill:
+            s.prefilled += n
+            self.prompt_tokens += n
+        for s, token in zip(sampling, tokens, strict=True):
+            self._on_token(s, int(token))
+
+    def _on_token(self, s: Sequence, token: int) -> None:
+        s.generated += 1
+        s.last_token = token
+        self.tokens_generated += 1
+        params = s.request.params
+        if token in self.eos_ids:
+            self._finish(s, "stop")
+            return
+        s.detok.add(token)
+        if s.detok.stopped:
+            self._finish(s, "stop")
+        elif s.generated >= params.max_new_tokens or s.position >= self.cache.max_seq_len:
+            self._finish(s, "length")
+        else:
+            text = s.detok.take()
+            if text:
+                s.request.stream.put(TokenEvent(text, (token,)))
+
+    def _finish(self, s: Sequence, reason: FinishReason) -> None:
+        text = s.detok.take(final=True)
+        if text:
+            s.request.stream.put(TokenEvent(text, ()))
+        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated))
+        self.scheduler.finish(s)
+
+    def _report_admission(self, admission: Admission) -> None:
+        for item in admission.cancelled:
+            if isinstance(item, Sequence):
+                item.request.stream.put(FinishEvent("cancelled", item.prompt_len, item.generated))
+            else:
+                item.stream.put(FinishEvent("cancelled", len(item.prompt_ids), 0))
+        for request, exc in admission.failed:
+            request.stream.put(ErrorEvent(exc))
+
+    def _fail_plan(self, plan: StepPlan, exc: Exception) -> None:
+        error = EngineStepError(f"generation failed inside the engine: {type(exc).__name__}")
+        for s in {*plan.decode, *(s for s, _ in plan.prefill)}:
+            s.request.stream.put(ErrorEvent(error))
+            self.scheduler.finish(s)
+
+    def _fail_everything(self, error: Exception) -> None:
+        for s in list(self.scheduler.running):
+            s.request.stream.put(ErrorEvent(error))
+            self.scheduler.finish(s)
+        for request in self.scheduler.drain_waiting():
+            request.stream.put(ErrorEvent(error))
+
+    def _background_step(self, busy: bool) -> bool:
+        worker = self._worker
+        if worker is None:
+            return False
+        if busy:
+            self._since_background += 1
+            if self._since_background < self.background_every:
+                return False
+        try:
+            if not worker.has_work():
+                return False
+            self._since_background = 0
+            worker.run_one_step()
+        except Exception:  # noqa: BLE001 - the worker owns its errors; serving goes on
+            log.exception("background worker step failed")
+        self.background_steps += 1
+        if self.metrics is not None:
+            self.metrics.training_steps.inc()
+        return True
+
+    def _new_sequence(self, request: Request, row: int, slot: int, lane: int | None) -> Sequence:
+        params = request.params
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        detok = Detokenizer(self.base.tokenizer, request.prompt_ids, params.stop)
+        return Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane)
+
+    def _observe(self, plan: StepPlan, seconds: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.step_latency.observe(seconds)
+        m.batch_size.observe(len(plan.decode) + len(plan.prefill))
+        m.prompt_tokens.inc(sum(n for _, n in plan.prefill))
+        m.generated_tokens.inc(len(plan.sampling()))
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.scheduler.num_waiting)
+            self.metrics.running.set(len(self.scheduler.running))
+
+
+def _eos_ids(base: BaseModel) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(base.model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), base.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return frozenset(ids)

@@ -1,0 +1,62 @@
+"""The engine's own KV cache: one preallocated, bounded tensor pair per layer.
+
+Shape per layer: `[max_batch, kv_heads, max_seq_len, head_dim]`. A running
+sequence owns one row for its whole life; its k/v for absolute position p live
+at `[row, :, p]`. Rows are handed out lowest-first so a batch of young
+sequences tends to occupy a contiguous block (the attention can then slice
+instead of gather).
+
+Memory is allocated with `torch.empty` (so on CPU untouched pages cost
+nothing) and zero-filled lazily up to the longest length any step has read:
+positions past a row's length are masked out of attention, but they must hold
+finite numbers, since 0 · NaN is still NaN.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (max_batch, kv_heads, max_seq_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self._free: list[int] = list(range(max_batch))
+        heapq.heapify(self._free)
+        self._zeroed = 0  # positions [0, _zeroed) of every row hold finite values
+
+    @classmethod
+    def for_model(cls, config, max_batch: int, max_seq_len: int, device: torch.device,
+                  dtype: torch.dtype) -> "KVCache":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, max_batch, kv_heads, max_seq_len, head_dim, device, dtype)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, row: int) -> None:
+        heapq.heappush(self._free, row)
+
+    def ensure_initialized(self, length: int) -> None:
+        """Zero positions up to `length` once; total work is bounded by the cache size."""
+        if length <= self._zeroed:
+            return
+        end = min(length, self.max_seq_len)
+        for t in (*self.k, *self.v):
+            t[:, :, self._zeroed:end].zero_()
+        self._zeroed = end
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -1,0 +1,94 @@
+"""Turns a StepPlan into one batched forward of the base model and returns logits.
+
+All of a step's tokens are flattened into one row (`[1, tokens]`, decode tokens
+first, then prefill chunks) with per-token absolute `position_ids`; the
+attention context tells the engine attention which KV row and position each
+token belongs to, and the AdapterMapping tells adapter layers which adapter
+slot each token uses. Only the rows that sample (decode tokens and prompt
+ends) go through the LM head (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.adapters.mapping import AdapterMapping, use_mapping
+from server.engine.attention import AttentionContext, PrefillSpan, register, use_context
+from server.engine.kv_cache import KVCache
+from server.engine.scheduler import StepPlan
+from server.model.load import BaseModel
+
+
+class Runner:
+    def __init__(self, base: BaseModel, cache: KVCache) -> None:
+        self.base = base
+        self.model = base.model
+        self.cache = cache
+        self.device = base.device
+        base.model.config._attn_implementation = register()
+
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order."""
+        ids, positions, rows, slots, keep = self._flatten(plan)
+        dev = self.device
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [tokens]
+        context = self._context(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
+        mapping = AdapterMapping.from_token_slots(slots, dev, merged_id=plan.lane)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)  # [1, tokens]
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)  # [sampling rows]
+        with torch.inference_mode(), use_mapping(mapping), use_context(context):
+            out = self.model(input_ids=input_ids, position_ids=pos_t.unsqueeze(0), use_cache=False,
+                             logits_to_keep=keep_t)
+        return out.logits[0].float()  # [sampling rows, vocab]
+
+    @staticmethod
+    def _flatten(plan: StepPlan) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        for s in plan.decode:
+            ids.append(s.last_token)
+            positions.append(s.position)
+            rows.append(s.row)
+            slots.append(s.slot)
+        keep = list(range(len(plan.decode)))
+        for s, n in plan.prefill:
+            ids.extend(s.request.prompt_ids[s.prefilled:s.prefilled + n])
+            positions.extend(range(s.prefilled, s.prefilled + n))
+            rows.extend([s.row] * n)
+            slots.extend([s.slot] * n)
+            if s.prefilled + n == s.prompt_len:
+                keep.append(len(ids) - 1)
+        return ids, positions, rows, slots, keep
+
+    def _context(self, plan: StepPlan, positions: torch.Tensor, rows: torch.Tensor) -> AttentionContext:
+        d = len(plan.decode)
+        decode_rows: torch.Tensor | slice | None = None
+        decode_mask = None
+        decode_len = 0
+        if d:
+            lengths = [s.position + 1 for s in plan.decode]
+            decode_len = max(lengths)
+            self.cache.ensure_initialized(decode_len)
+            first = plan.decode[0].row
+            contiguous = all(s.row == first + i for i, s in enumerate(plan.decode))
+            decode_rows = slice(first, first + d) if contiguous else rows[:d]
+            if min(lengths) < decode_len:
+                arange = torch.arange(decode_len, device=self.device)
+                lens = torch.tensor(lengths, device=self.device).unsqueeze(1)  # [d, 1]
+                decode_mask = (arange.unsqueeze(0) < lens).view(d, 1, 1, decode_len)
+        spans = []
+        start = d
+        for s, n in plan.prefill:
+            spans.append(PrefillSpan(s.row, start, n, s.prefilled, self._chunk_mask(s.prefilled, n)))
+            start += n
+        return AttentionContext(self.cache, rows, positions, d, decode_rows, decode_mask, decode_len, tuple(spans))
+
+    def _chunk_mask(self, position: int, n: int) -> torch.Tensor | None:
+        """[n, position + n] bool: query j (at position + j) sees keys 0..position + j."""
+        if position == 0:
+            return None
+        keys = torch.arange(position + n, device=self.device).unsqueeze(0)  # [1, keys]
+        queries = torch.arange(position, position + n, device=self.device).unsqueeze(1)  # [n, 1]
+        return keys <= queries

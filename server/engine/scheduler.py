@@ -1,0 +1,167 @@
+"""Iteration-level scheduling: who joins the batch, and what each step computes.
+
+Each step the scheduler (1) drops cancelled requests, (2) admits waiting
+requests while KV rows and batch room remain — a request whose adapter is not
+ready yet keeps waiting without blocking those behind it — and (3) plans one
+step: one decode token for every running sequence of the chosen lane, plus
+prefill chunks that fit the token budget, so a long prompt is prefilled over
+several steps instead of stalling everyone's decoding.
+
+Lanes: a sequence whose adapter is served by a merged copy of the base (an
+`AdapterMapping.merged_id`) runs in that copy's lane; a step runs one lane
+only, and lanes with work take turns (round-robin), the shared lane included.
+
+Thread-safety: `submit`/`cancel_waiting` may be called from any thread; every
+other method runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.kv_cache import KVCache
+from server.engine.request import Request
+from server.engine.sequence import BASE_SLOT, Sequence
+from server.errors import NotFound, QueueFull
+
+NewSequence = Callable[[Request, int, int, int | None], Sequence]  # (request, row, slot, lane)
+
+
+@dataclass
+class StepPlan:
+    lane: int | None
+    decode: list[Sequence]  # one token each, sorted by KV row
+    prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(n for _, n in self.prefill)
+
+    def sampling(self) -> list[Sequence]:
+        """Sequences that sample a token this step, in logits-row order."""
+        done = [s for s, n in self.prefill if s.prefilled + n == s.prompt_len]
+        return [*self.decode, *done]
+
+
+@dataclass
+class Admission:
+    """What changed outside the running batch during scheduling (the engine reports it)."""
+    cancelled: list[Request | Sequence] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_batch: int, max_queue: int, token_budget: int,
+                 new_sequence: NewSequence) -> None:
+        self.cache = cache
+        self.max_batch = min(max_batch, cache.max_batch)
+        self.max_queue = max_queue
+        self.token_budget = token_budget
+        self.new_sequence = new_sequence
+        self.adapters: Any = None  # optional manager: acquire(key)/release(key)[/merged_id(key)]
+        self.waiting: deque[Request] = deque()
+        self.running: list[Sequence] = []
+        self._lock = threading.Lock()
+        self._lane_turn = 0
+
+    # --- any thread ---------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull()
+            self.waiting.append(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def drain_waiting(self) -> list[Request]:
+        with self._lock:
+            out = list(self.waiting)
+            self.waiting.clear()
+        return out
+
+    # --- engine thread ------------------------------------------------------
+    def schedule(self, admission: Admission) -> StepPlan | None:
+        self._reap(admission)
+        self._admit(admission)
+        if not self.running:
+            return None
+        lane = self._pick_lane()
+        members = [s for s in self.running if s.lane == lane]
+        decode = sorted((s for s in members if not s.prefilling), key=lambda s: s.row)
+        budget = max(self.token_budget - len(decode), self.token_budget // 4)
+        prefill: list[tuple[Sequence, int]] = []
+        for s in members:
+            if budget <= 0:
+                break
+            if s.prefilling:
+                n = min(s.prompt_len - s.prefilled, budget)
+                prefill.append((s, n))
+                budget -= n
+        return StepPlan(lane, decode, prefill)
+
+    def finish(self, seq: Sequence) -> None:
+        """Free the sequence's KV row and adapter pin (idempotent)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.release(seq.row)
+            if seq.request.adapter_key is not None and self.adapters is not None:
+                self.adapters.release(seq.request.adapter_key)
+
+    def _reap(self, admission: Admission) -> None:
+        for seq in [s for s in self.running if s.request.cancelled]:
+            self.finish(seq)
+            admission.cancelled.append(seq)
+        with self._lock:
+            if any(r.cancelled for r in self.waiting):
+                admission.cancelled.extend(r for r in self.waiting if r.cancelled)
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+
+    def _admit(self, admission: Admission) -> None:
+        with self._lock:
+            candidates = list(self.waiting)
+        for request in candidates:
+            if len(self.running) >= self.max_batch or self.cache.free_rows == 0:
+                return
+            try:
+                placement = self._place(request)
+            except Exception as exc:  # noqa: BLE001 - the adapter manager refused: fail this request only
+                self._remove_waiting(request)
+                admission.failed.append((request, exc))
+                continue
+            if placement is None:
+                continue  # adapter not resident yet: keep waiting, let others through
+            slot, lane = placement
+            row = self.cache.allocate()
+            assert row is not None
+            self._remove_waiting(request)
+            self.running.append(self.new_sequence(request, row, slot, lane))
+
+    def _place(self, request: Request) -> tuple[int, int | None] | None:
+        key = request.adapter_key
+        if key is None:
+            return BASE_SLOT, None
+        if self.adapters is None:
+            raise NotFound("adapter not available: no adapter manager is attached")
+        slot = self.adapters.acquire(key)
+        if slot is None:
+            return None
+        merged = getattr(self.adapters, "merged_id", None)
+        lane = merged(key) if merged is not None else None
+        return (BASE_SLOT if lane is not None else int(slot)), lane
+
+    def _remove_waiting(self, request: Request) -> None:
+        with self._lock:
+            self.waiting.remove(request)
+
+    def _pick_lane(self) -> int | None:
+        lanes = sorted({s.lane for s in self.running}, key=lambda lane: -1 if lane is None else lane)
+        if len(lanes) == 1:
+            return lanes[0]
+        self._lane_turn = (self._lane_turn + 1) % len(lanes)
+        return lanes[self._lane_turn]

@@ -1,0 +1,44 @@
+"""A running request's engine-side state: its KV row, adapter slot, progress, text.
+
+Only the engine thread touches a Sequence. Positions: the prompt occupies cache
+positions [0, prompt_len); the i-th generated token (0-based) is fed back at
+position prompt_len + i, so a decode step's input position is
+prompt_len + generated - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.request import Request
+
+BASE_SLOT = -1
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    row: int  # KV-cache row owned for the sequence's life
+    detok: Detokenizer
+    generator: torch.Generator | None  # per-request RNG (CPU); None for greedy
+    slot: int = BASE_SLOT  # adapter device slot of every token of this sequence
+    lane: int | None = None  # merged copy of the base this sequence runs on (None = shared lane)
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0  # tokens sampled so far
+    last_token: int = -1  # the token the next decode step feeds in
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.prompt_len
+
+    @property
+    def position(self) -> int:
+        """Absolute position of the next decode input token."""
+        return self.prompt_len + self.generated - 1

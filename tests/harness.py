@@ -1,0 +1,128 @@
+"""Real servers for tests: uvicorn in a thread, or `loraplex serve` as a subprocess.
+
+`running_server` is for ordinary HTTP tests (fast, shares the test process);
+`spawn_server` is for process-level behaviour (SIGTERM drain, kill -9, restart).
+Both bind 127.0.0.1 on a free port and yield the base URL only once the server
+answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _uvicorn_config(app: Any, settings: Any) -> uvicorn.Config:
+    from server.app import uvicorn_limits
+
+    return uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_limits(settings))
+
+
+@contextlib.contextmanager
+def running_server(settings_or_app: Any, startup_timeout: float = 120.0) -> Iterator[str]:
+    """Serve a `Settings` (through `create_app`) or a ready FastAPI app on loopback.
+
+    The app's lifespan runs inside the server thread, so the engine thread and
+    every other service start and stop exactly as in production.
+    """
+    from fastapi import FastAPI
+
+    from server.app import create_app
+
+    app = settings_or_app if isinstance(settings_or_app, FastAPI) else create_app(settings_or_app)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(_uvicorn_config(app, app.state.settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError("test server failed to start (see the log above)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError("test server did not start in time")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def serve_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "serve", *args]
+
+
+@contextlib.contextmanager
+def spawn_server(args: list[str], env: Mapping[str, str] | None = None, startup_timeout: float = 180.0,
+                 port: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start `python -m server.cli serve ARGS --host 127.0.0.1 --port N`; wait for /ready.
+
+    `env` is added to the current environment. The process is killed on exit
+    if the test has not already ended it; its combined output is at
+    `proc.log_path` for assertions and debugging.
+    """
+    port = port or free_port()
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    log_file = open(_log_path(port), "w+b")  # noqa: SIM115 - closed below
+    cmd = serve_command([*args, "--host", "127.0.0.1", "--port", str(port)])
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    proc.log_path = log_file.name  # type: ignore[attr-defined]
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, base_url, startup_timeout)
+        yield proc, base_url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        log_file.close()
+
+
+def _log_path(port: int) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"loraplex-test-{os.getpid()}-{port}.log")
+
+
+def read_log(proc: subprocess.Popen) -> str:
+    with open(proc.log_path, "rb") as f:  # type: ignore[attr-defined]
+        return f.read().decode(errors="replace")
+
+
+def _wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{read_log(proc)[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready after {timeout}s:\n{read_log(proc)[-4000:]}")
