@@ -388,3 +388,22 @@ def summary_from_config(config_path: Path) -> dict[str, Any]:
     else:
         variant = peft_type
     return {"type": peft_type, "variant": variant, "rank": cfg.get("r"), "target_modules": sorted(targets)}
+
+
+def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterStore:
+    """The store as the server opens it at start-up: described by the engine's validator, then swept.
+
+    Sweeping is safe only here, before any request runs: staging dirs of
+    uploads cut by a crash, trashed and superseded versions all go.
+    """
+    describe: Describer | None = None
+    if base is not None and settings is not None:
+        def describe(path: Path) -> dict[str, Any]:
+            from server.adapters.peft_format import read_adapter
+
+            summary = dict(read_adapter(path, base, settings).summary())
+            summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary["target_modules"]})
+            return summary
+    store = AdapterStore(root, describe=describe)
+    store.sweep()
+    return store

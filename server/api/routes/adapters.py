@@ -1,5 +1,149 @@
-"""Routes: adapters (thin handlers; work happens in the engine / store / jobs)."""
+"""Routes: adapters — upload (new version), list, get, delete.
 
-from fastapi import APIRouter
+Handlers stay thin: bytes are streamed into the store's staging dir
+(server/api/upload.py), validated by the engine's own reader
+(peft_format.read_adapter, off the event loop), published by the store, and
+the adapter manager is told to forget cached versions. A tenant only ever
+addresses its own namespace, so another tenant's adapter is simply "not found".
+"""
 
-router = APIRouter()
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.adapters.store import AdapterStore, StoredVersion, check_tenant
+from server.adapters.types import AdapterKey, check_adapter_id
+from server.api.deps import Principal, get_principal
+from server.api.upload import receive_upload
+from server.errors import AdapterError, ApiError, InvalidRequest, Unavailable
+from server.services import Services, get_services
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def target_tenant(principal: Principal, tenant: str | None) -> str:
+    """Whose namespace a request addresses: its own, or (admins only) `?tenant=`."""
+    if tenant is None or tenant == principal.tenant:
+        return principal.tenant
+    if not principal.admin:
+        raise InvalidRequest("only admin keys may pass 'tenant'")
+    return check_tenant(tenant)
+
+
+def store_of(services: Services) -> AdapterStore:
+    if services.store is None:
+        raise Unavailable("the adapter store is not available")
+    return services.store
+
+
+def summarize(loaded: Any) -> dict[str, Any]:
+    """The record fields the validator knows (type, variant, rank, target modules, tensor bytes).
+
+    target_modules are reported as PEFT's short names (`q_proj`), as a user wrote them.
+    """
+    summary = dict(loaded.summary())
+    summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary.get("target_modules", [])})
+    return summary
+
+
+def validate_adapter(services: Services, path: Path) -> dict[str, Any]:
+    """Full validation with the engine's reader against the loaded base model (blocking)."""
+    from server.adapters.peft_format import read_adapter
+
+    try:
+        loaded = read_adapter(path, services.base, services.settings)
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a reader bug must still be a clean 4xx for this upload
+        log.exception("adapter validation failed unexpectedly")
+        raise AdapterError(f"adapter could not be read: {type(e).__name__}: {e}") from None
+    return summarize(loaded)
+
+
+def live_state(services: Services, key: AdapterKey) -> dict[str, Any]:
+    """mode/resident come from the adapter manager (and its merge registry) when present."""
+    manager = services.adapters
+    mode, resident = "unmerged", False
+    if manager is not None:
+        is_merged = getattr(manager, "is_merged", None)
+        is_resident = getattr(manager, "is_resident", None)
+        if callable(is_merged) and is_merged(key):
+            mode = "merged"
+        if callable(is_resident):
+            resident = bool(is_resident(key))
+    return {"mode": mode, "resident": resident}
+
+
+def present(services: Services, stored: StoredVersion) -> dict[str, Any]:
+    record = dict(stored.record)
+    record.update(id=stored.ref.key.adapter_id, tenant=stored.ref.key.tenant, version=stored.ref.key.version)
+    record.setdefault("type", "unknown")
+    record.setdefault("variant", None)
+    record.setdefault("rank", None)
+    record.setdefault("target_modules", [])
+    return {**record, **live_state(services, stored.ref.key)}
+
+
+def after_change(services: Services, tenant: str, adapter_id: str) -> None:
+    """Drop cached versions and delete superseded/deleted files no request holds any more."""
+    manager = services.adapters
+    if manager is not None:
+        manager.forget(tenant, adapter_id)
+    is_pinned = getattr(manager, "is_pinned", None) if manager is not None else None
+    try:
+        store_of(services).collect_garbage(is_pinned if callable(is_pinned) else None)
+    except OSError:
+        log.exception("adapter store garbage collection failed (retried on the next change)")
+
+
+@router.put("/{adapter_id}", status_code=201)
+async def upload_adapter(adapter_id: str, request: Request, tenant: str | None = None,
+                         principal: Principal = Depends(get_principal)) -> JSONResponse:
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    store = store_of(services)
+    with store.staging() as staged:
+        await receive_upload(request, staged, services.settings.max_adapter_bytes)
+        summary = await run_in_threadpool(validate_adapter, services, staged)
+        stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summary)
+    after_change(services, owner, adapter_id)
+    return JSONResponse(present(services, stored), status_code=201)
+
+
+@router.get("")
+async def list_adapters(request: Request, tenant: str | None = None,
+                        principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    services = get_services(request)
+    store = store_of(services)
+    scope = None if principal.admin and tenant is None else target_tenant(principal, tenant)
+    stored = await run_in_threadpool(store.list, scope)
+    return {"object": "list", "data": [present(services, s) for s in stored]}
+
+
+@router.get("/{adapter_id}")
+async def get_adapter(adapter_id: str, request: Request, tenant: str | None = None,
+                      principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    stored = await run_in_threadpool(store_of(services).get, owner, adapter_id)
+    return present(services, stored)
+
+
+@router.delete("/{adapter_id}", status_code=204)
+async def delete_adapter(adapter_id: str, request: Request, tenant: str | None = None,
+                         principal: Principal = Depends(get_principal)) -> Response:
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    await run_in_threadpool(store_of(services).delete, owner, adapter_id)
+    after_change(services, owner, adapter_id)
+    return Response(status_code=204)

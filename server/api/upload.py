@@ -1,0 +1,156 @@
+"""Streaming receipt of an adapter upload (multipart `config` + `weights`) into a staging dir.
+
+Why not `request.form()`: Starlette spools file parts to /tmp with no size
+limit per part. Here each part is written straight into the store's own
+staging dir (same filesystem, so publishing is one rename) while its bytes are
+counted, and the upload is cut with 413 the moment the weights pass
+`max_adapter_bytes`: nothing is ever buffered whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
+from server.errors import AdapterError, InvalidRequest, PayloadTooLarge
+
+MAX_CONFIG_BYTES = 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PART_FILES = {"config": CONFIG_NAME, "weights": WEIGHTS_NAME}
+
+
+@dataclass
+class _Part:
+    name: str
+    filename: str | None
+    out: IO[bytes]
+    size: int = 0
+    head: bytes = b""
+
+
+@dataclass
+class _Receiver:
+    """The parser's callbacks: route each part's bytes into its file, enforcing limits."""
+
+    dest: Path
+    max_weights: int
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    field_name: bytes = b""
+    field_value: bytes = b""
+    part: _Part | None = None
+    seen: set[str] = field(default_factory=set)
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.field_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.field_name.lower()] = self.field_value
+        self.field_name, self.field_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
+        if name not in PART_FILES:
+            raise InvalidRequest(f"unexpected multipart part {name!r}: send 'config' and 'weights'")
+        if name in self.seen:
+            raise InvalidRequest(f"multipart part {name!r} was sent twice")
+        if name == "weights" and filename and filename.lower().endswith(PICKLE_SUFFIXES):
+            raise AdapterError(f"pickled weights ({filename!r}) are refused: upload {WEIGHTS_NAME} "
+                               "(PEFT save_pretrained with safe_serialization=True)")
+        self.seen.add(name)
+        self.part = _Part(name, filename, open(self.dest / PART_FILES[name], "wb"))  # noqa: SIM115
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        assert part is not None
+        chunk = data[start:end]
+        part.size += len(chunk)
+        limit = self.max_weights if part.name == "weights" else MAX_CONFIG_BYTES
+        if part.size > limit:
+            what = "adapter weights" if part.name == "weights" else "adapter config"
+            raise PayloadTooLarge(f"{what} exceed the limit of {limit} bytes")
+        if len(part.head) < 16:
+            part.head += chunk[: 16 - len(part.head)]
+        part.out.write(chunk)
+
+    def on_part_end(self) -> None:
+        part, self.part = self.part, None
+        if part is None:
+            return
+        part.out.close()
+        if part.name == "weights":
+            check_not_pickle(part.head)
+
+    def close(self) -> None:
+        if self.part is not None:
+            self.part.out.close()
+
+
+def check_not_pickle(head: bytes) -> None:
+    """Refuse torch.save / pickle content whatever the file is called."""
+    if head.startswith(b"PK\x03\x04"):
+        raise AdapterError("weights are a zip archive (a torch.save checkpoint), not safetensors: "
+                           "pickled weights are refused")
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise AdapterError("weights are a pickle, not safetensors: pickled weights are refused")
+
+
+def multipart_boundary(request: Request) -> bytes:
+    ctype, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise InvalidRequest("an adapter upload must be multipart/form-data with parts 'config' "
+                             f"({CONFIG_NAME}) and 'weights' ({WEIGHTS_NAME})")
+    return boundary
+
+
+async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -> None:
+    """Write the two parts to dest/adapter_config.json and dest/adapter_model.safetensors."""
+    receiver = _Receiver(dest, max_weights_bytes)
+    parser = MultipartParser(multipart_boundary(request), receiver.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise InvalidRequest(f"malformed multipart body: {e}") from None
+    except ClientDisconnect:
+        raise InvalidRequest("the client disconnected during the upload") from None
+    finally:
+        receiver.close()
+    for name, filename in PART_FILES.items():
+        if name not in receiver.seen:
+            raise InvalidRequest(f"missing multipart part {name!r} ({filename})")
+    check_config(dest / CONFIG_NAME)
+
+
+def check_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AdapterError(f"config ({CONFIG_NAME}) is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"config ({CONFIG_NAME}) must be a JSON object")
+    return config
