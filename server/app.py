@@ -17,6 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.adapters.store import open_store
+from server.api.auth import install_auth
 from server.api.errors import install_error_handlers
 from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, openai, training
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     app.state.preloaded_base = base
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
+    install_auth(app, settings)  # outermost: no byte of an unauthenticated request is read
     for module in (health, generate, openai, adapters, training):
         app.include_router(module.router)
     return app
@@ -60,6 +63,7 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     metrics = Metrics()
     engine = Engine(base, settings, metrics)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    services.store = open_store(settings.store, base, settings)
     # Adapter work attaches here (before the engine starts): inject adapter
     # layers into base.model, open the store, build the manager, then
     # `services.adapters = manager; engine.set_adapter_manager(manager)`.
