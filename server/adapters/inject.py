@@ -1,0 +1,133 @@
+"""Put adapter-aware wrappers into a transformers model and keep a registry of them.
+
+Every `nn.Linear` (decoder projections and `lm_head`) and the input
+`nn.Embedding` are wrapped in place; names are the base model's own
+(`model.layers.0.self_attn.q_proj`), i.e. PEFT's keys minus `base_model.model.`.
+Wrapping is idempotent and leaves the base weights frozen and uncopied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
+from server.adapters.loaded import LoadedAdapter
+from server.adapters.plan import Workspace
+from server.adapters.slots import SlotBank
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str
+    kind: str  # linear | embedding | other
+    in_features: int  # embedding: num_embeddings
+    out_features: int  # embedding: embedding_dim
+    weight: torch.Tensor | None
+
+
+def module_table(model: nn.Module) -> dict[str, ModuleInfo]:
+    """The base model's modules by PEFT name, seen through our wrappers (injected or not)."""
+    table: dict[str, ModuleInfo] = {}
+    wrapped: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name == w + ".base_layer" or name.startswith(w + ".base_layer.") for w in wrapped):
+            continue
+        if isinstance(mod, AdaptedModule):
+            wrapped.append(name)
+            mod = mod.base_layer
+        table[name] = _info(name, mod)
+    return table
+
+
+def _info(name: str, mod: nn.Module) -> ModuleInfo:
+    if isinstance(mod, nn.Linear):
+        return ModuleInfo(name, "linear", mod.in_features, mod.out_features, mod.weight)
+    if isinstance(mod, nn.Embedding):
+        return ModuleInfo(name, "embedding", mod.num_embeddings, mod.embedding_dim, mod.weight)
+    return ModuleInfo(name, "other", 0, 0, None)
+
+
+def all_linear_names(model: nn.Module, table: dict[str, ModuleInfo]) -> set[str]:
+    """PEFT's `all-linear`: every Linear except the output embedding (lm_head)."""
+    names = {n for n, info in table.items() if info.kind == "linear"}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        names -= {n for n, m in model.named_modules() if m is out}
+    return names
+
+
+class AdapterLayers:
+    """Registry of injected wrappers; writes/clears whole adapters into device slots."""
+
+    def __init__(self, layers: dict[str, AdaptedModule], num_slots: int) -> None:
+        self.layers = layers
+        self.num_slots = num_slots
+        self._slot_modules: list[set[str]] = [set() for _ in range(num_slots)]
+
+    def __getitem__(self, name: str) -> AdaptedModule:
+        return self.layers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def load_slot(self, slot: int, adapter: LoadedAdapter) -> None:
+        """Copy an adapter into `slot` of every module it targets (engine thread, between steps)."""
+        self.clear_slot(slot)
+        missing = [n for n in adapter.modules if n not in self.layers]
+        if missing:
+            raise KeyError(f"adapter targets modules that were not injected: {missing[:3]}")
+        for name, weights in adapter.modules.items():
+            self.layers[name].bank.write(slot, weights)
+        self._slot_modules[slot] = set(adapter.modules)
+
+    def clear_slot(self, slot: int) -> None:
+        for name in self._slot_modules[slot]:
+            self.layers[name].bank.clear(slot)
+        self._slot_modules[slot] = set()
+
+    def set_train_adapters(self, modules: dict[str, nn.Module] | None) -> None:
+        """Trainer hook: attach (or with None detach) trainable modules by module name."""
+        for name, layer in self.layers.items():
+            layer.train_adapter = None if modules is None else modules.get(name)
+
+    def slot_bytes(self) -> int:
+        return sum(layer.bank.nbytes() for layer in self.layers.values())
+
+
+def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers:
+    existing = getattr(model, "_loraplex_layers", None)
+    if existing is not None:
+        return existing
+    workspace = Workspace()
+    slots = settings.max_adapters_resident
+    targets: list[tuple[str, nn.Module]] = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]
+    embed = model.get_input_embeddings()
+    targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
+    layers: dict[str, AdaptedModule] = {}
+    for name, mod in targets:
+        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, workspace)
+    registry = AdapterLayers(layers, slots)
+    model._loraplex_layers = registry  # type: ignore[assignment]
+    return registry
+
+
+def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,
+          workspace: Workspace) -> AdaptedModule:
+    weight = mod.weight
+    if isinstance(mod, nn.Embedding):
+        bank = SlotBank(slots, mod.num_embeddings, mod.embedding_dim, max_rank, weight.device, weight.dtype,
+                        embedding=True)
+        wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank, workspace)
+    else:
+        bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype)
+        wrapper = AdaptedLinear(mod, name, bank, workspace)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, wrapper)
+    return wrapper

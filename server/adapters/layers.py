@@ -1,0 +1,220 @@
+"""Adapter-aware Linear / Embedding wrappers, injected in place of the base modules.
+
+The wrapper sits at the base module's path and keeps it as `.base_layer`
+(PEFT's layout), so PEFT's keys map one-to-one and tied weights stay tied. Each
+forward reads the step's AdapterMapping:
+  - no mapping / no adapters     → the base module, untouched;
+  - `merged_id` set              → this module's merged weight for that id, no adapter math;
+  - otherwise                    → base output + every token's own adapter term
+    (`plan.py` explains the batched layout), + bat's full ΔW per bat adapter present,
+    + the trainer's trainable adapter on TRAIN_SLOT rows.
+`reference()` is the plain per-token version of the same math, kept for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.adapters.mapping import TRAIN_SLOT, AdapterMapping, current_mapping
+from server.adapters.miss import bat_delta
+from server.adapters.plan import StepPlan, Workspace, step_plan
+from server.adapters.slots import SlotBank
+
+
+class AdaptedModule(nn.Module):
+    """What Linear and Embedding wrappers share: slots, seams, dispatch."""
+
+    def __init__(self, base_layer: nn.Module, name: str, bank: SlotBank, workspace: Workspace) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = name
+        self.bank = bank
+        self.workspace = workspace
+        self.merged_weights: dict[int, torch.Tensor] = {}  # merge path (issue 5): merged_id -> full weight
+        self.train_adapter: nn.Module | None = None  # trainer hook: called on TRAIN_SLOT rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mapping = current_mapping()
+        if mapping is None:
+            return self.base_layer(x)
+        if mapping.merged_id is not None:
+            merged = self.merged_weights.get(mapping.merged_id)
+            return self.base_layer(x) if merged is None else self._with_weight(x, merged)
+        if not mapping.has_adapters or (self.bank.empty and not (mapping.train and self.train_adapter)):
+            return self.base_layer(x)
+        y = self.base_layer(x)
+        plan = step_plan(mapping, y.device)
+        x2 = self._flat_input(x)
+        y2 = y.view(-1, y.shape[-1])  # [tokens, out]
+        if y2.shape[0] != plan.num_tokens:
+            raise RuntimeError(
+                f"{self.module_name}: forward has {y2.shape[0]} tokens but the AdapterMapping has {plan.num_tokens}"
+            )
+        if not self.bank.empty:
+            self._add_adapters(x2, y2, plan)
+        if mapping.train and self.train_adapter is not None:
+            y2 = self._add_trainable(x2, y2, plan)
+        return y2.view(y.shape)
+
+    def _add_trainable(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """`y += train_adapter(x)` on TRAIN_SLOT rows, out of place so autograd sees it."""
+        assert self.train_adapter is not None
+        rows = plan.rows(TRAIN_SLOT)  # [k]
+        if rows.numel() == plan.num_tokens:
+            return y2 + self.train_adapter(x2)
+        return y2.index_add(0, rows, self.train_adapter(x2.index_select(0, rows)))
+
+    def _grouped_buffer(self, n: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """Shared scratch in inference; a fresh tensor when autograd may need to keep it."""
+        if torch.is_grad_enabled() and like.requires_grad:
+            return torch.zeros(n, width, dtype=like.dtype, device=like.device)
+        return self.workspace.rows(n, width, like.dtype, like.device)
+
+    def reference(self, x: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
+        """Plain per-token loop: each token through `W + ΔW` of its own adapter (host weights)."""
+        x2 = self._flat_input(x)
+        weight = self.base_layer.weight
+        rows = []
+        for t, slot in enumerate(mapping.token_slots.tolist()):
+            w = weight
+            if mapping.merged_id is not None:
+                w = self.merged_weights.get(mapping.merged_id, weight)
+            elif slot >= 0 and self.bank.weights[slot] is not None:
+                w = weight + self.bank.weights[slot].delta_weight(weight)
+            rows.append(self._one_row(x2[t], w))
+        out = torch.stack(rows)  # [tokens, out]
+        return out.view(*x.shape[: x.dim() - self._input_feature_dims()], -1)
+
+    # -- per-kind pieces ---------------------------------------------------
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _input_feature_dims(self) -> int:
+        raise NotImplementedError
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+        raise NotImplementedError
+
+
+class AdaptedLinear(AdaptedModule):
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])  # [tokens, in]
+
+    def _input_feature_dims(self) -> int:
+        return 1
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        y = x_row @ weight.T
+        return y if self.base_layer.bias is None else y + self.base_layer.bias
+
+    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+        bank = self.bank
+        r = bank.r_used
+        if r:
+            assert bank.a is not None and bank.bt is not None
+            a, bt = bank.a[:, :r], bank.bt[:, :r]  # [slots, r, in], [slots, r, out]
+            for slot, start, n in plan.long:
+                if bank.ranks[slot]:
+                    y2[start:start + n] += (x2[start:start + n] @ a[slot].T) @ bt[slot]
+            if plan.grouped is not None:
+                self._add_grouped(x2, y2, plan, a, bt)
+        for slot, block in bank.bat.items():
+            if slot in plan.active:
+                rows = plan.rows(slot)  # [k]
+                delta = bat_delta(self.base_layer.weight, block)  # [out, in]: the full extra matmul
+                y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
+
+    def _add_grouped(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan,
+                     a: torch.Tensor, bt: torch.Tensor) -> None:
+        g = plan.grouped
+        assert g is not None
+        xs = x2 if g.all_tokens else x2.index_select(0, g.tokens)  # [n, in]
+        buf = self._grouped_buffer(g.num_slots * g.t_max, x2.shape[1], x2)  # [S*t, in]
+        buf.index_copy_(0, g.positions, xs)
+        h = torch.bmm(buf.view(g.num_slots, g.t_max, -1), a[: g.num_slots].transpose(1, 2))  # [S, t, r]
+        out = torch.bmm(h, bt[: g.num_slots]).view(g.num_slots * g.t_max, -1)  # [S*t, out]
+        rows = out.index_select(0, g.positions)  # [n, out]
+        if g.all_tokens:
+            y2 += rows
+        else:
+            y2.index_add_(0, g.tokens, rows)
+
+
+class AdaptedEmbedding(AdaptedModule):
+    """Input embedding; LoRA only: Δ = emb(ids, Aᵀ) · (B·s)ᵀ. The trainer's module receives ids."""
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)  # [tokens] ids
+
+    def _input_feature_dims(self) -> int:
+        return 0
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, weight, self.base_layer.padding_idx)
+
+    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight[x_row]
+
+    def _add_adapters(self, ids: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+        bank = self.bank
+        r = bank.r_used
+        if not r:
+            return
+        assert bank.a is not None and bank.bt is not None
+        a, bt = bank.a[:, :, :r], bank.bt[:, :r]  # [slots, num_emb, r], [slots, r, dim]
+        for slot, start, n in plan.long:
+            if bank.ranks[slot]:
+                y2[start:start + n] += F.embedding(ids[start:start + n], a[slot]) @ bt[slot]
+        g = plan.grouped
+        if g is None:
+            return
+        ids_g = ids if g.all_tokens else ids.index_select(0, g.tokens)  # [n]
+        table = bank.a.view(-1, bank.r_cap)  # [slots * num_emb, r_cap]
+        h = table.index_select(0, g.slots * bank.in_features + ids_g)[:, :r]  # [n, r]
+        buf = self._grouped_buffer(g.num_slots * g.t_max, r, y2)
+        buf.index_copy_(0, g.positions, h)
+        out = torch.bmm(buf.view(g.num_slots, g.t_max, r), bt[: g.num_slots]).view(g.num_slots * g.t_max, -1)
+        rows = out.index_select(0, g.positions)  # [n, dim]
+        if g.all_tokens:
+            y2 += rows
+        else:
+            y2.index_add_(0, g.tokens, rows)

@@ -1,0 +1,55 @@
+"""LoRA weights of one module, held in compute form.
+
+PEFT computes `y += (x @ Aᵀ @ Bᵀ) · s`; we fold `s` into B once at load time and
+keep `Bᵀ` (`[r, out]`), which is the layout the batched path multiplies by, so a
+load is a plain copy into a device slot and serving never rescales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """`a` is `[r, in]` (embedding: `[r, num_embeddings]`); `bt` is `(B·s)ᵀ`, `[r, out]`."""
+
+    a: torch.Tensor  # [r, in]
+    bt: torch.Tensor  # [r, out], scale folded in
+    embedding: bool = False
+    batched: bool = True  # served by the stacked (A, Bᵀ) slot path
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.bt.numel() * self.bt.element_size()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A `[r, in]`, Bᵀ `[r, out]`) for the slot tensors."""
+        return self.a, self.bt
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """ΔW in the base weight's layout: Linear `[out, in]`, Embedding `[num_embeddings, dim]`."""
+        a = self.a.to(base_weight.device, torch.float32)
+        bt = self.bt.to(base_weight.device, torch.float32)
+        delta = a.T @ bt if self.embedding else bt.T @ a
+        return delta.to(base_weight.dtype)
+
+
+def lora_from_peft(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
+                   embedding: bool = False) -> LoraWeights:
+    """From PEFT's tensors (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`; the embedding
+    variants `lora_embedding_A [r, num]`, `lora_embedding_B [dim, r]` have the same layout)."""
+    bt = (b.to(torch.float32) * scale).T.contiguous()  # [r, out]
+    return LoraWeights(a.to(dtype).contiguous(), bt.to(dtype), embedding=embedding)

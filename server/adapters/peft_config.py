@@ -1,0 +1,266 @@
+"""`adapter_config.json`: parsing, refusals, and PEFT's module targeting.
+
+Targeting reproduces PEFT 0.21's `check_target_module_exists` and
+`get_pattern_key` (rank/alpha patterns), so a module is adapted here exactly
+when PEFT would adapt it. Everything we cannot serve faithfully is refused with
+a message that names the field, rather than silently served differently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import AdapterError
+from server.settings import Settings
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_PATTERN_CHARS = 4096
+SUPPORTED_TYPES = ("LORA", "MISS", "BONE")
+# LoRA options that change the math or need pieces we do not serve: refused when set.
+LORA_UNSUPPORTED = (
+    "use_dora", "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
+    "velora_config", "monteclora_config", "megatron_config",
+)
+# init_lora_weights values that rewrite the base weights: the adapter is meaningless on ours.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# A group that holds a quantifier and is itself quantified: the shape of catastrophic backtracking.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)\s*[+*{]")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    peft_type: str  # LORA | MISS | BONE
+    r: int
+    target_modules: tuple[str, ...] | str  # names/suffixes, or one regex, or "all-linear"
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    alpha: float = 8.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "balance"  # MiSS/Bone: balance | mini | bat
+    mini_r: int = 1
+
+    @property
+    def kind(self) -> str:
+        return self.peft_type.lower()
+
+    @property
+    def variant(self) -> str:
+        if self.peft_type == "LORA":
+            return "rslora" if self.use_rslora else "default"
+        return self.init
+
+    def module_rank(self, name: str) -> int:
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, name), self.r)
+
+    def module_alpha(self, name: str) -> float:
+        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, name), self.alpha)
+
+    def targets(self, name: str, all_linear: Iterable[str]) -> bool:
+        return targets_module(self, name, all_linear)
+
+
+def parse_config(raw: bytes, settings: Settings) -> AdapterSpec:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError("adapter_config.json must be a JSON object")
+    _refuse_remote_code(cfg)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        raise AdapterError(f"unsupported peft_type {peft_type!r}: supported are {', '.join(SUPPORTED_TYPES)}")
+    _refuse_common(cfg)
+    spec = _lora_spec(cfg) if peft_type == "LORA" else _miss_spec(cfg, peft_type)
+    _check_ranks(spec, settings)
+    return spec
+
+
+def _refuse_remote_code(obj: Any, depth: int = 0) -> None:
+    """Configs never get to run code: `auto_map` / `trust_remote_code` anywhere are refused."""
+    if depth > 32:
+        raise AdapterError("adapter_config.json is nested too deeply")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "auto_map" or (key == "trust_remote_code" and value):
+                raise AdapterError(f"adapter_config.json asks for remote code ({key!r}), which is never run")
+            _refuse_remote_code(value, depth + 1)
+    elif isinstance(obj, list):
+        for value in obj:
+            _refuse_remote_code(value, depth + 1)
+
+
+def _refuse_common(cfg: dict) -> None:
+    if cfg.get("modules_to_save"):
+        raise AdapterError("modules_to_save is not supported: adapters may not replace whole base modules")
+    bias = cfg.get("bias", "none")
+    if bias != "none":
+        raise AdapterError(f"bias={bias!r} is not supported: only bias='none' adapters can be served")
+    if cfg.get("target_modules") is None:
+        raise AdapterError("target_modules is missing from adapter_config.json")
+
+
+def _lora_spec(cfg: dict) -> AdapterSpec:
+    for key in LORA_UNSUPPORTED:
+        if cfg.get(key):
+            what = "DoRA (use_dora)" if key == "use_dora" else key
+            raise AdapterError(f"{what} is not supported")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise AdapterError(f"init_lora_weights={init!r} rewrites the base weights and is not supported")
+    return AdapterSpec(
+        peft_type="LORA",
+        r=_int(cfg.get("r", 8), "r"),
+        alpha=_number(cfg.get("lora_alpha", 8), "lora_alpha"),
+        use_rslora=_bool(cfg.get("use_rslora", False), "use_rslora"),
+        rank_pattern={_pattern(k): _int(v, f"rank_pattern[{k!r}]") for k, v in _dict(cfg, "rank_pattern").items()},
+        alpha_pattern={_pattern(k): _number(v, f"alpha_pattern[{k!r}]")
+                       for k, v in _dict(cfg, "alpha_pattern").items()},
+        **_targeting(cfg),
+    )
+
+
+def _miss_spec(cfg: dict, peft_type: str) -> AdapterSpec:
+    init = cfg.get("init_weights", True)
+    allowed = (True, False, "bat", "mini") if peft_type == "MISS" else (True, False, "bat")
+    if init not in allowed or isinstance(init, (int, float)) and not isinstance(init, bool):
+        raise AdapterError(f"{peft_type} init_weights={init!r} is not supported (allowed: {allowed})")
+    variant = init if isinstance(init, str) else "balance"
+    mini_r = _int(cfg.get("mini_r", 1), "mini_r") if variant == "mini" else 1
+    if mini_r < 1:
+        raise AdapterError(f"mini_r must be >= 1, got {mini_r}")
+    return AdapterSpec(peft_type=peft_type, r=_int(cfg.get("r", 64), "r"), init=variant, mini_r=mini_r,
+                       **_targeting(cfg))
+
+
+def _targeting(cfg: dict) -> dict:
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        target: tuple[str, ...] | str = _pattern(tm)
+        if tm.lower() != "all-linear" and cfg.get("layers_to_transform") is not None:
+            raise AdapterError("layers_to_transform cannot be combined with a regex target_modules")
+    elif isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm):
+        target = tuple(sorted(tm))
+    else:
+        raise AdapterError(f"target_modules must be a non-empty list of names or a regex string, got {tm!r}")
+    ex = cfg.get("exclude_modules")
+    if ex is not None and not (isinstance(ex, str) or isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
+        raise AdapterError(f"exclude_modules must be a list of names or a regex string, got {ex!r}")
+    exclude = _pattern(ex) if isinstance(ex, str) else tuple(ex) if ex else None
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)
+                                   or isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise AdapterError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
+    pattern = cfg.get("layers_pattern")
+    if pattern is not None and not (isinstance(pattern, str) or isinstance(pattern, list)
+                                    and all(isinstance(p, str) for p in pattern)):
+        raise AdapterError(f"layers_pattern must be a string or list of strings, got {pattern!r}")
+    return dict(
+        target_modules=target,
+        exclude_modules=exclude,
+        layers_to_transform=tuple(layers) if isinstance(layers, list) else layers,
+        layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern) if pattern else None,
+    )
+
+
+def _check_ranks(spec: AdapterSpec, settings: Settings) -> None:
+    for where, r in [("r", spec.r), *((f"rank_pattern[{k!r}]", v) for k, v in spec.rank_pattern.items())]:
+        if r < 1:
+            raise AdapterError(f"rank {where}={r} is invalid: must be >= 1")
+        if r > settings.max_rank:
+            raise AdapterError(f"rank {where}={r} is over the configured maximum rank {settings.max_rank}")
+    for where, a in [("lora_alpha", spec.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in spec.alpha_pattern.items())]:
+        if a < 0:
+            raise AdapterError(f"{where}={a} is negative")
+
+
+def targets_module(spec: AdapterSpec, name: str, all_linear: Iterable[str]) -> bool:
+    """PEFT's `check_target_module_exists` (with `all-linear` resolved to `all_linear`)."""
+    ex = spec.exclude_modules
+    if ex is not None:
+        if isinstance(ex, str) and re.fullmatch(ex, name):
+            return False
+        if not isinstance(ex, str) and (name in ex or any(name.endswith(f".{e}") for e in ex)):
+            return False
+    tm = spec.target_modules
+    if isinstance(tm, str) and tm.lower() == "all-linear":
+        tm = tuple(all_linear)
+    if isinstance(tm, str):
+        return re.fullmatch(tm, name) is not None
+    if name in tm:
+        return True
+    return any(name.endswith(f".{t}") for t in tm) and _layer_selected(spec, name)
+
+
+def _layer_selected(spec: AdapterSpec, name: str) -> bool:
+    wanted = spec.layers_to_transform
+    if wanted is None or wanted == ():
+        return True
+    match = None
+    if not spec.layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in spec.layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def pattern_key(patterns: dict, name: str) -> str:
+    """PEFT's `get_pattern_key`: the first pattern matching a dotted suffix of `name`."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def _pattern(p: str) -> str:
+    """A config regex, refused when it is too long, invalid, or shaped for catastrophic backtracking."""
+    if len(p) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"pattern {p[:40]!r}... is over {MAX_PATTERN_CHARS} characters")
+    if _NESTED_QUANTIFIER.search(p):
+        raise AdapterError(f"pattern {p!r} has nested quantifiers and is refused")
+    try:
+        re.compile(p)
+    except re.error as e:
+        raise AdapterError(f"pattern {p!r} is not a valid regex: {e}") from None
+    return p
+
+
+def _dict(cfg: dict, key: str) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{key} must be an object")
+    return value
+
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise AdapterError(f"{what} must be an integer, got {v!r}")
+    return v
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise AdapterError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise AdapterError(f"{what} must be true or false, got {v!r}")
+    return v

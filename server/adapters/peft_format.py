@@ -1,0 +1,221 @@
+"""Reading and validating an adapter directory in PEFT's `save_pretrained` format.
+
+Order matters: config first (cheap refusals), then the safetensors layout
+(bounded, no allocation), then names and shapes against the base model (still
+no allocation), and only then the tensors themselves (finite check, compute form).
+The same function validates uploads for the store and loads for the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from server.adapters.inject import ModuleInfo, all_linear_names, module_table
+from server.adapters.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.lora import lora_from_peft, lora_scale
+from server.adapters.miss import BatWeights, MissWeights
+from server.adapters.peft_config import AdapterSpec, parse_config
+from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
+from server.errors import AdapterError
+from server.settings import Settings
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PREFIX = "base_model.model."
+# Tensor-name suffix -> role, per adapter type.
+SUFFIXES = {
+    "LORA": {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "EA",
+             ".lora_embedding_B": "EB", ".base_layer.weight": "BASE"},
+    "MISS": {".miss_block": "BLOCK"},
+    "BONE": {".bone_block": "BLOCK"},
+}
+# Names that identify a refused feature even when the config hides it.
+TELLTALE = {"lora_magnitude_vector": "DoRA (use_dora) is not supported",
+            ".lora_B.bias": "lora_bias is not supported"}
+
+
+@dataclass(frozen=True)
+class _Base:
+    table: dict[str, ModuleInfo]
+    all_linear: set[str]
+
+
+def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
+    """Validate and load `path` (adapter_config.json + adapter_model.safetensors) for `base`."""
+    path = Path(path)
+    _refuse_pickles(path)
+    spec = parse_config(_read_config(path), settings)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterError(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
+    infos = check_safetensors(weights_path, settings.max_adapter_bytes)
+    model_base = _Base(table := module_table(base.model), all_linear_names(base.model, table))
+    roles = _group(infos, spec)
+    _check_targets(spec, roles, model_base)
+    for name, parts in roles.items():
+        _check_shapes(spec, model_base.table[name], parts)
+    modules = _load(weights_path, spec, roles, model_base, base.dtype)
+    return LoadedAdapter(
+        kind=spec.kind,
+        variant=spec.variant,
+        rank=max(w.rank for w in modules.values()),
+        target_modules=tuple(sorted(modules)),
+        modules=modules,
+        nbytes=sum(w.nbytes for w in modules.values()),
+    )
+
+
+def _refuse_pickles(path: Path) -> None:
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory {path.name!r} does not exist")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise AdapterError(f"pickled weights ({', '.join(pickled)}) are refused: upload adapter_model.safetensors")
+
+
+def _read_config(path: Path) -> bytes:
+    cfg = path / CONFIG_FILE
+    if not cfg.is_file():
+        raise AdapterError(f"{CONFIG_FILE} is missing")
+    with cfg.open("rb") as f:
+        return f.read(2 * 1024 * 1024)
+
+
+def _group(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[str, TensorInfo]]:
+    """Module name -> role -> tensor, refusing any tensor that is not part of the format."""
+    roles: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in infos.items():
+        for telltale, message in TELLTALE.items():
+            if telltale in key:
+                raise AdapterError(message)
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"unexpected tensor {key!r}: PEFT keys start with {PREFIX!r}")
+        rest = key[len(PREFIX):]
+        for suffix, role in SUFFIXES[spec.peft_type].items():
+            if rest.endswith(suffix):
+                name = rest[: -len(suffix)]
+                if role in roles.setdefault(name, {}):
+                    raise AdapterError(f"duplicate tensor for {name!r} ({role})")
+                roles[name][role] = info
+                break
+        else:
+            raise AdapterError(f"unexpected tensor {key!r} for a {spec.peft_type} adapter")
+        if info.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"tensor {key!r} has dtype {info.dtype}; adapters must be floating point")
+    if not roles:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no adapter tensors")
+    return roles
+
+
+def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> None:
+    """Tensors and config must agree with each other and with the base model."""
+    for name in sorted(roles):
+        if name not in base.table:
+            raise AdapterError(f"unknown target module {name!r}: the base model has no such module")
+        if not spec.targets(name, base.all_linear):
+            raise AdapterError(f"tensors for module {name!r}, which target_modules does not select")
+    targeted = sorted(n for n in base.table if n and spec.targets(n, base.all_linear))
+    if not targeted:
+        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model")
+    for name in targeted:
+        kind = base.table[name].kind
+        supported = ("linear", "embedding") if spec.peft_type == "LORA" else ("linear",)
+        if kind not in supported:
+            what = "an Embedding" if kind == "embedding" else "neither a Linear nor an Embedding"
+            raise AdapterError(f"target module {name!r} is {what} module, which {spec.peft_type} cannot adapt")
+        if name not in roles or set(roles[name]) <= {"BASE"}:
+            raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE}")
+
+
+def _check_shapes(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> None:
+    if spec.peft_type == "LORA":
+        _check_lora(spec, info, parts)
+    else:
+        _check_miss(spec, info, parts["BLOCK"])
+
+
+def _check_lora(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> None:
+    r = spec.module_rank(info.name)
+    emb = info.kind == "embedding"
+    need = {"EA", "EB"} if emb else {"A", "B"}
+    allowed = need | ({"BASE"} if emb else set())
+    if not need <= set(parts) or not set(parts) <= allowed:
+        raise AdapterError(f"module {info.name!r}: expected tensors {sorted(need)} for a {info.kind} module, "
+                           f"found {sorted(parts)}")
+    a, b = (parts["EA"], parts["EB"]) if emb else (parts["A"], parts["B"])
+    _expect_shape(info, a, (r, info.in_features))
+    _expect_shape(info, b, (info.out_features, r))
+    if "BASE" in parts:
+        _expect_shape(info, parts["BASE"], (info.in_features, info.out_features))
+
+
+def _check_miss(spec: AdapterSpec, info: ModuleInfo, block: TensorInfo) -> None:
+    r, n_in, n_out = spec.r, info.in_features, info.out_features
+    if spec.init == "bat":
+        if n_in % r or n_out % r:
+            raise AdapterError(f"module {info.name!r}: bat needs in/out features ({n_in}, {n_out}) divisible by r={r}")
+        expected: tuple[int, ...] = (n_out // r, r, r)
+    elif spec.init == "mini":
+        if n_out % spec.mini_r:
+            raise AdapterError(f"module {info.name!r}: out_features {n_out} is not divisible by mini_r={spec.mini_r}")
+        expected = (r, spec.mini_r)
+    else:
+        expected = (r, n_out)
+    if r > n_in:
+        raise AdapterError(f"module {info.name!r}: r={r} exceeds in_features {n_in}")
+    _expect_shape(info, block, expected)
+
+
+def _expect_shape(info: ModuleInfo, t: TensorInfo, expected: tuple[int, ...]) -> None:
+    if t.shape != expected:
+        raise AdapterError(f"tensor {t.name!r} has shape {list(t.shape)} but module {info.name!r} of the base "
+                           f"model needs {list(expected)}")
+
+
+def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]], base: _Base,
+          dtype: torch.dtype) -> dict[str, ModuleWeights]:
+    modules: dict[str, ModuleWeights] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        def get(t: TensorInfo) -> torch.Tensor:
+            tensor = f.get_tensor(t.name)
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"tensor {t.name!r} contains NaN or Inf")
+            return tensor
+
+        for name, parts in sorted(roles.items()):
+            info = base.table[name]
+            if "BASE" in parts:
+                _check_base_copy(info, get(parts["BASE"]))
+            modules[name] = _module_weights(spec, info, parts, get, dtype)
+    return modules
+
+
+def _module_weights(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo], get: Any,
+                    dtype: torch.dtype) -> ModuleWeights:
+    if spec.peft_type == "LORA":
+        emb = info.kind == "embedding"
+        a, b = (get(parts["EA"]), get(parts["EB"])) if emb else (get(parts["A"]), get(parts["B"]))
+        scale = lora_scale(spec.module_alpha(info.name), spec.module_rank(info.name), spec.use_rslora)
+        return lora_from_peft(a, b, scale, dtype, embedding=emb)
+    block = get(parts["BLOCK"]).to(dtype).contiguous()
+    if spec.init == "bat":
+        return BatWeights(block)
+    return MissWeights(block, info.in_features, info.out_features)
+
+
+def _check_base_copy(info: ModuleInfo, saved: torch.Tensor) -> None:
+    """PEFT saves the embedding's own weight when it is targeted; only an identical copy is accepted."""
+    assert info.weight is not None
+    if not torch.equal(saved.to(info.weight.dtype), info.weight.detach().cpu()):
+        raise AdapterError(f"{info.name}.base_layer.weight differs from the base model's weight: adapters may "
+                           "not replace base weights")
+
+
+def _show(target: Any) -> str:
+    return repr(target if isinstance(target, str) else list(target))

@@ -1,0 +1,126 @@
+"""The per-step adapter plan: built once from the AdapterMapping, shared by every layer.
+
+Long runs of one adapter (prefill) are served per segment: a slice of x times
+that slot's A and Bᵀ, no gather. Short runs (decode: one token per sequence) are
+served together with no Python loop over adapters: their tokens are scattered
+into a `[slots, t_max, in]` buffer (row j of slot s = the j-th short token of
+s), one `bmm` with A and one with Bᵀ run over all slots at once, and the rows are
+gathered back. Scattering x (tokens × in) instead of gathering weights per token
+(tokens × r × in) is what makes it cheap.
+
+Measured on this machine's CPU (2 threads, fp32), one 576×576 module, 32 decode
+tokens over 16 rank-16 adapters (base matmul alone ≈ 190 µs):
+  gather A/B per token + bmm   ≈ +520 µs    gather + einsum  ≈ +200 µs
+  sorted segments (loop)       ≈ +460 µs    dense all-slots  ≈ +190 µs
+  scatter x + 2 bmm (chosen)   ≈ +70…110 µs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
+
+# Runs at least this long are served per segment (prefill); shorter ones go through the grouped bmm.
+LONG_RUN = 8
+PLAN_KEY = "adapter_plan"
+
+
+@dataclass
+class Grouped:
+    """The short-run tokens, laid out by slot for one grouped bmm."""
+
+    tokens: torch.Tensor  # [n] token indices into the flattened step
+    positions: torch.Tensor  # [n] row in the [slots * t_max] buffer
+    slots: torch.Tensor  # [n] slot of each token
+    num_slots: int  # slots 0..num_slots-1 take part
+    t_max: int  # most short tokens any one slot has
+    all_tokens: bool  # tokens == arange(num_tokens): no gather/scatter of x and y needed
+
+
+@dataclass
+class StepPlan:
+    num_tokens: int
+    active: frozenset[int]
+    long: tuple[tuple[int, int, int], ...]  # (slot, start, length)
+    grouped: Grouped | None
+    device: torch.device
+    _rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    _token_slots: torch.Tensor | None = None
+
+    def rows(self, slot: int) -> torch.Tensor:
+        """Token indices `[k]` of one slot (bat adapters, the reference path, training rows)."""
+        if slot not in self._rows:
+            assert self._token_slots is not None
+            self._rows[slot] = torch.nonzero(self._token_slots == slot).flatten()
+        return self._rows[slot]
+
+
+def step_plan(mapping: AdapterMapping, device: torch.device) -> StepPlan:
+    """The plan for this step, built by the first layer that needs it."""
+    plan = mapping.extra.get(PLAN_KEY)
+    if plan is None:
+        plan = mapping.extra[PLAN_KEY] = build_plan(mapping, device)
+    return plan
+
+
+def build_plan(mapping: AdapterMapping, device: torch.device) -> StepPlan:
+    long: list[tuple[int, int, int]] = []
+    short_tokens: list[int] = []
+    short_slots: list[int] = []
+    for seg in mapping.segments:
+        if seg.slot < 0:
+            continue
+        if seg.length >= LONG_RUN:
+            long.append((seg.slot, seg.start, seg.length))
+        else:
+            short_tokens.extend(range(seg.start, seg.start + seg.length))
+            short_slots.extend([seg.slot] * seg.length)
+    grouped = _group(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
+    return StepPlan(
+        num_tokens=mapping.num_tokens,
+        active=frozenset(mapping.active_slots) | (frozenset([TRAIN_SLOT]) if mapping.train else frozenset()),
+        long=tuple(long),
+        grouped=grouped,
+        device=device,
+        _token_slots=mapping.token_slots.to(device),
+    )
+
+
+def _group(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:
+    counts: dict[int, int] = {}
+    order: list[int] = []
+    for s in slots:
+        order.append(counts.get(s, 0))
+        counts[s] = order[-1] + 1
+    t_max = max(counts.values())
+    positions = [s * t_max + j for s, j in zip(slots, order)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return Grouped(
+        tokens=as_tensor(tokens),
+        positions=as_tensor(positions),
+        slots=as_tensor(slots),
+        num_slots=max(counts) + 1,
+        t_max=t_max,
+        all_tokens=len(tokens) == num_tokens,  # segments are ordered, so then tokens == arange
+    )
+
+
+class Workspace:
+    """Scratch buffers reused across steps (engine thread only): no per-step allocation.
+
+    Rows of the grouped buffer that no token writes keep stale values; that is
+    harmless because bmm rows are independent and those rows are never read.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def rows(self, n: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (width, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = self._buffers[key] = torch.zeros(max(n, 64), width, dtype=dtype, device=device)
+        return buf[:n]

@@ -1,0 +1,101 @@
+"""Builders for adapter tests: the tiny random Llama and PEFT adapters of every kind.
+
+PEFT itself writes every adapter file (`save_pretrained`), with its adapter
+weights overwritten by non-zero random values (PEFT's own init makes most of
+them zero, which would hide bugs). Legacy Bone is gone from PEFT 0.21, so a Bone
+file is a PEFT MiSS file with `miss_block` keys renamed to `bone_block` and
+`peft_type` BONE — the layout old PEFT's `save_pretrained` wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_llama_config  # noqa: E402
+
+from server.model.load import BaseModel  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "miss_block")
+
+
+def adapter_settings(tmp_path: Path, **overrides) -> Settings:
+    kw = dict(store=tmp_path / "store", device="cpu", dtype="float32", max_adapters_resident=6, max_rank=32)
+    kw.update(overrides)
+    return Settings(**kw)
+
+
+def tiny_base(seed: int = 0) -> BaseModel:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config())
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)
+    model.eval().requires_grad_(False)
+    return BaseModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"),
+                     dtype=torch.float32, max_context=512)
+
+
+def peft_config(kind: str):
+    from peft import LoraConfig, MissConfig
+
+    configs = {
+        "lora_qv": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "lora_all": lambda: LoraConfig(
+            r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+            rank_pattern={"o_proj": 4, "layers.1.mlp.down_proj": 12}, alpha_pattern={"gate_proj": 32}),
+        "lora_embed": lambda: LoraConfig(r=8, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        "miss_balance": lambda: MissConfig(r=12, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "miss_mini": lambda: MissConfig(r=8, init_weights="mini", mini_r=4, target_modules=["q_proj", "gate_proj"]),
+        "miss_bat": lambda: MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "o_proj", "up_proj"]),
+        "bone": lambda: MissConfig(r=8, target_modules=["k_proj", "v_proj", "up_proj"]),
+        "bone_bat": lambda: MissConfig(r=8, init_weights="bat", target_modules=["q_proj"]),
+    }
+    return configs[kind]()
+
+
+def make_peft(base: BaseModel, kind: str, out_dir: Path, seed: int = 1, scale: float = 0.1):
+    """A PEFT model over a copy of `base` with random adapter weights, saved to `out_dir`."""
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base.model), peft_config(kind))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f".{key}" in name for key in ADAPTER_PARAMS):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.eval()
+    model.save_pretrained(out_dir)
+    if kind.startswith("bone"):
+        to_bone(out_dir)
+    return model
+
+
+def to_bone(path: Path) -> None:
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file({k.replace("miss_block", "bone_block"): v for k, v in tensors.items()},
+              path / "adapter_model.safetensors")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["peft_type"] = "BONE"
+    cfg.pop("mini_r", None)
+    cfg.pop("miss_dropout", None)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_tensors(path: Path, fn) -> None:
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(fn(dict(tensors)), path / "adapter_model.safetensors")
