@@ -17,6 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.settings import Settings
 
 UPLOAD_OVERHEAD = 1024 * 1024  # multipart framing + adapter_config.json
+# Read (and drop) up to this much of an oversized body before answering: closing
+# a socket with unread input makes the kernel send RST, and most clients then
+# lose the 413 they were about to read. Past it we answer and close anyway.
+DISCARD_MAX = 64 * 1024 * 1024
 
 
 def body_limit_for(settings: Settings) -> Callable[[Scope], int]:
@@ -45,6 +49,7 @@ class SizeLimitMiddleware:
         limit = self.body_limit(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            await _discard_body(receive, limit + DISCARD_MAX)
             await _reject(send, 413, "payload_too_large", f"request body exceeds {limit} bytes")
             return
         await self._guarded(scope, receive, send, limit)
@@ -63,10 +68,23 @@ class SizeLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if message.get("more_body", False):
+                        await _discard_body(receive, DISCARD_MAX)
                     raise HTTPException(413, f"request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+async def _discard_body(receive: Receive, budget: int) -> None:
+    seen = 0
+    while seen <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:

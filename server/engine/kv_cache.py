@@ -50,7 +50,11 @@ class KVCache:
         heapq.heappush(self._free, row)
 
     def ensure_initialized(self, length: int) -> None:
-        """Zero positions up to `length` once; total work is bounded by the cache size."""
+        """Zero positions up to `length` once; total work is bounded by the cache size.
+
+        Call it with the step's largest end position BEFORE the step writes
+        anything, so that positions >= the zeroed prefix were never written.
+        """
         if length <= self._zeroed:
             return
         end = min(length, self.max_seq_len)

@@ -102,6 +102,7 @@ class Request:
     adapter_key: Hashable | None = None  # None = base model; else resolved by the adapter manager
     request_id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex[:24]}")
     arrival: int = field(default_factory=lambda: next(_ids))  # FIFO order
+    label: str = ""  # the route that submitted it (metrics)
     cancelled: bool = False  # set by the handler (any thread); the engine acts at its next step
 
     def cancel(self) -> None:

@@ -31,6 +31,8 @@ class Runner:
         """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order."""
         ids, positions, rows, slots, keep = self._flatten(plan)
         dev = self.device
+        # Before any write: positions past the zeroed prefix were never written (see KVCache).
+        self.cache.ensure_initialized(max(positions) + 1)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [tokens]
         context = self._context(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
         mapping = AdapterMapping.from_token_slots(slots, dev, merged_id=plan.lane)
@@ -70,7 +72,6 @@ class Runner:
         if d:
             lengths = [s.position + 1 for s in plan.decode]
             decode_len = max(lengths)
-            self.cache.ensure_initialized(decode_len)
             first = plan.decode[0].row
             contiguous = all(s.row == first + i for i, s in enumerate(plan.decode))
             decode_rows = slice(first, first + d) if contiguous else rows[:d]

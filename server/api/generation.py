@@ -1,0 +1,152 @@
+"""What every generation route does: resolve the adapter, tokenize, validate, submit, await.
+
+Handlers stay thin: they translate their body into (prompt ids, SamplingParams,
+adapter key) and their output format from `Event`s. The engine thread owns the
+tensors; here we only submit a `Request` and read its stream, cancelling it
+when the client goes away (a watcher awaits the ASGI `http.disconnect`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass
+
+from fastapi import Request as HttpRequest
+from starlette.concurrency import run_in_threadpool
+
+from server.api.deps import Principal
+from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from server.errors import ApiError, InvalidRequest, NotFound, QueueFull, Unavailable
+from server.services import Services
+
+ALIVE_CHECK_S = 1.0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def resolve_adapter(services: Services, principal: Principal, adapter_id: str | None) -> Hashable | None:
+    """None = the base model; otherwise the manager's key (raises NotFound / AdapterError)."""
+    if adapter_id is None or adapter_id == services.base.model_id:
+        return None
+    if services.adapters is None:
+        raise NotFound(f"adapter {adapter_id!r} not found")
+    return await services.adapters.prepare(principal.tenant, adapter_id)
+
+
+async def encode_prompt(services: Services, prompt: str) -> list[int]:
+    tokenizer = services.base.tokenizer
+    ids = await run_in_threadpool(lambda: tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise InvalidRequest("prompt: the prompt encodes to zero tokens")
+    return list(ids)
+
+
+async def encode_chat(services: Services, messages: list[dict]) -> list[int]:
+    tokenizer = services.base.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("messages: the base model's tokenizer has no chat template")
+
+    def render() -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    try:
+        return await run_in_threadpool(render)
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
+        raise InvalidRequest(f"messages: the chat template rejected them: {exc}") from None
+
+
+def check_request(services: Services, prompt_ids: list[int], params: SamplingParams,
+                  length_field: str = "max_new_tokens") -> None:
+    s = services.settings
+    if params.max_new_tokens > s.max_new_tokens_limit:
+        raise InvalidRequest(f"{length_field} must be at most {s.max_new_tokens_limit}, got {params.max_new_tokens}")
+    params.validate(limit=s.max_new_tokens_limit, max_stop_strings=s.max_stop_strings,
+                    max_stop_chars=s.max_stop_chars)
+    context = services.base.max_context
+    if len(prompt_ids) + params.max_new_tokens > context:
+        raise InvalidRequest(
+            f"prompt ({len(prompt_ids)} tokens) + {length_field} ({params.max_new_tokens}) exceeds the "
+            f"model's context of {context} tokens")
+
+
+def submit(services: Services, prompt_ids: list[int], params: SamplingParams, adapter_key: Hashable | None,
+           route: str) -> Request:
+    """Queue the request on the engine; 503 while draining, 429 when the queue is full."""
+    if not services.accepting:
+        services.metrics.requests_rejected.labels("draining").inc()
+        raise Unavailable("the server is shutting down; retry on another replica")
+    request = Request(prompt_ids, params, RequestStream(), adapter_key=adapter_key, label=route)
+    try:
+        services.engine.submit(request)
+    except QueueFull:
+        services.metrics.requests_rejected.labels("queue_full").inc()
+        raise
+    return request
+
+
+async def events(services: Services, request: Request, http: HttpRequest) -> AsyncIterator[Event]:
+    """Token and finish events of `request`; an engine error is raised as ApiError.
+
+    Leaving early (client gone, generator closed) cancels the request so the
+    engine frees its batch slot at the next step.
+    """
+    engine = services.engine
+    watcher = asyncio.create_task(_watch_disconnect(http, engine, request))
+    finished = False
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(request.stream.get(), ALIVE_CHECK_S)
+            except asyncio.TimeoutError:
+                if not engine.alive and not request.cancelled:
+                    raise Unavailable("the generation engine stopped") from None
+                continue
+            if isinstance(event, ErrorEvent):
+                finished = True
+                raise _as_api_error(event.error)
+            if isinstance(event, FinishEvent):
+                finished = True
+                services.metrics.requests.labels(request.label, event.finish_reason).inc()
+            yield event
+            if finished:
+                return
+    finally:
+        watcher.cancel()
+        if not finished:
+            engine.cancel(request)
+
+
+async def _watch_disconnect(http: HttpRequest, engine, request: Request) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            message = await http.receive()
+            if message["type"] == "http.disconnect":
+                engine.cancel(request)
+                return
+
+
+def _as_api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    return ApiError(f"generation failed: {type(error).__name__}", status=500, type="internal_error")
+
+
+async def complete(services: Services, request: Request, http: HttpRequest) -> Completion:
+    parts: list[str] = []
+    async for event in events(services, request, http):
+        if isinstance(event, TokenEvent):
+            parts.append(event.text)
+        elif isinstance(event, FinishEvent):
+            return Completion("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens)
+    raise Unavailable("the generation ended without a result")
