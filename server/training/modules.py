@@ -1,0 +1,223 @@
+"""The trainable adapter modules: LoRA (Linear, Embedding) and MiSS (balance, mini, bat).
+
+Each module computes only the *delta* an adapter adds to its base layer's
+output, `train_adapter(x) -> Δy`, which the adapter-aware wrappers add for the
+tokens of the training slot. Parameter names are PEFT's own suffixes
+(`lora_A.weight`, `lora_embedding_A`, `miss_block`, ...) so a module's
+`state_dict()` becomes an `adapter_model.safetensors` key by prefixing
+`base_model.model.<module path>.` — no renaming table to drift out of date.
+Parameters are float32 whatever the base dtype (optimizer stability); inputs
+are cast up and results cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.errors import InvalidRequest
+from server.training.spec import TrainingJobSpec
+
+PARAM_DTYPE = torch.float32
+
+
+def _dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bool) -> torch.Tensor:
+    """Inverted dropout drawing from the trainer's own generator (reproducible, leaves the global RNG alone)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+    return x * keep / (1.0 - p)
+
+
+class TrainableAdapter(nn.Module):
+    """Common plumbing: the trainer sets `generator` (dropout) once it knows its device."""
+
+    generator: torch.Generator | None = None
+
+
+class LoraLinear(TrainableAdapter):
+    """Δy = dropout(x) Aᵀ Bᵀ · s   (PEFT init: A kaiming-uniform, B zero)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+                 device: torch.device, init_gen: torch.Generator) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=PARAM_DTYPE)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=PARAM_DTYPE)
+        self.scaling = scaling
+        self.p = dropout
+        a = torch.empty(r, in_features, dtype=PARAM_DTYPE)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=init_gen)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        h = _dropout(x.to(PARAM_DTYPE), self.p, self.generator, self.training)
+        return (self.lora_B(self.lora_A(h)) * self.scaling).to(x.dtype)
+
+
+class LoraEmbedding(TrainableAdapter):
+    """Δy = emb(ids, Aᵀ) Bᵀ · s   (PEFT init: A zero, B normal; no dropout on ids)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float,
+                 device: torch.device, init_gen: torch.Generator, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        b = torch.randn(embedding_dim, r, generator=init_gen, dtype=PARAM_DTYPE)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, device=device, dtype=PARAM_DTYPE))
+        self.lora_embedding_B = nn.Parameter(b.to(device))
+        self.scaling = scaling
+        self.out_dtype = out_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
+        after_a = F.embedding(ids, self.lora_embedding_A.T)  # [..., r]
+        return (after_a @ self.lora_embedding_B.T * self.scaling).to(self.out_dtype)
+
+
+class MissLinear(TrainableAdapter):
+    """MiSS balance/mini: Δy = fold_r(pad(dropout(x))) @ block, block zero-initialised (PEFT's init).
+
+    `fold_r` sums the input in chunks of r (a reshape + sum, no matmul); mini
+    stores a [r, mini_r] block repeated along out_features.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, dropout: float, device: torch.device,
+                 mini_r: int | None = None) -> None:
+        super().__init__()
+        width = mini_r if mini_r is not None else out_features
+        self.miss_block = nn.Parameter(torch.zeros(r, width, device=device, dtype=PARAM_DTYPE))
+        self.r = r
+        self.repeats = out_features // width
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        h = x.to(PARAM_DTYPE)
+        pad = (self.r - h.shape[-1] % self.r) % self.r
+        if pad:
+            h = F.pad(h, (0, pad))
+        h = _dropout(h, self.p, self.generator, self.training)
+        folded = h.reshape(*h.shape[:-1], h.shape[-1] // self.r, self.r).sum(dim=-2)  # [..., r]
+        block = self.miss_block.repeat(1, self.repeats) if self.repeats > 1 else self.miss_block  # [r, out]
+        return (folded @ block).to(x.dtype)
+
+
+class MissBat(TrainableAdapter):
+    """MiSS bat: ΔW = W_blk·B + B per r×r block of the frozen weight W (PEFT's get_delta_weight).
+
+    Δy = x ΔWᵀ needs the base weight, which is referenced (never copied, never
+    a parameter of this module); its cost is one extra full matmul per step.
+    """
+
+    def __init__(self, base_weight: torch.Tensor, r: int) -> None:
+        super().__init__()
+        out_features, in_features = base_weight.shape
+        self.miss_block = nn.Parameter(
+            torch.zeros(out_features // r, r, r, device=base_weight.device, dtype=PARAM_DTYPE))
+        self.r = r
+        self._base = (base_weight,)  # a tuple: not registered, not in state_dict
+
+    def delta_weight(self) -> torch.Tensor:  # [out, in]
+        w = self._base[0].to(PARAM_DTYPE)
+        out_features, in_features = w.shape
+        r = self.r
+        blocks = w.reshape(out_features // r, r, in_features // r, r).permute(2, 0, 1, 3)  # [in/r, out/r, r, r]
+        delta = blocks @ self.miss_block + self.miss_block  # [in/r, out/r, r, r]
+        return delta.permute(1, 2, 0, 3).reshape(out_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        return F.linear(x.to(PARAM_DTYPE), self.delta_weight()).to(x.dtype)
+
+
+# --------------------------------------------------------------------- build
+def base_of(module: nn.Module) -> nn.Module:
+    """The plain layer: an adapter-aware wrapper keeps it at `.base_layer`."""
+    return getattr(module, "base_layer", module)
+
+
+def is_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "train_adapter") and hasattr(module, "base_layer")
+
+
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules a job may target: the adapter-aware wrappers if the model has them, else plain layers."""
+    named = list(model.named_modules())
+    wrapped = {name: m for name, m in named if is_wrapper(m)}
+    if wrapped:
+        return wrapped
+    return {name: m for name, m in named
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not name.endswith(".base_layer")}
+
+
+def matches(name: str, target: str) -> bool:
+    """PEFT's list rule: the full module name, or its suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def select_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    candidates = candidate_modules(model)
+    selected: dict[str, nn.Module] = {}
+    for target in targets:
+        hits = {name: m for name, m in candidates.items() if matches(name, target)}
+        if not hits:
+            known = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+            raise InvalidRequest(f"unknown target module {target!r}; this base model has {known}")
+        selected.update(hits)
+    return dict(sorted(selected.items()))
+
+
+def lora_scaling(spec: TrainingJobSpec) -> float:
+    return spec.lora_alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+
+
+def check_layer(name: str, layer: nn.Module, spec: TrainingJobSpec) -> None:
+    """Whether `spec` can adapt this layer; the message names the reason (checked at submission)."""
+    base = base_of(layer)
+    r = spec.rank
+    if isinstance(base, nn.Embedding):
+        if spec.method != "lora":
+            raise InvalidRequest(f"MiSS cannot target the embedding {name!r}; use LoRA or Linear targets")
+        return
+    if not isinstance(base, nn.Linear):
+        raise InvalidRequest(f"module {name!r} is not a Linear or Embedding layer")
+    if spec.method == "lora":
+        return
+    in_f, out_f = base.in_features, base.out_features
+    if r > in_f:
+        raise InvalidRequest(f"MiSS rank {r} exceeds in_features {in_f} of {name!r}")
+    if spec.variant == "bat" and (in_f % r or out_f % r):
+        raise InvalidRequest(f"MiSS bat needs {name!r} ({out_f}x{in_f}) divisible into {r}x{r} blocks")
+    if spec.variant == "mini" and out_f % (spec.mini_r or 1):
+        raise InvalidRequest(f"MiSS mini_r {spec.mini_r} does not divide out_features {out_f} of {name!r}")
+
+
+def plan_targets(model: nn.Module, spec: TrainingJobSpec) -> dict[str, nn.Module]:
+    """The layers a job adapts, every one checked: the submission-time validation."""
+    selected = select_targets(model, spec.target_modules)
+    for name, layer in selected.items():
+        check_layer(name, layer, spec)
+    return selected
+
+
+def build_one(layer: nn.Module, spec: TrainingJobSpec, device: torch.device, init_gen: torch.Generator,
+              out_dtype: torch.dtype) -> TrainableAdapter:
+    base = base_of(layer)
+    r = spec.rank
+    if isinstance(base, nn.Embedding):
+        return LoraEmbedding(base.num_embeddings, base.embedding_dim, r, lora_scaling(spec), device, init_gen,
+                             out_dtype)
+    in_f, out_f = base.in_features, base.out_features
+    if spec.method == "lora":
+        return LoraLinear(in_f, out_f, r, lora_scaling(spec), spec.dropout, device, init_gen)
+    if spec.variant == "bat":
+        return MissBat(base.weight, r)
+    return MissLinear(in_f, out_f, r, spec.dropout, device, mini_r=spec.mini_r if spec.variant == "mini" else None)
+
+
+def build_adapters(model: nn.Module, spec: TrainingJobSpec, device: torch.device,
+                   out_dtype: torch.dtype) -> dict[str, TrainableAdapter]:
+    """One trainable module per targeted layer, initialised from the job's seed (PEFT's inits)."""
+    init_gen = torch.Generator().manual_seed(spec.seed)
+    return {name: build_one(layer, spec, device, init_gen, out_dtype)
+            for name, layer in plan_targets(model, spec).items()}
