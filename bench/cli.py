@@ -1,0 +1,113 @@
+"""`python -m bench [--quick] [--model PATH] [--scenarios 1,2,3,4,5] ...`: run, print, write.
+
+Order of work: adapters and PEFT baselines first (no server running), then the
+main server (scenarios 1, 2, 3, 5), then the scale server (scenario 4), then
+the table, JSON and plots. Exit status 0 when the run completed with no failed
+request (targets missed are reported, not errors); 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import plots
+from bench.config import ALL_SCENARIOS, BenchConfig
+from bench.context import Bench
+from bench.hotload import scenario3
+from bench.model import load_bench_model
+from bench.prepare import make_all_adapters, make_references, run_peft_baselines
+from bench.process import spawn
+from bench.report import clean_nans, machine_info, text_table, write_results
+from bench.scale import scenario4
+from bench.scenarios import scenario1, scenario2, scenario5
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="~2 minute run: every scenario, far less data")
+    p.add_argument("--model", help="local HF model dir or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--scenarios", default=",".join(map(str, ALL_SCENARIOS)), help="comma list, e.g. 1,2")
+    p.add_argument("--concurrency", type=int, help="concurrent streams (default 32; quick 8)")
+    p.add_argument("--new-tokens", type=int, help="max_new_tokens per request (default 64; quick 16)")
+    p.add_argument("--repeats", type=int, help="interleaved rounds per scenario (default 2; quick 1)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    a = p.parse_args(argv)
+    scenarios = tuple(sorted({int(s) for s in a.scenarios.split(",") if s.strip()}))
+    if not scenarios or any(s not in ALL_SCENARIOS for s in scenarios):
+        p.error(f"--scenarios must be a comma list of {ALL_SCENARIOS}")
+    kw: dict[str, Any] = {"out": a.out, "model": a.model, "device": a.device, "dtype": a.dtype,
+                          "scenarios": scenarios}
+    for key, val in (("concurrency", a.concurrency), ("new_tokens", a.new_tokens), ("repeats", a.repeats)):
+        if val is not None:
+            if val < 1:
+                p.error(f"--{key.replace('_', '-')} must be >= 1")
+            kw[key] = val
+    return BenchConfig.quick_defaults(**kw) if a.quick else BenchConfig(**kw)
+
+
+def run(cfg: BenchConfig) -> int:
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    try:
+        ctx = Bench(cfg, load_bench_model(cfg), work, work / "store")
+        ctx.log(f"model {ctx.bm.model_id} on {ctx.bm.device}/{ctx.bm.dtype}; work dir {work}")
+        make_all_adapters(ctx)
+        if 2 in cfg.scenarios:
+            run_peft_baselines(ctx)
+            make_references(ctx)
+        if set(cfg.scenarios) & {1, 2, 3, 5}:
+            _main_server(ctx)
+        if 4 in cfg.scenarios:
+            scenario4(ctx)
+        return _finish(ctx, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _main_server(ctx: Bench) -> None:
+    cfg = ctx.cfg
+    ctx.log(f"starting the server: max-batch {cfg.concurrency}, {cfg.max_adapters_needed} device slots")
+    with spawn(cfg, ctx.store, ctx.work / "server-main.log", max_batch=cfg.concurrency,
+               resident=cfg.max_adapters_needed) as h:
+        for n, fn in ((1, scenario1), (2, scenario2), (3, scenario3), (5, scenario5)):
+            if n in cfg.scenarios:
+                fn(ctx, h)
+        if h.proc.poll() is not None:
+            ctx.failures.append({"run": "main server", "error": f"server exited with {h.proc.returncode}"})
+
+
+def _finish(ctx: Bench, elapsed: float) -> int:
+    cfg = ctx.cfg
+    ctx.rows.sort(key=lambda r: r.scenario)
+    matches = sum(c.match for c in ctx.checks)
+    ctx.notes.append(f"output checks (greedy text, loraplex vs PEFT / transformers / unmerged): "
+                     f"{matches}/{len(ctx.checks)} identical")
+    ctx.notes.append(f"failed requests: {len(ctx.failures)}; wall time {elapsed:.0f} s")
+    payload = clean_nans({
+        "machine": machine_info(str(ctx.bm.device), str(ctx.bm.dtype).replace("torch.", ""), ctx.bm.model_id),
+        "config": {k: v for k, v in vars(cfg).items() if k != "extra_server_env"},
+        "scenarios": {k: v for k, v in ctx.data.items() if k.startswith("s")},
+        "adapters": ctx.data.get("adapters"),
+        "checks": [c.as_dict() for c in ctx.checks],
+        "failures": ctx.failures,
+        "elapsed_s": round(elapsed, 1),
+    })
+    json_path, md_path = write_results(cfg.out, payload, ctx.rows, ctx.notes)
+    pngs = plots.draw_all(json.loads(json_path.read_text()), cfg.out)
+    print("\n" + text_table(ctx.rows))
+    for note in ctx.notes:
+        print(f"- {note}")
+    print(f"\nwrote {json_path}, {md_path}, " + ", ".join(str(p) for p in pngs))
+    return 0 if not ctx.failures else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))

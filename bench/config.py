@@ -1,0 +1,87 @@
+"""The one configuration object of a benchmark run, built from the CLI flags.
+
+Why a separate module: every scenario reads the same sizes (concurrency, new
+tokens, adapter counts), and `--quick` shrinks all of them in one place so the
+quick run still walks every code path, just with less data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_SCENARIOS = (1, 2, 3, 4, 5)
+
+
+@dataclass
+class BenchConfig:
+    out: Path = Path("bench/results")
+    model: str | None = None  # None = the server's embedded default (SmolLM2-135M-Instruct)
+    device: str = "auto"
+    dtype: str = "auto"
+    scenarios: tuple[int, ...] = ALL_SCENARIOS
+    quick: bool = False
+    seed: int = 0
+
+    # --- load shape --------------------------------------------------------
+    concurrency: int = 32  # concurrent SSE streams (and the server's --max-batch)
+    new_tokens: int = 64  # max_new_tokens per request, greedy
+    waves: int = 2  # requests per load run = waves * concurrency (closed loop)
+    rank: int = 16  # LoRA rank / MiSS r
+    run_timeout_s: float = 240.0  # one load run is cut off after this
+
+    # --- scenario 1: adapter overhead --------------------------------------
+    adapter_counts: tuple[int, ...] = (1, 4, 16, 32)
+    repeats: int = 2  # interleaved rounds; ratios are per-round medians
+
+    # --- scenario 2: against PEFT ------------------------------------------
+    peft_adapters: int = 16  # distinct adapters in the shared request set
+    naive_requests: int = 6  # the sequential baseline runs on the first K requests only
+
+    # --- scenario 3: hot loading -------------------------------------------
+    cold_probes: int = 6  # non-resident adapters probed (idle TTFT and under load)
+    background_streams: int = 16  # long-running streams whose step latency is watched
+    probe_interval_s: float = 0.5
+
+    # --- scenario 4: scale -------------------------------------------------
+    scale_registered: int = 1000
+    scale_slots: int = 64
+    scale_host: int = 128  # host-tier capacity (adapters) of the scale server
+    scale_distinct_files: int = 8  # distinct weight files hard-linked under all ids
+    scale_requests: int = 96  # per distribution
+
+    extra_server_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def quick_defaults(cls, **kw: object) -> "BenchConfig":
+        """Every scenario, far less data: ~2 minutes on two CPU cores."""
+        base = dict(
+            quick=True,
+            concurrency=8,
+            new_tokens=16,
+            waves=1,
+            adapter_counts=(1, 4, 8),
+            repeats=1,
+            peft_adapters=4,
+            naive_requests=2,
+            cold_probes=2,
+            background_streams=4,
+            probe_interval_s=0.3,
+            scale_registered=40,
+            scale_slots=8,
+            scale_host=16,
+            scale_distinct_files=4,
+            scale_requests=16,
+            run_timeout_s=120.0,
+        )
+        base.update(kw)
+        return cls(**base)  # type: ignore[arg-type]
+
+    @property
+    def requests_per_run(self) -> int:
+        return self.waves * self.concurrency
+
+    @property
+    def max_adapters_needed(self) -> int:
+        """Distinct adapters scenario 1/2/3/5 touch on the shared server (sizes its slots)."""
+        return max(max(self.adapter_counts, default=1), self.peft_adapters) + 2 * self.cold_probes + 2

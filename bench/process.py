@@ -1,0 +1,107 @@
+"""The real server as a subprocess: `python -m server.cli serve` on 127.0.0.1.
+
+Why a subprocess and not an in-process app: the bench must measure what a
+user runs (separate process, real sockets, its own threads and memory), and
+the load generator must not share an interpreter (GIL) with the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.config import BenchConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServerHandle:
+    proc: subprocess.Popen
+    base_url: str
+    log_path: Path
+    args: list[str]
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the server process (Linux /proc; 0 where unavailable)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_args(cfg: BenchConfig, store: Path, port: int, *, max_batch: int, resident: int) -> list[str]:
+    args = ["--store", str(store), "--host", "127.0.0.1", "--port", str(port),
+            "--device", cfg.device, "--dtype", cfg.dtype,
+            "--max-batch", str(max_batch), "--max-adapters-resident", str(resident)]
+    if cfg.model:
+        args += ["--model", cfg.model]
+    return args
+
+
+@contextlib.contextmanager
+def spawn(cfg: BenchConfig, store: Path, log_path: Path, *, max_batch: int, resident: int,
+          env: Mapping[str, str] | None = None, startup_timeout_s: float = 300.0) -> Iterator[ServerHandle]:
+    """Start the server, wait for /ready, yield it; SIGTERM (then SIGKILL) on exit."""
+    port = free_port()
+    args = server_args(cfg, store, port, max_batch=max_batch, resident=resident)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_MAX_RANK": str(max(64, cfg.rank)),
+                "LORAPLEX_MAX_QUEUE": str(max(256, 4 * cfg.concurrency)),
+                **cfg.extra_server_env, **(env or {})}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "server.cli", "serve", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    handle = ServerHandle(proc, f"http://127.0.0.1:{port}", log_path, args)
+    try:
+        _wait_ready(handle, startup_timeout_s)
+        yield handle
+    finally:
+        _stop(proc)
+        log_file.close()
+
+
+def _wait_ready(h: ServerHandle, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if h.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {h.proc.returncode} before ready:\n{h.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{h.base_url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready after {timeout_s:.0f}s:\n{h.log_tail()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
