@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def run(cfg: BenchConfig) -> int:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    ok = False
     try:
         ctx = Bench(cfg, load_bench_model(cfg), work, work / "store")
         ctx.log(f"model {ctx.bm.model_id} on {ctx.bm.device}/{ctx.bm.dtype}; work dir {work}")
@@ -67,8 +68,14 @@ def run(cfg: BenchConfig) -> int:
             _main_server(ctx)
         if 4 in cfg.scenarios:
             scenario4(ctx)
-        return _finish(ctx, time.perf_counter() - t0)
+        code = _finish(ctx, time.perf_counter() - t0)
+        ok = code == 0
+        return code
     finally:
+        if not ok:  # keep the server logs of a failed run next to its results
+            for log in work.glob("*.log"):
+                (cfg.out / "logs").mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, cfg.out / "logs" / log.name)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -69,8 +69,8 @@ class LoadRun:
 
     @property
     def throughput(self) -> float:
-        """Generated tokens per second over the whole run (first send → last token)."""
-        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+        """Generated tokens per second over the whole run (first send → last token); NaN if nothing came."""
+        return self.tokens / self.wall_s if self.wall_s > 0 and self.tokens else math.nan
 
     def gaps(self, t_from: float = -math.inf, t_to: float = math.inf) -> list[float]:
         """All inter-token gaps whose later token arrived in [t_from, t_to]."""

@@ -84,5 +84,5 @@ def make_references(ctx: Bench) -> None:
     if ctx.miss:
         req = GenRequest(PROMPTS[3], ctx.miss[0].adapter_id, n)
         ctx.references.append(("miss_vs_peft", req, pb.reference_texts(bm, ctx.miss[0], [req])[0]))
-    req = GenRequest(PROMPTS[5], None, n)
+    req = GenRequest(PROMPTS[0], None, n)  # the prompt of scenario 2's first (LoRA) request
     ctx.references.append(("base_vs_transformers", req, pb.greedy_one(bm.model, bm, req)[0]))
