@@ -126,3 +126,68 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"server not ready after {timeout}s:\n{read_log(proc)[-4000:]}")
+
+
+# --- models and engine controls for tests ------------------------------------
+
+def build_varied_llama(path: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama whose greedy output depends on the whole context.
+
+    The shared `tiny_model_dir` scales its tied embeddings so far that it mostly
+    repeats the input token, which hides bugs in attention/KV handling. Here
+    embeddings and LM head are untied and scaled 20x: logits are well
+    separated (no argmax ties) yet every position's output depends on what the
+    attention saw.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+class Gate:
+    """A background worker that parks the engine thread on demand.
+
+    `arm()` makes the engine's next background slot block until `release()`:
+    tests use it to hold requests in the queue (429) or in the batch
+    (cancellation) deterministically, without sleeps.
+    """
+
+    def __init__(self) -> None:
+        self._armed = threading.Event()
+        self._open = threading.Event()
+        self.entered = threading.Event()
+
+    def arm(self) -> None:
+        self._open.clear()
+        self.entered.clear()
+        self._armed.set()
+
+    def release(self) -> None:
+        self._armed.clear()
+        self._open.set()
+
+    def has_work(self) -> bool:
+        return self._armed.is_set()
+
+    def run_one_step(self) -> None:
+        self.entered.set()
+        self._open.wait(timeout=60)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

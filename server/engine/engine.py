@@ -106,6 +106,8 @@ class Engine:
         if not self.alive:
             raise Unavailable("the generation engine is not running")
         self.scheduler.submit(request)
+        if not self.alive and self.scheduler.discard(request):  # the loop exited meanwhile
+            raise Unavailable("the generation engine is not running")
         self._wake.set()
 
     def cancel(self, request: Request) -> None:
@@ -182,6 +184,7 @@ class Engine:
     def _on_token(self, s: Sequence, token: int) -> None:
         s.generated += 1
         s.last_token = token
+        s.unsent.append(token)
         self.tokens_generated += 1
         params = s.request.params
         if token in self.eos_ids:
@@ -195,14 +198,16 @@ class Engine:
         else:
             text = s.detok.take()
             if text:
-                s.request.stream.put(TokenEvent(text, (token,)))
+                s.request.stream.put(TokenEvent(text, tuple(s.unsent)))
+                s.unsent.clear()
 
     def _finish(self, s: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(s)  # first: a client that sees the finish sees the row freed
         text = s.detok.take(final=True)
-        if text:
-            s.request.stream.put(TokenEvent(text, ()))
+        if text or s.unsent:
+            s.request.stream.put(TokenEvent(text, tuple(s.unsent)))
+            s.unsent.clear()
         s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated))
-        self.scheduler.finish(s)
 
     def _report_admission(self, admission: Admission) -> None:
         for item in admission.cancelled:
@@ -216,13 +221,13 @@ class Engine:
     def _fail_plan(self, plan: StepPlan, exc: Exception) -> None:
         error = EngineStepError(f"generation failed inside the engine: {type(exc).__name__}")
         for s in {*plan.decode, *(s for s, _ in plan.prefill)}:
-            s.request.stream.put(ErrorEvent(error))
             self.scheduler.finish(s)
+            s.request.stream.put(ErrorEvent(error))
 
     def _fail_everything(self, error: Exception) -> None:
         for s in list(self.scheduler.running):
-            s.request.stream.put(ErrorEvent(error))
             self.scheduler.finish(s)
+            s.request.stream.put(ErrorEvent(error))
         for request in self.scheduler.drain_waiting():
             request.stream.put(ErrorEvent(error))
 

@@ -57,8 +57,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    text: str  # new text since the previous event (never past a stop string)
-    token_ids: tuple[int, ...]
+    text: str  # new text since the previous event (never past a stop string); may be "" at the end
+    token_ids: tuple[int, ...]  # every id sampled since the previous event (EOS included)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ other method runs on the engine thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.engine.sequence import BASE_SLOT, Sequence
 from server.errors import NotFound, QueueFull
+
+log = logging.getLogger(__name__)
 
 NewSequence = Callable[[Request, int, int, int | None], Sequence]  # (request, row, slot, lane)
 
@@ -79,6 +82,14 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def discard(self, request: Request) -> bool:
+        with self._lock:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                return False
+            return True
+
     def drain_waiting(self) -> list[Request]:
         with self._lock:
             out = list(self.waiting)
@@ -111,7 +122,10 @@ class Scheduler:
             self.running.remove(seq)
             self.cache.release(seq.row)
             if seq.request.adapter_key is not None and self.adapters is not None:
-                self.adapters.release(seq.request.adapter_key)
+                try:
+                    self.adapters.release(seq.request.adapter_key)
+                except Exception:  # noqa: BLE001 - a manager bug must not take the batch down
+                    log.exception("adapter manager release(%r) failed", seq.request.adapter_key)
 
     def _reap(self, admission: Admission) -> None:
         for seq in [s for s in self.running if s.request.cancelled]:

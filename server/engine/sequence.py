@@ -8,7 +8,7 @@ prompt_len + generated - 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0  # tokens sampled so far
     last_token: int = -1  # the token the next decode step feeds in
+    unsent: list[int] = field(default_factory=list)  # sampled ids not yet reported in an event
 
     @property
     def prompt_len(self) -> int:

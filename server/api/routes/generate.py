@@ -50,7 +50,8 @@ async def _sse(services: Services, job: EngineRequest, request: Request,
         async with contextlib.aclosing(gen.events(services, job, request)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
-                    yield sse({"text": event.text})
+                    if event.text:
+                        yield sse({"text": event.text})
                 elif isinstance(event, FinishEvent):
                     yield sse({"id": job.request_id, "adapter_id": adapter_id, "finish_reason": event.finish_reason,
                                "usage": {"prompt_tokens": event.prompt_tokens,

@@ -129,7 +129,8 @@ async def _chunks(services: Services, job: EngineRequest, request: Request, chun
         async with contextlib.aclosing(gen.events(services, job, request)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
-                    yield sse(chunk(event.text, None))
+                    if event.text:
+                        yield sse(chunk(event.text, None))
                 elif isinstance(event, FinishEvent):
                     yield sse(chunk(None, FINISH[event.finish_reason]))
                     if include_usage:
