@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench import plots
 from bench.config import ALL_SCENARIOS, BenchConfig
@@ -38,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--concurrency", type=int, help="concurrent streams (default 32; quick 8)")
     p.add_argument("--new-tokens", type=int, help="max_new_tokens per request (default 64; quick 16)")
     p.add_argument("--repeats", type=int, help="interleaved rounds per scenario (default 2; quick 1)")
+    p.add_argument("--threads", type=int, help="torch threads for the server and PEFT alike (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
     scenarios = tuple(sorted({int(s) for s in a.scenarios.split(",") if s.strip()}))
@@ -45,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         p.error(f"--scenarios must be a comma list of {ALL_SCENARIOS}")
     kw: dict[str, Any] = {"out": a.out, "model": a.model, "device": a.device, "dtype": a.dtype,
                           "scenarios": scenarios}
-    for key, val in (("concurrency", a.concurrency), ("new_tokens", a.new_tokens), ("repeats", a.repeats)):
+    for key, val in (("concurrency", a.concurrency), ("new_tokens", a.new_tokens), ("repeats", a.repeats),
+                     ("threads", a.threads)):
         if val is not None:
             if val < 1:
                 p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -55,11 +60,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 def run(cfg: BenchConfig) -> int:
     t0 = time.perf_counter()
+    if cfg.threads:
+        # Same thread count on both sides: an oversubscribed OpenMP pool (more threads than free
+        # cores) slows a step by 10x on a busy machine and would make any comparison meaningless.
+        torch.set_num_threads(cfg.threads)
+        cfg.extra_server_env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     ok = False
     try:
         ctx = Bench(cfg, load_bench_model(cfg), work, work / "store")
-        ctx.log(f"model {ctx.bm.model_id} on {ctx.bm.device}/{ctx.bm.dtype}; work dir {work}")
+        ctx.data["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)
+        ctx.log(f"model {ctx.bm.model_id} on {ctx.bm.device}/{ctx.bm.dtype}, {torch.get_num_threads()} threads; "
+                f"load average {ctx.data['loadavg_1m_at_start']}; work dir {work}")
         make_all_adapters(ctx)
         if 2 in cfg.scenarios:
             run_peft_baselines(ctx)
@@ -99,7 +111,8 @@ def _finish(ctx: Bench, elapsed: float) -> int:
                      f"{matches}/{len(ctx.checks)} identical")
     ctx.notes.append(f"failed requests: {len(ctx.failures)}; wall time {elapsed:.0f} s")
     payload = clean_nans({
-        "machine": machine_info(str(ctx.bm.device), str(ctx.bm.dtype).replace("torch.", ""), ctx.bm.model_id),
+        "machine": {**machine_info(str(ctx.bm.device), str(ctx.bm.dtype).replace("torch.", ""), ctx.bm.model_id),
+                    "loadavg_1m_at_start": ctx.data.get("loadavg_1m_at_start")},
         "config": {k: v for k, v in vars(cfg).items() if k != "extra_server_env"},
         "scenarios": {k: v for k, v in ctx.data.items() if k.startswith("s")},
         "adapters": ctx.data.get("adapters"),

@@ -22,6 +22,7 @@ class BenchConfig:
     scenarios: tuple[int, ...] = ALL_SCENARIOS
     quick: bool = False
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads for the server AND the PEFT baselines (None: torch default)
 
     # --- load shape --------------------------------------------------------
     concurrency: int = 32  # concurrent SSE streams (and the server's --max-batch)

@@ -97,6 +97,8 @@ def machine_info(device: str, dtype: str, model_id: str) -> dict[str, Any]:
         "dtype": dtype,
         "model": model_id,
         "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
