@@ -29,6 +29,9 @@ from server.settings import Settings
 OPEN_PATHS = frozenset({"/health", "/ready"})
 PRINCIPAL_SCOPE_KEY = "loraplex.principal"
 MAX_KEYS_FILE_BYTES = 16 * 1024 * 1024
+# A refused request's body is read (and dropped) up to this much so the client
+# sees the 401 instead of a connection reset; an unauthenticated caller gets no more.
+DISCARD_UNAUTHENTICATED = 1024 * 1024
 
 
 class ApiKeysError(ValueError):
@@ -127,10 +130,20 @@ class AuthMiddleware:
             message = "missing API key: send 'Authorization: Bearer <key>'" if missing else "invalid API key"
             response = error_response(Request(scope), 401, "unauthorized", message,
                                       headers={"WWW-Authenticate": "Bearer"})
+            await _discard(receive, DISCARD_UNAUTHENTICATED)
             await response(scope, receive, send)
             return
         scope[PRINCIPAL_SCOPE_KEY] = principal
         await self.app(scope, receive, send)
+
+
+async def _discard(receive: Receive, budget: int) -> None:
+    seen = 0
+    while seen <= budget:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
 
 
 def install_auth(app: FastAPI, settings: Settings) -> None:

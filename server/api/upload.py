@@ -9,6 +9,7 @@ counted, and the upload is cut with 413 the moment the weights pass
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
-from server.errors import AdapterError, InvalidRequest, PayloadTooLarge
+from server.errors import AdapterError, ApiError, InvalidRequest, PayloadTooLarge
 
 MAX_CONFIG_BYTES = 1024 * 1024
+# After refusing an upload mid-stream, read and drop up to this much more of it:
+# closing a socket with unread input makes the kernel send RST and the client
+# would lose the error it is about to read. Past it we answer and close anyway.
+DISCARD_MAX = 64 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PART_FILES = {"config": CONFIG_NAME, "weights": WEIGHTS_NAME}
 
@@ -126,18 +131,46 @@ def multipart_boundary(request: Request) -> bytes:
     return boundary
 
 
+class BodyReader:
+    """The request body chunk by chunk, remembering whether it has all been read."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.done = False
+
+    async def next_chunk(self) -> bytes:
+        message = await self.request.receive()
+        if message["type"] == "http.disconnect":
+            self.done = True
+            raise ClientDisconnect()
+        self.done = not message.get("more_body", False)
+        return message.get("body", b"")
+
+    async def discard(self, budget: int = DISCARD_MAX) -> None:
+        """Drop what is left of a refused body (bounded), so the client reads our answer."""
+        seen = 0
+        with contextlib.suppress(ClientDisconnect, OSError, ApiError):
+            while not self.done and seen <= budget:
+                seen += len(await self.next_chunk())
+
+
 async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -> None:
     """Write the two parts to dest/adapter_config.json and dest/adapter_model.safetensors."""
+    body = BodyReader(request)
     receiver = _Receiver(dest, max_weights_bytes)
-    parser = MultipartParser(multipart_boundary(request), receiver.callbacks())
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
+        parser = MultipartParser(multipart_boundary(request), receiver.callbacks())
+        while not body.done:
+            parser.write(await body.next_chunk())
         parser.finalize()
     except MultipartParseError as e:
+        await body.discard()
         raise InvalidRequest(f"malformed multipart body: {e}") from None
     except ClientDisconnect:
         raise InvalidRequest("the client disconnected during the upload") from None
+    except ApiError:
+        await body.discard()
+        raise
     finally:
         receiver.close()
     for name, filename in PART_FILES.items():

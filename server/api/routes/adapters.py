@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from server.adapters.store import AdapterStore, StoredVersion, check_tenant
 from server.adapters.types import AdapterKey, check_adapter_id
 from server.api.deps import Principal, get_principal
-from server.api.upload import receive_upload
+from server.api.upload import BodyReader, receive_upload
 from server.errors import AdapterError, ApiError, InvalidRequest, Unavailable
 from server.services import Services, get_services
 
@@ -94,9 +94,11 @@ def present(services: Services, stored: StoredVersion) -> dict[str, Any]:
 def after_change(services: Services, tenant: str, adapter_id: str) -> None:
     """Drop cached versions and delete superseded/deleted files no request holds any more."""
     manager = services.adapters
-    if manager is not None:
+    if manager is None:  # base model only: no request can hold an adapter version
+        is_pinned: Any = lambda key: False  # noqa: E731
+    else:
         manager.forget(tenant, adapter_id)
-    is_pinned = getattr(manager, "is_pinned", None) if manager is not None else None
+        is_pinned = getattr(manager, "is_pinned", None)
     try:
         store_of(services).collect_garbage(is_pinned if callable(is_pinned) else None)
     except OSError:
@@ -106,10 +108,14 @@ def after_change(services: Services, tenant: str, adapter_id: str) -> None:
 @router.put("/{adapter_id}", status_code=201)
 async def upload_adapter(adapter_id: str, request: Request, tenant: str | None = None,
                          principal: Principal = Depends(get_principal)) -> JSONResponse:
-    check_adapter_id(adapter_id)
-    owner = target_tenant(principal, tenant)
-    services = get_services(request)
-    store = store_of(services)
+    try:
+        check_adapter_id(adapter_id)
+        owner = target_tenant(principal, tenant)
+        services = get_services(request)
+        store = store_of(services)
+    except ApiError:
+        await BodyReader(request).discard()  # nothing read yet: let the client finish sending, then answer
+        raise
     with store.staging() as staged:
         await receive_upload(request, staged, services.settings.max_adapter_bytes)
         summary = await run_in_threadpool(validate_adapter, services, staged)
@@ -147,3 +153,19 @@ async def delete_adapter(adapter_id: str, request: Request, tenant: str | None =
     await run_in_threadpool(store_of(services).delete, owner, adapter_id)
     after_change(services, owner, adapter_id)
     return Response(status_code=204)
+
+
+# Included by create_app *after* every other router: paths under /v1/adapters/
+# that no route matched ("a/b", "//etc/passwd", "..%2f..", an empty id) are
+# ids with a slash in them, so they get the id rule's 422 (API.md) instead of a
+# bare 404 or a trailing-slash redirect. Routes included earlier (/merge) win.
+fallback_router = APIRouter(prefix="/v1/adapters", include_in_schema=False)
+ANY_METHOD = ["GET", "PUT", "POST", "DELETE", "PATCH"]
+
+
+@fallback_router.api_route("/", methods=ANY_METHOD)
+@fallback_router.api_route("/{rest:path}", methods=ANY_METHOD)
+async def unmatched_adapter_path(request: Request, rest: str = "") -> Response:
+    await BodyReader(request).discard()
+    raise InvalidRequest(f"invalid adapter id {rest!r}: ids match ^[a-z0-9][a-z0-9._-]{{0,63}}$ "
+                         "(no '/', no '..')")
