@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     install_auth(app, settings)  # outermost: no byte of an unauthenticated request is read
     for module in (health, generate, openai, adapters, training):
         app.include_router(module.router)
+    app.include_router(adapters.fallback_router)  # last: unmatched /v1/adapters/... paths → clean 4xx
     return app
 
 
