@@ -23,6 +23,8 @@ from conftest import tiny_llama_config  # noqa: E402
 from server.model.load import BaseModel  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
+# A smaller vocabulary than SmolLM2's keeps the lm_head matmul (most of a tiny forward) cheap.
+VOCAB = 4096
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "miss_block")
 
 
@@ -36,7 +38,7 @@ def tiny_base(seed: int = 0) -> BaseModel:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config())
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB))
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20.0)
     model.eval().requires_grad_(False)

@@ -1,0 +1,219 @@
+"""AdapterManager: store → host cache → device slot, with pins.
+
+Threads and who calls what:
+  - HTTP handlers (event loop): `await prepare(tenant, adapter_id)` resolves the
+    newest version through the store and makes sure it is loaded and validated
+    in host memory; disk reads and validation run on a small loader pool, and
+    concurrent prepares of one key share one load.
+  - Engine thread, between steps: `acquire(key)` returns the device slot (pinned)
+    or None when the adapter cannot be placed yet (all slots pinned, or it is
+    being re-read after falling out of the host tier); the request simply waits
+    and the batch goes on. `release(key)` unpins when a request ends. Only this
+    thread copies tensors into slots.
+  - Any thread: `forget(tenant, adapter_id)` after delete / re-upload, `stats()`,
+    `is_pinned(key)` (the store's garbage collector).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from server.adapters.cache import HostCache, SlotTable
+from server.adapters.inject import AdapterLayers
+from server.adapters.loaded import LoadedAdapter
+from server.adapters.peft_format import read_adapter
+from server.adapters.types import AdapterKey, AdapterRef
+from server.errors import AdapterError
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path, Any, Settings], LoadedAdapter]
+
+
+class AdapterManager:
+    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
+                 loader: Loader = read_adapter, load_workers: int = 2) -> None:
+        self.base, self.layers, self.store, self.settings = base, layers, store, settings
+        self.metrics = metrics
+        self._loader = loader
+        self.host = HostCache(settings.max_adapters_host)
+        self.slots = SlotTable(layers.num_slots)
+        self._lock = threading.RLock()  # guards slots, refs, errors, inflight
+        self._refs: dict[AdapterKey, AdapterRef] = {}
+        self._errors: dict[AdapterKey, AdapterError] = {}  # versions are immutable: a bad file stays bad
+        self._inflight: dict[AdapterKey, Future] = {}
+        self._pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        self.hits = self.misses = self.evictions = 0
+        self.host_hits = self.host_misses = 0
+
+    # -- event loop side -----------------------------------------------------
+    async def prepare(self, tenant: str, adapter_id: str) -> AdapterKey:
+        """Newest version of the adapter, loaded and validated in host memory (NotFound / AdapterError)."""
+        ref = self.store.resolve(tenant, adapter_id)
+        if inspect.isawaitable(ref):
+            ref = await ref
+        key = ref.key
+        with self._lock:
+            self._refs[key] = ref
+            ready = key in self.host or key in self.slots.slot_of
+        if ready:
+            self.host_hits += 1
+            self._count("adapter_cache_hits", "host")
+            return key
+        await asyncio.wrap_future(self._load_async(ref))
+        return key
+
+    def _load_async(self, ref: AdapterRef) -> Future:
+        with self._lock:
+            error = self._errors.get(ref.key)
+            if error is not None:
+                done: Future = Future()
+                done.set_exception(error)
+                return done
+            fut = self._inflight.get(ref.key)
+            if fut is None:
+                fut = self._inflight[ref.key] = self._pool.submit(self._load, ref)
+            return fut
+
+    def _load(self, ref: AdapterRef) -> LoadedAdapter:
+        key = ref.key
+        try:
+            adapter = self._loader(ref.path, self.base, self.settings)
+            evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
+        except AdapterError as e:
+            with self._lock:
+                self._errors[key] = e
+            raise
+        except OSError as e:  # vanished / unreadable file: not cached, a retry may succeed
+            raise AdapterError(f"adapter {key.adapter_id!r} could not be read: {e.strerror or e}") from None
+        except Exception as e:  # a file our checks missed must still be a clean refusal, never a 5xx
+            log.exception("unexpected failure loading adapter %s", key)
+            with self._lock:
+                self._errors[key] = AdapterError(f"adapter {key.adapter_id!r} could not be loaded: {e}")
+            raise self._errors[key] from None
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+        self.host_misses += 1
+        self._count("adapter_cache_misses", "host")
+        for _ in range(evicted):
+            self._count("adapter_cache_evictions", "host")
+        return adapter
+
+    # -- engine thread -------------------------------------------------------
+    def acquire(self, key: AdapterKey) -> int | None:
+        """Pin `key` into a device slot; None = not placeable yet (retry next step)."""
+        with self._lock:
+            slot = self.slots.lookup(key)
+            if slot is not None:
+                self.slots.pin(key)
+                self.hits += 1
+                self._count("adapter_cache_hits", "device")
+                return slot
+            adapter = self._host_copy(key)
+            if adapter is None:
+                return None
+            slot = self._claim_slot()
+            if slot is None:
+                return None
+            self.layers.load_slot(slot, adapter)
+            self.slots.assign(key, slot)
+            self.slots.pin(key)
+            self.misses += 1
+            self._count("adapter_cache_misses", "device")
+            self._set_resident()
+            return slot
+
+    def _host_copy(self, key: AdapterKey) -> LoadedAdapter | None:
+        adapter = self.host.get(key)
+        if adapter is not None:
+            return adapter
+        if key in self._errors:
+            raise self._errors[key]
+        ref = self._refs.get(key)
+        if ref is None:
+            raise AdapterError(f"adapter {key} was not prepared (or was deleted)")
+        self._load_async(ref)  # fell out of the host tier: re-read in the background, caller waits
+        return None
+
+    def _claim_slot(self) -> int | None:
+        slot = self.slots.free_slot()
+        if slot is not None:
+            return slot
+        victim = self.slots.victim()
+        if victim is None:
+            return None  # every slot is pinned by a running request
+        slot = self.slots.remove(victim)
+        self.layers.clear_slot(slot)
+        self.evictions += 1
+        self._count("adapter_cache_evictions", "device")
+        return slot
+
+    def release(self, key: AdapterKey) -> None:
+        with self._lock:
+            if not self.slots.unpin(key):
+                log.warning("release of %s which is not pinned", key)
+                return
+            if key in self.slots.doomed and not self.slots.is_pinned(key):
+                self.layers.clear_slot(self.slots.remove(key))
+                self._set_resident()
+
+    # -- any thread ----------------------------------------------------------
+    def forget(self, tenant: str, adapter_id: str) -> None:
+        """Drop every cached version (delete / re-upload). Slots are freed on the engine thread later."""
+        self.host.drop(tenant, adapter_id)
+        with self._lock:
+            match = lambda k: (k.tenant, k.adapter_id) == (tenant, adapter_id)  # noqa: E731
+            for table in (self._refs, self._errors):
+                for k in [k for k in table if match(k)]:
+                    del table[k]
+            self.slots.doomed.update(k for k in self.slots.slot_of if match(k))
+
+    def is_pinned(self, key: AdapterKey) -> bool:
+        with self._lock:
+            return self.slots.is_pinned(key)
+
+    def is_resident(self, tenant: str, adapter_id: str) -> bool:
+        with self._lock:
+            return any((k.tenant, k.adapter_id) == (tenant, adapter_id) and k not in self.slots.doomed
+                       for k in self.slots.slot_of)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "resident": len(self.slots.slot_of),
+                "host_entries": len(self.host),
+                "host_hits": self.host_hits,
+                "host_misses": self.host_misses,
+                "host_evictions": self.host.evictions,
+                "pinned": self.slots.pinned_count,
+                "loading": len(self._inflight),
+            }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _set_resident(self) -> None:
+        gauge = getattr(self.metrics, "adapters_resident", None)
+        if gauge is not None:
+            gauge.set(len(self.slots.slot_of))
+
+    def _count(self, name: str, tier: str) -> None:
+        metric = getattr(self.metrics, name, None)
+        if metric is None:
+            return
+        if getattr(metric, "_labelnames", ()):  # prometheus_client counters labelled by tier
+            metric.labels(tier=tier).inc()
+        else:
+            metric.inc()
