@@ -1,0 +1,43 @@
+"""loraplex Python client: a typed SDK (sync `Client`, asyncio `AsyncClient`) and the CLI.
+
+Depends only on httpx and the standard library, so it installs and runs
+without the server's stack (torch, transformers).
+
+    from client import Client
+    with Client("http://127.0.0.1:8000") as c:
+        print(c.generate("Hello", adapter_id="pirate", max_new_tokens=32).text)
+        for delta in c.generate_stream("Hello"):
+            print(delta, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from client.async_client import AsyncClient
+from client.errors import (
+    ApiError,
+    AuthError,
+    ConflictError,
+    ConnectionFailedError,
+    InvalidInputError,
+    LoraplexError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServerError,
+    UnavailableError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from client.models import Adapter, Generation, ModelInfo, TrainingJob, Usage
+from client.retry import RetryPolicy
+from client.streaming import AsyncGenerateStream, GenerateStream
+from client.sync_client import Client
+
+__all__ = [
+    "Adapter", "ApiError", "AsyncClient", "AsyncGenerateStream", "AuthError", "Client", "ConflictError",
+    "ConnectionFailedError", "GenerateStream", "Generation", "InvalidInputError", "LoraplexError", "ModelInfo",
+    "NotFoundError", "PayloadTooLargeError", "RateLimitError", "RetryPolicy", "ServerError", "TrainingJob",
+    "UnavailableError", "Usage", "ValidationError", "WaitTimeoutError", "__version__",
+]

@@ -1,0 +1,180 @@
+"""The CLI's command handlers: parse nothing, print results, return an exit status.
+
+Each takes the argparse namespace, calls the SDK, and prints either a human
+view (tables, plain text) or JSON (`--json`). Errors propagate as SDK
+exceptions; `cli.main` turns them into a message on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from client.cli_output import (
+    ADAPTER_COLUMNS,
+    JOB_COLUMNS,
+    ProgressBar,
+    adapter_pairs,
+    adapter_row,
+    format_pairs,
+    format_table,
+    job_pairs,
+    job_row,
+    print_json,
+)
+from client.models import Adapter, TrainingJob
+from client.sync_client import Client
+
+EXIT_JOB_FAILED = 12
+
+
+def make_client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.api_key, timeout=args.timeout)
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+def generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options: dict[str, Any] = dict(adapter_id=args.adapter_id, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                   seed=args.seed, stop=args.stop)
+    with make_client(args) as client:
+        if not args.stream:
+            result = client.generate(prompt, **options)
+            print_json(result.to_dict()) if args.json else print(result.text, flush=True)
+            return 0
+        with client.generate_stream(prompt, **options) as stream:
+            for delta in stream:
+                if args.json:
+                    print_json({"text": delta})
+                else:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            print_json(stream.result().to_dict()) if args.json else print(flush=True)
+    return 0
+
+
+# --- adapters -----------------------------------------------------------------------------------
+
+def _show_adapter(args: argparse.Namespace, adapter: Adapter) -> None:
+    print_json(adapter.raw) if args.json else print(format_pairs(adapter_pairs(adapter)))
+
+
+def adapters_upload(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        _show_adapter(args, client.upload_adapter(args.adapter_id, args.path))
+    return 0
+
+
+def adapters_list(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        adapters = client.list_adapters(tenant=args.tenant)
+    if args.json:
+        print_json([a.raw for a in adapters])
+    elif adapters:
+        print(format_table(ADAPTER_COLUMNS, [adapter_row(a) for a in adapters]))
+    else:
+        print("no adapters")
+    return 0
+
+
+def adapters_show(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        _show_adapter(args, client.get_adapter(args.adapter_id))
+    return 0
+
+
+def adapters_delete(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        client.delete_adapter(args.adapter_id)
+    print_json({"id": args.adapter_id, "deleted": True}) if args.json else print(f"deleted {args.adapter_id}")
+    return 0
+
+
+def adapters_merge(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        _show_adapter(args, client.merge_adapter(args.adapter_id))
+    return 0
+
+
+def adapters_unmerge(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        _show_adapter(args, client.unmerge_adapter(args.adapter_id))
+    return 0
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def _modules(values: list[str] | None) -> list[str] | None:
+    """`--target-modules q_proj v_proj` and `--target-modules q_proj,v_proj` mean the same."""
+    if not values:
+        return None
+    return [m for v in values for m in v.split(",") if m]
+
+
+def train(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.submit_training(
+            args.adapter_id, args.data, method=args.method, rank=args.rank, alpha=args.alpha,
+            target_modules=_modules(args.target_modules), steps=args.steps, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, seed=args.seed, idempotency_key=args.idempotency_key)
+        if not args.wait:
+            if args.json:
+                print_json(job.raw)
+            else:
+                print(f"job {job.id} {job.status} (adapter {job.adapter_id or args.adapter_id}); "
+                      f"follow it with: loraplex jobs show {job.id}")
+            return 0
+        return _follow(args, client, job)
+
+
+def _follow(args: argparse.Namespace, client: Client, job: TrainingJob) -> int:
+    bar = ProgressBar()
+    print(f"job {job.id} submitted for adapter {job.adapter_id or args.adapter_id}", file=sys.stderr)
+    try:
+        job = client.wait(job.id, on_progress=bar.update, poll_interval=args.poll_interval)
+    except KeyboardInterrupt:
+        bar.finish()
+        print(f"stopped following; job {job.id} keeps running (cancel: loraplex jobs cancel {job.id})",
+              file=sys.stderr)
+        raise
+    bar.finish()
+    if args.json:
+        print_json(job.raw)
+    if job.status != "succeeded":
+        reason = f": {job.error}" if job.error else ""
+        print(f"error: job {job.id} {job.status}{reason}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    if not args.json:
+        print(job.adapter_id or args.adapter_id)
+    return 0
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+def jobs_list(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        jobs = client.list_jobs(tenant=args.tenant)
+    if args.json:
+        print_json([j.raw for j in jobs])
+    elif jobs:
+        print(format_table(JOB_COLUMNS, [job_row(j) for j in jobs]))
+    else:
+        print("no training jobs")
+    return 0
+
+
+def jobs_show(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.get_job(args.job_id)
+    print_json(job.raw) if args.json else print(format_pairs(job_pairs(job)))
+    return 0
+
+
+def jobs_cancel(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.cancel_job(args.job_id)
+    print_json(job.raw) if args.json else print(f"job {job.id} {job.status}")
+    return 0
