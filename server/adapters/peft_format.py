@@ -114,21 +114,22 @@ def _group(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[st
 
 
 def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> None:
-    """Tensors and config must agree with each other and with the base model."""
+    """Config, tensors and base model must agree: config first, then every tensor, then every target."""
+    targeted = sorted(n for n in base.table if n and spec.targets(n, base.all_linear))
+    if not targeted:
+        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model")
+    supported = ("linear", "embedding") if spec.peft_type == "LORA" else ("linear",)
+    for name in targeted:
+        kind = base.table[name].kind
+        if kind not in supported:
+            what = "an Embedding" if kind == "embedding" else "neither a Linear nor an Embedding"
+            raise AdapterError(f"target module {name!r} is {what} module, which {spec.peft_type} cannot adapt")
     for name in sorted(roles):
         if name not in base.table:
             raise AdapterError(f"unknown target module {name!r}: the base model has no such module")
         if not spec.targets(name, base.all_linear):
             raise AdapterError(f"tensors for module {name!r}, which target_modules does not select")
-    targeted = sorted(n for n in base.table if n and spec.targets(n, base.all_linear))
-    if not targeted:
-        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model")
     for name in targeted:
-        kind = base.table[name].kind
-        supported = ("linear", "embedding") if spec.peft_type == "LORA" else ("linear",)
-        if kind not in supported:
-            what = "an Embedding" if kind == "embedding" else "neither a Linear nor an Embedding"
-            raise AdapterError(f"target module {name!r} is {what} module, which {spec.peft_type} cannot adapt")
         if name not in roles or set(roles[name]) <= {"BASE"}:
             raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE}")
 
