@@ -127,6 +127,7 @@ class AdapterStore:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._described: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self._gc_timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ paths
     def adapter_dir(self, tenant: str, adapter_id: str) -> Path:
@@ -300,41 +301,58 @@ class AdapterStore:
         fsync_dir(adir)
 
     # --------------------------------------------------- garbage collection
-    def collect_garbage(self, is_pinned: Callable[[AdapterKey], bool] | None = None) -> int:
-        """Remove trashed and superseded versions that no running request holds.
+    def collect_garbage(self, is_pinned: Callable[[AdapterKey], bool] | None = None,
+                        only: tuple[str, str] | None = None) -> int:
+        """Remove superseded and deleted versions that no running request holds; return how many wait on pins.
 
         `is_pinned` comes from the adapter manager's pin counts; without it
         nothing that may be in use is removed (only at start-up, see `sweep`).
+        `only=(tenant, id)` limits the superseded-version scan to one adapter.
         """
         if is_pinned is None:
             return 0
-        removed = 0
+        pending = 0
+        targets = [only] if only is not None else [(t, a) for t in self.tenants() for a in self.adapter_ids(t)]
+        for tenant, adapter_id in targets:
+            pending += self._drop_superseded(tenant, adapter_id, is_pinned)
         for entry in list((self.root / TRASH_DIR).iterdir()):
             key = _trash_key(entry.name)
-            if key is None or not is_pinned(key):
+            if key is not None and is_pinned(key):
+                pending += 1
+            else:
                 shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-        for tenant in self.tenants():
-            for adapter_id in self.adapter_ids(tenant):
-                removed += self._drop_superseded(tenant, adapter_id, is_pinned)
-        return removed
+        return pending
+
+    def collect_garbage_soon(self, is_pinned: Callable[[AdapterKey], bool], only: tuple[str, str] | None = None,
+                             retry_s: float = 1.0) -> None:
+        """Collect now; while pinned versions remain, retry on a timer until their requests end."""
+        if self.collect_garbage(is_pinned, only) == 0:
+            return
+        with self._locks_guard:
+            if self._gc_timer is not None and self._gc_timer.is_alive():
+                return
+            self._gc_timer = threading.Timer(retry_s, self.collect_garbage_soon, args=(is_pinned, None, retry_s))
+            self._gc_timer.daemon = True
+            self._gc_timer.start()
 
     def _drop_superseded(self, tenant: str, adapter_id: str, is_pinned: Callable[[AdapterKey], bool]) -> int:
+        """Trash every version but the newest that no request pins; return how many stay pinned."""
         adir = self.adapter_dir(tenant, adapter_id)
-        removed = 0
+        pending = 0
         with self.lock(tenant, adapter_id):
             versions = self._versions(adir)
             newest = max(versions, default=0)
             for version, path in versions.items():
                 key = AdapterKey(tenant, adapter_id, version)
-                if version == newest or is_pinned(key):
+                if version == newest:
                     continue
-                if path == adir:
+                if is_pinned(key):
+                    pending += 1
+                elif path == adir:
                     self._trash_loose(adir, key)
                 else:
                     self._to_trash(path, key)
-                removed += 1
-        return removed
+        return pending
 
     def sweep(self) -> None:
         """Start-up: no request runs yet, so every staging dir, trash entry and old version can go."""

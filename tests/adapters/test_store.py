@@ -154,3 +154,18 @@ def test_concurrent_publishes_get_distinct_complete_versions(store: AdapterStore
     for v in versions:
         vdir = store.root / "t" / "same" / f"v{v:06d}"
         assert (vdir / CONFIG_NAME).is_file() and (vdir / WEIGHTS_NAME).read_bytes().startswith(b"payload-")
+
+
+def test_deleted_files_go_once_the_last_request_lets_go(store: AdapterStore) -> None:
+    import time
+
+    upload(store, "t", "busy", b"v1")
+    pinned = {AdapterKey("t", "busy", 1)}
+    store.delete("t", "busy")
+    store.collect_garbage_soon(lambda key: key in pinned, only=("t", "busy"), retry_s=0.05)
+    assert files_under(store.root / TRASH_DIR), "a pinned version must stay while its request runs"
+    pinned.clear()  # the request finished
+    deadline = time.monotonic() + 10
+    while files_under(store.root / TRASH_DIR) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert files_under(store.root / TRASH_DIR) == []

@@ -74,10 +74,10 @@ def live_state(services: Services, key: AdapterKey) -> dict[str, Any]:
     if manager is not None:
         is_merged = getattr(manager, "is_merged", None)
         is_resident = getattr(manager, "is_resident", None)
-        if callable(is_merged) and is_merged(key):
+        if callable(is_merged) and is_merged(key.tenant, key.adapter_id):
             mode = "merged"
         if callable(is_resident):
-            resident = bool(is_resident(key))
+            resident = bool(is_resident(key.tenant, key.adapter_id))
     return {"mode": mode, "resident": resident}
 
 
@@ -92,15 +92,17 @@ def present(services: Services, stored: StoredVersion) -> dict[str, Any]:
 
 
 def after_change(services: Services, tenant: str, adapter_id: str) -> None:
-    """Drop cached versions and delete superseded/deleted files no request holds any more."""
+    """Drop cached versions; delete superseded/deleted files now, or as soon as no request pins them."""
     manager = services.adapters
     if manager is None:  # base model only: no request can hold an adapter version
         is_pinned: Any = lambda key: False  # noqa: E731
     else:
         manager.forget(tenant, adapter_id)
         is_pinned = getattr(manager, "is_pinned", None)
+    if not callable(is_pinned):
+        return  # no pin information: old files wait for the next start-up's sweep
     try:
-        store_of(services).collect_garbage(is_pinned if callable(is_pinned) else None)
+        store_of(services).collect_garbage_soon(is_pinned, only=(tenant, adapter_id))
     except OSError:
         log.exception("adapter store garbage collection failed (retried on the next change)")
 
