@@ -1,0 +1,188 @@
+"""The two-tier cache through AdapterManager, with the real AdapterStore on disk.
+
+2 device slots, 6 adapters of mixed kinds: evictions happen, pinned adapters are
+never evicted (their outputs stay right), acquire says None when every slot is
+pinned, one bad file fails only its own key, and a new version is never served
+from a stale cache entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import adapter_factory as af
+from server.adapters.inject import inject_adapter_layers
+from server.adapters.manager import AdapterManager
+from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.peft_format import read_adapter
+from server.adapters.store import AdapterStore
+from server.errors import AdapterError, NotFound
+from server.metrics import Metrics
+
+KINDS = ["lora_qv", "miss_mini", "lora_all", "bone", "miss_bat", "lora_embed"]
+IDS = torch.randint(3, af.VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, slot: int) -> torch.Tensor:
+    with torch.no_grad(), use_mapping(AdapterMapping.from_row_slots([slot], IDS.shape[1])):
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """PEFT dirs for 6 adapters (+ a second version of a0) and each one's expected logits."""
+    tmp = tmp_path_factory.mktemp("cache-src")
+    peft_base = af.tiny_base(seed=0)
+    ref = af.tiny_base(seed=0)
+    layers = inject_adapter_layers(ref.model, af.adapter_settings(tmp, max_adapters_resident=1))
+    settings = af.adapter_settings(tmp)
+    dirs, expected = {}, {}
+    for i, kind in enumerate(KINDS + ["lora_qv"]):
+        name = f"a{i}" if i < len(KINDS) else "a0-v2"
+        af.make_peft(peft_base, kind, tmp / name, seed=40 + i)
+        layers.load_slot(0, read_adapter(tmp / name, ref, settings))
+        dirs[name], expected[name] = tmp / name, _logits(ref.model, 0)
+    return dirs, expected
+
+
+@pytest.fixture
+def env(files, tmp_path):
+    dirs, expected = files
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=8)
+    base = af.tiny_base(seed=0)
+    layers = inject_adapter_layers(base.model, settings)
+    store = AdapterStore(tmp_path / "store")
+    for i in range(len(KINDS)):
+        store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
+    metrics = Metrics()
+    manager = AdapterManager(base, layers, store, settings, metrics=metrics)
+    yield base, manager, store, dirs, expected, metrics
+    manager.close()
+
+
+async def test_evictions_pins_and_correct_outputs(env):
+    base, manager, _, _, expected, _ = env
+    keys = [await manager.prepare("t1", f"a{i}") for i in range(6)]
+    held = manager.acquire(keys[0])  # pinned through the whole test
+    assert held is not None
+    for round_ in range(2):
+        for i in range(1, 6):
+            slot = manager.acquire(keys[i])
+            assert slot is not None and slot != held
+            torch.testing.assert_close(_logits(base.model, slot), expected[f"a{i}"], atol=1e-5, rtol=1e-5)
+            manager.release(keys[i])
+            torch.testing.assert_close(_logits(base.model, held), expected["a0"], atol=1e-5, rtol=1e-5)
+    stats = manager.stats()
+    assert stats["evictions"] >= 9 and stats["pinned"] == 1 and stats["resident"] == 2
+    assert manager.acquire(keys[0]) == held  # a hit: same slot, second pin
+    assert manager.stats()["hits"] >= 1
+    manager.release(keys[0])
+    manager.release(keys[0])
+    assert manager.stats()["pinned"] == 0
+
+
+async def test_acquire_returns_none_when_every_slot_is_pinned(env):
+    _, manager, _, _, _, _ = env
+    k0, k1, k2 = [await manager.prepare("t1", f"a{i}") for i in range(3)]
+    s0, s1 = manager.acquire(k0), manager.acquire(k1)
+    assert {s0, s1} == {0, 1}
+    assert manager.acquire(k2) is None  # waits; nothing pinned was evicted
+    assert manager.acquire(k0) == s0 and manager.acquire(k1) == s1
+    manager.release(k1)
+    assert manager.acquire(k2) is None  # k1 is still pinned once
+    manager.release(k1)
+    assert manager.acquire(k2) == s1  # now k1's slot is free to evict
+    assert manager.stats()["evictions"] == 1
+
+
+async def test_concurrent_prepares_share_one_load(env):
+    _, manager, _, _, _, _ = env
+    calls = []
+    real = manager._loader
+
+    def counting(*args):
+        calls.append(threading.get_ident())
+        return real(*args)
+
+    manager._loader = counting
+    keys = await asyncio.gather(*[manager.prepare("t1", "a2") for _ in range(6)])
+    assert len(set(keys)) == 1 and len(calls) == 1
+    await manager.prepare("t1", "a2")
+    assert len(calls) == 1 and manager.stats()["host_hits"] >= 1
+
+
+async def test_bad_adapter_fails_alone(env):
+    _, manager, store, dirs, _, _ = env
+    bad = dirs["a0"].parent / "bad"
+    if not bad.exists():
+        import shutil
+
+        shutil.copytree(dirs["a0"], bad)
+        af.edit_tensors(bad, lambda t: {k: v * float("nan") for k, v in t.items()})
+    store.add_from_dir("t1", "bad", bad, {})
+    good = await manager.prepare("t1", "a1")
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        await manager.prepare("t1", "bad")
+    with pytest.raises(AdapterError, match="NaN or Inf"):  # remembered: the version is immutable
+        await manager.prepare("t1", "bad")
+    with pytest.raises(NotFound):
+        await manager.prepare("t1", "missing")
+    assert manager.acquire(good) is not None
+
+
+async def test_new_version_is_never_served_from_a_stale_cache(env):
+    base, manager, store, dirs, expected, _ = env
+    old = await manager.prepare("t1", "a0")
+    slot = manager.acquire(old)
+    torch.testing.assert_close(_logits(base.model, slot), expected["a0"], atol=1e-5, rtol=1e-5)
+    store.add_from_dir("t1", "a0", dirs["a0-v2"], {})  # re-upload while a request holds v1
+    manager.forget("t1", "a0")
+    new = await manager.prepare("t1", "a0")
+    assert new.version == old.version + 1
+    new_slot = manager.acquire(new)
+    assert new_slot is not None and new_slot != slot
+    torch.testing.assert_close(_logits(base.model, new_slot), expected["a0-v2"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(base.model, slot), expected["a0"], atol=1e-5, rtol=1e-5)  # v1 finishes
+    manager.release(old)  # forgotten and unpinned: its slot is freed at once
+    assert manager.stats()["resident"] == 1 and manager.is_resident("t1", "a0")
+
+
+async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
+    dirs, expected = files
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=2)
+    base = af.tiny_base(seed=0)
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3):
+        store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
+    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
+    try:
+        keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]  # a0 falls out of the host tier
+        assert manager.stats()["host_evictions"] == 1
+        slot = manager.acquire(keys[0])
+        for _ in range(200):
+            if slot is not None:
+                break
+            await asyncio.sleep(0.01)
+            slot = manager.acquire(keys[0])
+        assert slot is not None
+        torch.testing.assert_close(_logits(base.model, slot), expected["a0"], atol=1e-5, rtol=1e-5)
+    finally:
+        manager.close()
+
+
+async def test_metrics_are_counted(env):
+    _, manager, _, _, _, metrics = env
+    keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]
+    for k in keys:
+        manager.acquire(k)
+        manager.release(k)
+    manager.acquire(keys[2])
+    sample = metrics.registry.get_sample_value
+    assert sample("loraplex_adapter_cache_misses_total", {"tier": "device"}) == 3
+    assert sample("loraplex_adapter_cache_hits_total", {"tier": "device"}) == 1
+    assert sample("loraplex_adapter_cache_evictions_total", {"tier": "device"}) == 1
+    assert sample("loraplex_adapters_resident") == 2
