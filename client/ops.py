@@ -153,10 +153,9 @@ def submit_training(policy: RetryPolicy, body: dict[str, Any], idempotency_key: 
     if jsonl is None:
         req = HttpRequest("POST", "/v1/training/jobs", json=body, headers=headers)
     else:
-        spec = json.dumps({k: v for k, v in body.items() if k != "data"}).encode()
-        files = {"spec": ("spec.json", spec, "application/json"),
-                 "data": ("data.jsonl", jsonl, "application/x-ndjson")}
-        req = HttpRequest("POST", "/v1/training/jobs/upload", files=files, headers=headers)
+        spec = json.dumps({k: v for k, v in body.items() if k != "data"})
+        req = HttpRequest("POST", "/v1/training/jobs/upload", data={"spec": spec},
+                          files={"data": ("data.jsonl", jsonl, "application/x-ndjson")}, headers=headers)
     response = yield from send(req, policy)
     return TrainingJob.from_dict(_json(response) or {})
 

@@ -34,6 +34,7 @@ class HttpRequest:
     json: Any = None
     params: dict[str, Any] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    data: dict[str, str] | None = None  # plain multipart form fields, sent beside `files`
     headers: dict[str, str] = field(default_factory=dict)
     stream: bool = False  # the driver returns the response open, body unread
     retry_safe: bool | None = None  # may be resent after a partial send; None: decide by method/key
@@ -83,7 +84,7 @@ def send(req: HttpRequest, policy: RetryPolicy) -> Op[httpx.Response]:
 
 def _build(http: httpx.Client | httpx.AsyncClient, req: HttpRequest) -> httpx.Request:
     return http.build_request(req.method, req.path, json=req.json, params=req.params,
-                              files=req.files, headers=req.headers)
+                              data=req.data, files=req.files, headers=req.headers)
 
 
 def run_sync(op: Op[T], http: httpx.Client) -> T:
