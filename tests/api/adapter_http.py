@@ -40,8 +40,8 @@ def load_tiny(model_dir: Path) -> SimpleNamespace:
     return SimpleNamespace(model=model)
 
 
-def build_adapter(base: SimpleNamespace, kind: str, out_dir: Path, seed: int = 1) -> Path:
-    make_peft(base, kind, out_dir, seed=seed)
+def build_adapter(base: SimpleNamespace, kind: str, out_dir: Path, seed: int = 1, scale: float = 0.1) -> Path:
+    make_peft(base, kind, out_dir, seed=seed, scale=scale)
     return out_dir
 
 
