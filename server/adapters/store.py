@@ -54,6 +54,9 @@ TRASH_DIR = ".trash"
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
+_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
 # Summarises one adapter directory as {type, variant, rank, target_modules};
 # set by the app to the engine's own validator (peft_format.read_adapter).
 Describer = Callable[[Path], dict[str, Any]]
@@ -124,8 +127,6 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / TMP_DIR).mkdir(exist_ok=True)
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
         self._described: dict[tuple[str, int, int], dict[str, Any]] = {}
         self._gc_timer: threading.Timer | None = None
 
@@ -134,9 +135,10 @@ class AdapterStore:
         return self.root / check_tenant(tenant) / check_adapter_id(adapter_id)
 
     def lock(self, tenant: str, adapter_id: str) -> threading.Lock:
-        """One lock per (tenant, id): publishes and deletes of one adapter are serialised."""
-        with self._locks_guard:
-            return self._locks.setdefault((tenant, adapter_id), threading.Lock())
+        """One lock per (store root, tenant, id), shared by every AdapterStore object in the process:
+        publishes and deletes of one adapter are serialised."""
+        with _LOCKS_GUARD:
+            return _LOCKS.setdefault((str(self.root.resolve()), tenant, adapter_id), threading.Lock())
 
     # --------------------------------------------------------------- reading
     def _deleted_through(self, adir: Path) -> int:
@@ -328,7 +330,7 @@ class AdapterStore:
         """Collect now; while pinned versions remain, retry on a timer until their requests end."""
         if self.collect_garbage(is_pinned, only) == 0:
             return
-        with self._locks_guard:
+        with _LOCKS_GUARD:
             if self._gc_timer is not None and self._gc_timer.is_alive():
                 return
             self._gc_timer = threading.Timer(retry_s, self.collect_garbage_soon, args=(is_pinned, None, retry_s))
