@@ -26,7 +26,6 @@ versions only ever grow, so an `AdapterKey` names one set of weights forever
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
 from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
 from server.errors import InvalidRequest, NotFound
 
@@ -72,44 +72,6 @@ def check_tenant(tenant: str) -> str:
 def not_found(adapter_id: str) -> NotFound:
     """The same message whether the id is unknown or another tenant's: existence is not leaked."""
     return NotFound(f"adapter {adapter_id!r} not found")
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    """sha256 hex and size of a file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb+") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
