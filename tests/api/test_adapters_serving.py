@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(src / f, dest / f)
     settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4)
+                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
     app = create_app(settings)
     with running_server(app) as url:
         if app.state.services.adapters is None:  # remove once build_services wires the AdapterManager
@@ -131,3 +133,26 @@ def test_delete_while_streaming_lets_the_request_finish(client: httpx.Client, pe
         for event in events:
             chunks.append(event.get("text", ""))
     assert "".join(chunks) == ref["text"]
+
+
+def test_reupload_while_requests_queue_keeps_their_version(client: httpx.Client, server: str, peft_dirs) -> None:
+    """max_batch=2: of 5 requests on v1, 3 wait in the queue when v2 lands; all finish on v1."""
+    n = 120
+    ref_v1 = generate(client, "placed-lora-embed", n)
+    assert upload(client, "queued", peft_dirs["lora_embed"]).status_code == 201
+    results: list[dict] = []
+
+    def go() -> None:
+        with httpx.Client(base_url=server, timeout=120) as c:
+            results.append(generate(c, "queued", n))
+
+    threads = [threading.Thread(target=go) for _ in range(5)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while running_requests(client) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upload(client, "queued", peft_dirs["lora_v2"]).json()["version"] == 2
+    for t in threads:
+        t.join()
+    assert [r["text"] for r in results] == [ref_v1["text"]] * 5

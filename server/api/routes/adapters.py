@@ -91,13 +91,20 @@ def present(services: Services, stored: StoredVersion) -> dict[str, Any]:
     return {**record, **live_state(services, stored.ref.key)}
 
 
-def after_change(services: Services, tenant: str, adapter_id: str) -> None:
-    """Drop cached versions; delete superseded/deleted files now, or as soon as no request pins them."""
+def after_change(services: Services, tenant: str, adapter_id: str, *, deleted: bool) -> None:
+    """Update caches and collect old files once no request pins them.
+
+    A re-upload does not `forget()`: versions are part of the cache key, so the
+    new version can never be served from a stale copy, and requests already
+    admitted on the old version (queued or running) still find it; old copies
+    age out of the LRU tiers. A delete forgets at once.
+    """
     manager = services.adapters
     if manager is None:  # base model only: no request can hold an adapter version
         is_pinned: Any = lambda key: False  # noqa: E731
     else:
-        manager.forget(tenant, adapter_id)
+        if deleted:
+            manager.forget(tenant, adapter_id)
         is_pinned = getattr(manager, "is_pinned", None)
     if not callable(is_pinned):
         return  # no pin information: old files wait for the next start-up's sweep
@@ -122,7 +129,7 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         await receive_upload(request, staged, services.settings.max_adapter_bytes)
         summary = await run_in_threadpool(validate_adapter, services, staged)
         stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summary)
-    after_change(services, owner, adapter_id)
+    after_change(services, owner, adapter_id, deleted=False)
     return JSONResponse(present(services, stored), status_code=201)
 
 
@@ -153,7 +160,7 @@ async def delete_adapter(adapter_id: str, request: Request, tenant: str | None =
     owner = target_tenant(principal, tenant)
     services = get_services(request)
     await run_in_threadpool(store_of(services).delete, owner, adapter_id)
-    after_change(services, owner, adapter_id)
+    after_change(services, owner, adapter_id, deleted=True)
     return Response(status_code=204)
 
 
