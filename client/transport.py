@@ -100,6 +100,7 @@ def run_sync(op: Op[T], http: httpx.Client) -> T:
             time.sleep(instr.seconds)
         elif isinstance(instr, Await):
             op.close()
+            getattr(instr.awaitable, "close", lambda: None)()  # a coroutine we will not run
             raise TypeError("a callback returned an awaitable; use AsyncClient for async callbacks")
         else:
             try:
