@@ -17,6 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.adapters.inject import inject_adapter_layers
+from server.adapters.manager import AdapterManager
 from server.adapters.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import install_error_handlers
@@ -65,12 +67,19 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     engine = Engine(base, settings, metrics)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
     services.store = open_store(settings.store, base, settings)
-    # Adapter work attaches here (before the engine starts): inject adapter
-    # layers into base.model, open the store, build the manager, then
-    # `services.adapters = manager; engine.set_adapter_manager(manager)`.
-    # Training attaches after that: `services.jobs = ...;
+    attach_adapters(services)
+    # Training attaches after the adapters: `services.jobs = ...;
     # engine.set_background_worker(worker); services.add_shutdown_hook(...)`.
     return services
+
+
+def attach_adapters(services: Services) -> None:
+    """Swap adapter-aware layers into the base model and put the manager between store and engine."""
+    layers = inject_adapter_layers(services.base.model, services.settings)
+    manager = AdapterManager(services.base, layers, services.store, services.settings, services.metrics)
+    services.adapters = manager
+    services.engine.set_adapter_manager(manager)
+    services.add_shutdown_hook(manager.close)
 
 
 async def drain(services: Services, timeout: float) -> bool:

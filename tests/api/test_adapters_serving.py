@@ -49,8 +49,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_
                         api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
     app = create_app(settings)
     with running_server(app) as url:
-        if app.state.services.adapters is None:  # remove once build_services wires the AdapterManager
-            pytest.skip("the AdapterManager is not wired into server/app.py build_services yet")
+        assert app.state.services.adapters is not None
         yield url
 
 
