@@ -33,6 +33,14 @@ def make_client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.api_key, timeout=args.timeout)
 
 
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """JSON for scripts (`--json`), text for people."""
+    if args.json:
+        print_json(data)
+    else:
+        print(text, flush=True)
+
+
 # --- generate -----------------------------------------------------------------------------------
 
 def generate(args: argparse.Namespace) -> int:
@@ -43,7 +51,7 @@ def generate(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         if not args.stream:
             result = client.generate(prompt, **options)
-            print_json(result.to_dict()) if args.json else print(result.text, flush=True)
+            emit(args, result.to_dict(), result.text)
             return 0
         with client.generate_stream(prompt, **options) as stream:
             for delta in stream:
@@ -52,14 +60,14 @@ def generate(args: argparse.Namespace) -> int:
                 else:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
-            print_json(stream.result().to_dict()) if args.json else print(flush=True)
+            emit(args, stream.result().to_dict(), "")  # human: end the streamed line
     return 0
 
 
 # --- adapters -----------------------------------------------------------------------------------
 
 def _show_adapter(args: argparse.Namespace, adapter: Adapter) -> None:
-    print_json(adapter.raw) if args.json else print(format_pairs(adapter_pairs(adapter)))
+    emit(args, adapter.raw, format_pairs(adapter_pairs(adapter)))
 
 
 def adapters_upload(args: argparse.Namespace) -> int:
@@ -89,7 +97,7 @@ def adapters_show(args: argparse.Namespace) -> int:
 def adapters_delete(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         client.delete_adapter(args.adapter_id)
-    print_json({"id": args.adapter_id, "deleted": True}) if args.json else print(f"deleted {args.adapter_id}")
+    emit(args, {"id": args.adapter_id, "deleted": True}, f"deleted {args.adapter_id}")
     return 0
 
 
@@ -121,11 +129,8 @@ def train(args: argparse.Namespace) -> int:
             target_modules=_modules(args.target_modules), steps=args.steps, learning_rate=args.learning_rate,
             batch_size=args.batch_size, seed=args.seed, idempotency_key=args.idempotency_key)
         if not args.wait:
-            if args.json:
-                print_json(job.raw)
-            else:
-                print(f"job {job.id} {job.status} (adapter {job.adapter_id or args.adapter_id}); "
-                      f"follow it with: loraplex jobs show {job.id}")
+            emit(args, job.raw, f"job {job.id} {job.status} (adapter {job.adapter_id or args.adapter_id}); "
+                                f"follow it with: loraplex jobs show {job.id}")
             return 0
         return _follow(args, client, job)
 
@@ -169,12 +174,12 @@ def jobs_list(args: argparse.Namespace) -> int:
 def jobs_show(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         job = client.get_job(args.job_id)
-    print_json(job.raw) if args.json else print(format_pairs(job_pairs(job)))
+    emit(args, job.raw, format_pairs(job_pairs(job)))
     return 0
 
 
 def jobs_cancel(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         job = client.cancel_job(args.job_id)
-    print_json(job.raw) if args.json else print(f"job {job.id} {job.status}")
+    emit(args, job.raw, f"job {job.id} {job.status}")
     return 0
