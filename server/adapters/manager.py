@@ -57,9 +57,10 @@ class AdapterManager:
     # -- event loop side -----------------------------------------------------
     async def prepare(self, tenant: str, adapter_id: str) -> AdapterKey:
         """Newest version of the adapter, loaded and validated in host memory (NotFound / AdapterError)."""
-        ref = self.store.resolve(tenant, adapter_id)
-        if inspect.isawaitable(ref):
-            ref = await ref
+        if inspect.iscoroutinefunction(self.store.resolve):
+            ref = await self.store.resolve(tenant, adapter_id)
+        else:  # a directory listing: keep it off the event loop too
+            ref = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
         key = ref.key
         with self._lock:
             self._refs[key] = ref

@@ -8,11 +8,14 @@ s), one `bmm` with A and one with Bᵀ run over all slots at once, and the rows 
 gathered back. Scattering x (tokens × in) instead of gathering weights per token
 (tokens × r × in) is what makes it cheap.
 
-Measured on this machine's CPU (2 threads, fp32), one 576×576 module, 32 decode
-tokens over 16 rank-16 adapters (base matmul alone ≈ 190 µs):
+Measured on this machine's CPU (2 shared threads, fp32; noisy: other jobs ran), one
+576×576 module, 32 decode tokens over 16 rank-16 adapters, base matmul ≈ 190 µs:
   gather A/B per token + bmm   ≈ +520 µs    gather + einsum  ≈ +200 µs
   sorted segments (loop)       ≈ +460 µs    dense all-slots  ≈ +190 µs
   scatter x + 2 bmm (chosen)   ≈ +70…110 µs
+Whole SmolLM2-135M decode step, batch 32, 16 distinct rank-16 all-linear adapters vs
+base only (KV cache, min of 6 runs): 185 ms vs 147 ms (0.80×) on this CPU; the
+tiny batched bmm calls are most of the difference (~33 ms/step).
 """
 
 from __future__ import annotations

@@ -173,3 +173,23 @@ def test_train_hook_adds_trainable_module_on_train_rows_with_gradients(served):
         assert layer.base_layer.weight.grad is None
     finally:
         layer.train_adapter = None
+
+
+def test_train_hook_on_embedding_receives_input_ids(served):
+    _, layers = served
+    layer = layers["model.embed_tokens"]
+    trainable = nn.Embedding(layer.num_embeddings, layer.embedding_dim)
+    layer.train_adapter = trainable
+    try:
+        ids = torch.tensor([[5, 6, 7, 8]])
+        mapping = AdapterMapping.from_token_slots([TRAIN_SLOT, BASE, TRAIN_SLOT, 2])
+        with use_mapping(mapping):
+            y = layer(ids)
+        with torch.no_grad(), use_mapping(AdapterMapping.from_token_slots([BASE, BASE, BASE, 2])):
+            expected = layer(ids).clone()
+        expected[0, [0, 2]] += trainable(torch.tensor([5, 7])).detach()
+        torch.testing.assert_close(y.detach(), expected)
+        y.sum().backward()
+        assert trainable.weight.grad[[5, 7]].abs().sum() > 0 and trainable.weight.grad[6].abs().sum() == 0
+    finally:
+        layer.train_adapter = None
