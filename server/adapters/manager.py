@@ -169,13 +169,16 @@ class AdapterManager:
 
     # -- any thread ----------------------------------------------------------
     def forget(self, tenant: str, adapter_id: str) -> None:
-        """Drop every cached version (delete / re-upload). Slots are freed on the engine thread later."""
-        self.host.drop(tenant, adapter_id)
+        """After delete / re-upload: its device slots become the first to evict (freed on the engine thread).
+
+        Host copies stay (the LRU ages them out) and so do refs, so a request that
+        prepared an old version before the change still runs on it; new prepares
+        resolve through the store and never see an old key again.
+        """
         with self._lock:
             match = lambda k: (k.tenant, k.adapter_id) == (tenant, adapter_id)  # noqa: E731
-            for table in (self._refs, self._errors):
-                for k in [k for k in table if match(k)]:
-                    del table[k]
+            for k in [k for k in self._errors if match(k)]:
+                del self._errors[k]
             self.slots.doomed.update(k for k in self.slots.slot_of if match(k))
 
     def is_pinned(self, key: AdapterKey) -> bool:

@@ -149,6 +149,10 @@ async def test_new_version_is_never_served_from_a_stale_cache(env):
     torch.testing.assert_close(_logits(base.model, slot), expected["a0"], atol=1e-5, rtol=1e-5)  # v1 finishes
     manager.release(old)  # forgotten and unpinned: its slot is freed at once
     assert manager.stats()["resident"] == 1 and manager.is_resident("t1", "a0")
+    queued = manager.acquire(old)  # a request that prepared v1 before the re-upload still runs on v1
+    assert queued is not None
+    torch.testing.assert_close(_logits(base.model, queued), expected["a0"], atol=1e-5, rtol=1e-5)
+    manager.release(old)
 
 
 async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
