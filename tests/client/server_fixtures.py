@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import Settings
-from tests.api.adapter_http import build_adapter, load_tiny
+from tests.api.adapter_http import load_tiny
 from tests.harness import running_server
 
 KEY = "client-key-alice-01"
@@ -28,9 +28,16 @@ TRAIN_DATA = [{"prompt": "Say hi:", "completion": " Ahoy matey!"},
 
 @pytest.fixture(scope="module")
 def peft_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PEFT LoRA (q_proj, v_proj) for the tiny model, saved by PEFT itself."""
+    """A PEFT LoRA (q_proj, v_proj) for the tiny model, saved by PEFT itself.
+
+    Weights at scale 0.5 (the factory's default 0.1 is too weak to move the
+    tiny model's greedy tokens, and the tests check that the adapter does).
+    """
+    from adapter_factory import make_peft  # on sys.path via tests.api.adapter_http
+
     out = tmp_path_factory.mktemp("client-peft") / "lora"
-    return build_adapter(load_tiny(tiny_model_dir), "lora_qv", out)
+    make_peft(load_tiny(tiny_model_dir), "lora_qv", out, seed=1, scale=0.5)
+    return out
 
 
 @pytest.fixture(scope="module")
