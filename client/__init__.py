@@ -12,9 +12,8 @@ without the server's stack (torch, transformers).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from client.async_client import AsyncClient
+from client.config import VERSION as __version__
 from client.errors import (
     ApiError,
     AuthError,

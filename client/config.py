@@ -10,6 +10,7 @@ import os
 
 import httpx
 
+VERSION = "0.1.0"
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "LORAPLEX_URL"
 API_KEY_ENV = "LORAPLEX_API_KEY"
@@ -27,9 +28,7 @@ def resolve_api_key(api_key: str | None) -> str | None:
 
 
 def default_headers(api_key: str | None) -> dict[str, str]:
-    from client import __version__
-
-    headers = {"User-Agent": f"loraplex-client/{__version__}", "Accept": "application/json"}
+    headers = {"User-Agent": f"loraplex-client/{VERSION}", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
