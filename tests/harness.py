@@ -66,9 +66,12 @@ def running_server(settings_or_app: Any, startup_timeout: float = 120.0) -> Iter
             server.should_exit = True
             raise TimeoutError("test server did not start in time")
         time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    _apps[url] = app
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
+        _apps.pop(url, None)
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
@@ -191,3 +194,11 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+_apps: dict[str, Any] = {}
+
+
+def app_of(base_url: str) -> Any:
+    """The FastAPI app behind a `running_server` URL (tests inspect engine counters through it)."""
+    return _apps[base_url]

@@ -123,8 +123,9 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
                 return
     finally:
         watcher.cancel()
-        if not finished:
+        if not finished:  # the consumer went away (client disconnect): free the slot
             engine.cancel(request)
+            services.metrics.requests.labels(request.label, "cancelled").inc()
 
 
 async def _watch_disconnect(http: HttpRequest, engine, request: Request) -> None:
