@@ -112,6 +112,10 @@ def serve(settings: Settings) -> int:
     from server.app import create_app, uvicorn_limits
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loraplex").info(
+        "serving model=%s device=%s dtype=%s host=%s port=%d max_batch=%d max_queue=%d store=%s auth=%s",
+        settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
+        settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             lifespan="on", **uvicorn_limits(settings))

@@ -175,9 +175,14 @@ class Engine:
             batch = SamplingBatch.build([s.request.params for s in sampling], [s.generator for s in sampling],
                                         self.vocab, logits.device)
             tokens = sample(logits, batch).tolist()
+        prefilled = 0
         for s, n in plan.prefill:
             s.prefilled += n
-            self.prompt_tokens += n
+            prefilled += n
+        self.prompt_tokens += prefilled
+        if self.metrics is not None:  # before any finish event goes out
+            self.metrics.prompt_tokens.inc(prefilled)
+            self.metrics.generated_tokens.inc(len(tokens))
         for s, token in zip(sampling, tokens, strict=True):
             self._on_token(s, int(token))
 
@@ -266,8 +271,6 @@ class Engine:
             return
         m.step_latency.observe(seconds)
         m.batch_size.observe(len(plan.decode) + len(plan.prefill))
-        m.prompt_tokens.inc(sum(n for _, n in plan.prefill))
-        m.generated_tokens.inc(len(plan.sampling()))
         self._update_gauges()
 
     def _update_gauges(self) -> None:

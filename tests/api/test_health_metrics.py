@@ -1,0 +1,88 @@
+"""/health, /ready, /metrics, draining (503) and shutdown hooks, in-process."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.settings import Settings
+from tests.harness import app_of, build_varied_llama, running_server
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, embedded_model_dir):
+    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
+
+
+@pytest.fixture
+def settings(model_dir, tmp_path):
+    return Settings(model=str(model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
+
+
+def samples(text: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def test_health_ready_metrics(settings):
+    with running_server(settings) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        ready = httpx.get(f"{url}/ready")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        for stream in (False, True):
+            r = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 5, "stream": stream})
+            assert r.status_code == 200
+        m = httpx.get(f"{url}/metrics")
+        assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+        values = samples(m.text)
+    assert values["loraplex_requests_total{finish_reason=length,route=generate}"] == 2
+    assert values["loraplex_generated_tokens_total"] == 10
+    assert values["loraplex_prompt_tokens_total"] >= 2
+    assert values["loraplex_step_latency_seconds_count"] >= 5
+    assert values["loraplex_batch_size_count"] >= 5
+    assert values["loraplex_queue_depth"] == 0
+    for name in ("adapter_cache_hits", "adapter_cache_misses", "adapter_cache_evictions"):
+        assert any(k.startswith(f"loraplex_{name}") for k in _families(m.text)), name
+
+
+def _families(text: str) -> list[str]:
+    return [f.name for f in text_string_to_metric_families(text)]
+
+
+def test_two_apps_in_one_process_have_separate_registries(settings, tmp_path):
+    other = settings.model_copy(update={"store": tmp_path / "store2"})
+    with running_server(settings) as a, running_server(other) as b:
+        httpx.post(f"{a}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
+        assert samples(httpx.get(f"{a}/metrics").text)["loraplex_generated_tokens_total"] == 3
+        assert samples(httpx.get(f"{b}/metrics").text)["loraplex_generated_tokens_total"] == 0
+
+
+def test_draining_answers_503_and_shutdown_runs_hooks(settings):
+    calls: list[str] = []
+    with running_server(settings) as url:
+        services = app_of(url).state.services
+        services.add_shutdown_hook(lambda: calls.append("first"))
+        services.add_shutdown_hook(lambda: 1 / 0)  # a failing hook does not stop the others
+        services.add_shutdown_hook(lambda: calls.append("last"))
+        services.accepting = False
+        r = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert calls == ["first", "last"]
+    assert not services.engine.alive
+
+
+def test_ready_is_false_when_the_engine_thread_is_dead(settings):
+    with running_server(settings) as url:
+        engine = app_of(url).state.services.engine
+        engine.stop()
+        r = httpx.get(f"{url}/ready")
+        assert r.status_code == 503 and r.json()["ready"] is False
+        gen = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
+        assert gen.status_code == 503 and gen.json()["error"]["message"]

@@ -1,0 +1,111 @@
+"""`loraplex serve` as a real process: SIGTERM drain, flag checks, the embedded default model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.harness import REPO_ROOT, build_varied_llama, read_log, serve_command, spawn_server
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, embedded_model_dir):
+    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
+
+
+def stream_generate(url: str, out: dict, max_new_tokens: int) -> None:
+    deltas, final = [], None
+    with httpx.stream("POST", f"{url}/generate", timeout=120,
+                      json={"prompt": "Count with me: one, two, three,", "max_new_tokens": max_new_tokens,
+                            "stream": True}) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "text" in event:
+                deltas.append(event["text"])
+                out["started"].set()
+            else:
+                final = event
+    out["final"], out["text"] = final, "".join(deltas)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
+    args = ["--model", str(model_dir), "--store", str(tmp_path / "store"), "--device", "cpu", "--dtype", "float32",
+            "--max-batch", "4"]
+    with spawn_server(args) as (proc, url):
+        results = [{"started": threading.Event()} for _ in range(2)]
+        threads = [threading.Thread(target=stream_generate, args=(url, r, 450)) for r in results]
+        for t in threads:
+            t.start()
+        assert all(r["started"].wait(60) for r in results)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        # Still draining: alive, not ready, refusing new work with 503 + Retry-After.
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/ready").status_code == 503
+        refused = httpx.post(f"{url}/generate", json={"prompt": "late", "max_new_tokens": 2})
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        for t in threads:
+            t.join(120)
+        assert proc.wait(60) == 0, read_log(proc)[-3000:]
+    for r in results:
+        assert r["status"] == 200
+        assert r["final"]["finish_reason"] == "length" and r["final"]["usage"]["completion_tokens"] == 450
+
+
+def test_non_loopback_host_without_auth_is_refused(model_dir):
+    done = subprocess.run(serve_command(["--model", str(model_dir), "--host", "0.0.0.0"]), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "non-loopback" in done.stderr and "--insecure-no-auth" in done.stderr
+
+
+def test_bad_flag_values_are_clean_errors():
+    done = subprocess.run(serve_command(["--max-batch", "0"]), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "max_batch" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_env_twins_and_flags(model_dir, tmp_path):
+    """LORAPLEX_* env configures the server; a flag overrides its env twin."""
+    env = {"LORAPLEX_MAX_BATCH": "3", "LORAPLEX_MAX_QUEUE": "5", "LORAPLEX_DEVICE": "cpu"}
+    with spawn_server(["--model", str(model_dir), "--store", str(tmp_path / "s"), "--max-queue", "7"],
+                      env=env) as (proc, url):
+        r = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    log = read_log(proc)
+    assert "max_batch=3" in log and "max_queue=7" in log
+
+
+@pytest.mark.slow
+def test_serve_without_model_loads_the_embedded_default_quickly(embedded_model_dir, tmp_path):
+    """`make serve` equivalent; the GGUF was converted once already, so start-up is fast."""
+    started = time.monotonic()
+    with spawn_server(["--store", str(tmp_path / "store")], startup_timeout=60) as (proc, url):
+        elapsed = time.monotonic() - started
+        assert httpx.get(f"{url}/ready").json()["model"] == "SmolLM2-135M-Instruct"
+        models = httpx.get(f"{url}/v1/models").json()
+        assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"model": "SmolLM2-135M-Instruct", "max_tokens": 8, "temperature": 0,
+                             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip()
+    assert elapsed < 10, f"second start took {elapsed:.1f}s"
+
+
+def test_client_subcommands_are_delegated():
+    done = subprocess.run([sys.executable, "-m", "server.cli", "jobs", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "usage: loraplex jobs" in done.stdout  # the client's own parser answered
