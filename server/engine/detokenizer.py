@@ -27,8 +27,11 @@ class Detokenizer:
         self.read_offset = len(self.ids)
         self.stop = tuple(stop)
         self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.text = ""  # generated text so far, truncated at a stop string once one is seen
-        self.emitted = 0  # chars of `text` already handed to the client
+        # Only a bounded window of text is kept: what is not sent yet plus enough
+        # sent context for a stop string to straddle the boundary. `sent` chars
+        # of `buf` have been handed out.
+        self.buf = ""
+        self.sent = 0
         self.stopped = False
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -44,21 +47,21 @@ class Detokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
     def _append(self, delta: str) -> None:
-        start = max(0, len(self.text) - self.max_stop + 1)
-        self.text += delta
+        start = max(0, len(self.buf) - self.max_stop + 1)
+        self.buf += delta
         if not self.stop:
             return
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        hits = [i for i in (self.buf.find(s, start) for s in self.stop) if i >= 0]
+        if hits:  # never before `sent`: text that could start a stop string was held back
+            self.buf = self.buf[:min(hits)]
             self.stopped = True
 
     def _holdback(self) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
         best = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(self.buf)), best, -1):
+                if self.buf.endswith(s[:k]):
                     best = k
                     break
         return best
@@ -71,9 +74,11 @@ class Detokenizer:
             if len(tail) > len(head):  # a trailing incomplete character: flush it as-is
                 self._append(tail[len(head):])
                 self.read_offset = len(self.ids)
-        end = len(self.text) if final or self.stopped else len(self.text) - self._holdback()
-        if end <= self.emitted:
-            return ""
-        out = self.text[self.emitted:end]
-        self.emitted = end
+        end = len(self.buf) if final or self.stopped else len(self.buf) - self._holdback()
+        out = self.buf[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        cut = min(self.sent, max(0, len(self.buf) - self.max_stop))
+        if cut:
+            self.buf = self.buf[cut:]
+            self.sent -= cut
         return out

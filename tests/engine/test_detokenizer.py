@@ -61,3 +61,16 @@ def test_stop_spanning_tokens_and_earliest_of_several(tok):
 def test_unfinished_stop_prefix_is_flushed_at_the_end(tok):
     pieces, d = stream(tok, "wait for it ST", stop=("STOP",))
     assert not d.stopped and "".join(pieces) == "wait for it ST"
+
+
+def test_per_token_work_does_not_grow_with_the_output(tok):
+    """Only a bounded window of text and ids is decoded/kept per step, however long the output."""
+    text = "the quick brown fox jumps over the lazy dog. " * 60
+    d = Detokenizer(tok, [], ("never-seen",))
+    out, widest = [], 0
+    for t in tok(text, add_special_tokens=False)["input_ids"]:
+        d.add(t)
+        out.append(d.take())
+        widest = max(widest, len(d.buf), len(d.ids) - d.prefix_offset)
+    assert "".join(out) + d.take(final=True) == text
+    assert widest <= 2 * len("never-seen") + 8
