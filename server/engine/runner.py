@@ -5,7 +5,7 @@ first, then prefill chunks) with per-token absolute `position_ids`; the
 attention context tells the engine attention which KV row and position each
 token belongs to, and the AdapterMapping tells adapter layers which adapter
 slot each token uses. Only the rows that sample (decode tokens and prompt
-ends) go through the LM head (`logits_to_keep`).
+ends) go through the LM head, under an AdapterMapping of just those rows.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ class Runner:
         self.cache = cache
         self.device = base.device
         base.model.config._attn_implementation = register()
+        # Decoder stack and LM head are called separately: the head runs only on
+        # the rows that sample, under a mapping of exactly those rows.
+        self.decoder = base.model.get_decoder()
+        self.head = base.model.get_output_embeddings()
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order."""
@@ -38,10 +42,23 @@ class Runner:
         mapping = AdapterMapping.from_token_slots(slots, dev, merged_id=plan.lane)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)  # [1, tokens]
         keep_t = torch.tensor(keep, dtype=torch.long, device=dev)  # [sampling rows]
-        with torch.inference_mode(), use_mapping(mapping), use_context(context):
-            out = self.model(input_ids=input_ids, position_ids=pos_t.unsqueeze(0), use_cache=False,
-                             logits_to_keep=keep_t)
-        return out.logits[0].float()  # [sampling rows, vocab]
+        with torch.inference_mode():
+            with use_mapping(mapping), use_context(context):
+                hidden = self.decoder(input_ids=input_ids, position_ids=pos_t.unsqueeze(0),
+                                      use_cache=False).last_hidden_state  # [1, tokens, hidden]
+            # The LM head sees only the sampling rows, so it gets their own mapping
+            # (an adapter on lm_head must line up with the rows it is given).
+            head_mapping = AdapterMapping.from_token_slots([slots[i] for i in keep], dev, merged_id=plan.lane)
+            with use_mapping(head_mapping):
+                logits = self.head(hidden[0].index_select(0, keep_t))  # [sampling rows, vocab]
+        return self._postprocess(logits.float())
+
+    def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model's own forward does after its LM head (e.g. Gemma-2 soft-capping)."""
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @staticmethod
     def _flatten(plan: StepPlan) -> tuple[list[int], list[int], list[int], list[int], list[int]]:

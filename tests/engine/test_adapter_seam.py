@@ -134,3 +134,27 @@ def test_merged_lane_steps_are_never_mixed_with_the_shared_lane(make_engine, var
             assert set(slots) <= {1, -1}
     # Lanes alternate while both have work (no lane starves).
     assert any(a != b for a, b in zip(lanes, lanes[1:]))
+
+
+def test_lm_head_gets_a_mapping_of_exactly_its_rows(make_engine, varied_base):
+    """Adapters may target lm_head: it only sees sampling rows, and its mapping must match them."""
+    engine = make_engine(max_batch=4)
+    engine.set_adapter_manager(Manager({"a": 2}))
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def hook(module, args):
+        seen.append((args[0].shape[0], tuple(current_mapping().token_slots.tolist())))
+
+    handle = varied_base.model.lm_head.register_forward_pre_hook(hook)
+    try:
+        async def go():
+            rs = [req(varied_base, "a", 4), req(varied_base, None, 4)]
+            for r in rs:
+                engine.submit(r)
+            return await asyncio.gather(*(drain(r) for r in rs))
+
+        asyncio.run(go())
+    finally:
+        handle.remove()
+    assert seen and all(rows == len(slots) for rows, slots in seen)
+    assert any(set(slots) == {2, -1} for _, slots in seen)
