@@ -27,7 +27,7 @@ class BenchConfig:
     # --- load shape --------------------------------------------------------
     concurrency: int = 32  # concurrent SSE streams (and the server's --max-batch)
     new_tokens: int = 64  # max_new_tokens per request, greedy
-    waves: int = 2  # requests per load run = waves * concurrency (closed loop)
+    waves: int = 1  # requests per load run = waves * concurrency (closed loop)
     rank: int = 16  # LoRA rank / MiSS r
     run_timeout_s: float = 240.0  # one load run is cut off after this
 
@@ -42,14 +42,14 @@ class BenchConfig:
     # --- scenario 3: hot loading -------------------------------------------
     cold_probes: int = 6  # non-resident adapters probed (idle TTFT and under load)
     background_streams: int = 16  # long-running streams whose step latency is watched
-    probe_interval_s: float = 0.5
+    probe_window_s: float = 8.0  # probes are spread evenly over this window (the p99 sample)
 
     # --- scenario 4: scale -------------------------------------------------
     scale_registered: int = 1000
     scale_slots: int = 64
     scale_host: int = 128  # host-tier capacity (adapters) of the scale server
     scale_distinct_files: int = 8  # distinct weight files hard-linked under all ids
-    scale_requests: int = 96  # per distribution
+    scale_requests: int = 64  # per distribution
 
     extra_server_env: dict[str, str] = field(default_factory=dict)
 
@@ -67,7 +67,7 @@ class BenchConfig:
             naive_requests=2,
             cold_probes=2,
             background_streams=4,
-            probe_interval_s=0.3,
+            probe_window_s=3.0,
             scale_registered=40,
             scale_slots=8,
             scale_host=16,

@@ -58,12 +58,13 @@ async def _phase(ctx: Bench, base_url: str, bg_adapters: Sequence[str], probes: 
 
         t_start = time.perf_counter()
         workers = [asyncio.ensure_future(worker(i)) for i in range(cfg.background_streams)]
-        await asyncio.sleep(2 * cfg.probe_interval_s + 1.0)  # let the batch fill and settle
+        await asyncio.sleep(2.0)  # let the batch fill and settle
         t_from = time.perf_counter()
         tasks = []
+        interval = cfg.probe_window_s / max(1, len(probes))
         for req in probes:
             tasks.append(asyncio.ensure_future(stream_one(client, req)))
-            await asyncio.sleep(cfg.probe_interval_s)
+            await asyncio.sleep(interval)
         probe_results = list(await asyncio.gather(*tasks))
         t_to = time.perf_counter()
         stop.set()
@@ -77,7 +78,7 @@ def scenario3(ctx: Bench, h: ServerHandle) -> None:
     idle_cold, load_cold = ctx.cold[:k], ctx.cold[k:2 * k]
     resident = [s.adapter_id for s in ctx.lora[:max(1, min(len(ctx.lora), cfg.background_streams))]]
     ctx.log(f"scenario 3: idle TTFT for {k} cold adapters; then {cfg.background_streams} background streams "
-            f"with {k} probes every {cfg.probe_interval_s}s (resident vs cold)")
+            f"with {k} probes over {cfg.probe_window_s:.0f} s (resident vs cold)")
     ctx.warm_up(h, list(resident))
     prompt = PROMPTS[7]
     idle_reqs: list[GenRequest] = []

@@ -33,10 +33,14 @@ class ServerHandle:
     args: list[str]
 
     def rss_bytes(self) -> int:
-        """Resident set size of the server process (Linux /proc; 0 where unavailable)."""
+        """Anonymous resident memory of the server process (Linux /proc; 0 where unavailable).
+
+        RssAnon, not VmRSS: file pages mapped while reading safetensors are
+        page cache the kernel can drop, not memory the server holds.
+        """
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
         except OSError:
             pass

@@ -122,10 +122,18 @@ def _reference_checks(ctx: Bench, h: ServerHandle) -> None:
 
 # --- scenario 5 -----------------------------------------------------------------------------
 
+def _merge_missing(resp: httpx.Response) -> bool:
+    """No merge route on this server (404/405, or the adapters router reading '<id>/merge' as an id)."""
+    return resp.status_code in (404, 405) or (resp.status_code == 422 and "/merge" in resp.text)
+
+
 def scenario5(ctx: Bench, h: ServerHandle) -> None:
     cfg = ctx.cfg
     adapter = ctx.lora[0].adapter_id
     resp = httpx.post(f"{h.base_url}/v1/adapters/{adapter}/merge", timeout=300)
+    if resp.status_code >= 300 and not _merge_missing(resp):
+        ctx.failures.append({"run": "s5 merge", "adapter_id": adapter, "status": resp.status_code,
+                             "error": resp.text[:300]})
     if resp.status_code >= 300:
         ctx.log(f"scenario 5: merge not available (POST /v1/adapters/{adapter}/merge → {resp.status_code})")
         ctx.data["s5"] = {"available": False, "status": resp.status_code, "body": resp.text[:300]}
