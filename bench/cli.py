@@ -23,7 +23,7 @@ from bench import plots
 from bench.config import ALL_SCENARIOS, BenchConfig
 from bench.context import Bench
 from bench.hotload import scenario3
-from bench.model import load_bench_model
+from bench.model import load_bench_model, server_settings
 from bench.prepare import make_all_adapters, make_references, run_peft_baselines
 from bench.process import spawn
 from bench.report import clean_nans, machine_info, text_table, write_results
@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--concurrency", type=int, help="concurrent streams (default 32; quick 8)")
     p.add_argument("--new-tokens", type=int, help="max_new_tokens per request (default 64; quick 16)")
     p.add_argument("--repeats", type=int, help="interleaved rounds per scenario (default 2; quick 1)")
-    p.add_argument("--threads", type=int, help="torch threads for the server and PEFT alike (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch threads for the server and PEFT alike "
+                   "(default on CPU: cores - 1, leaving one core to the load generator; on GPU: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
     scenarios = tuple(sorted({int(s) for s in a.scenarios.split(",") if s.strip()}))
@@ -60,9 +61,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 def run(cfg: BenchConfig) -> int:
     t0 = time.perf_counter()
+    if cfg.threads is None and server_settings(cfg).torch_device.type == "cpu":
+        cfg.threads = max(1, (os.cpu_count() or 2) - 1)
     if cfg.threads:
-        # Same thread count on both sides: an oversubscribed OpenMP pool (more threads than free
-        # cores) slows a step by 10x on a busy machine and would make any comparison meaningless.
+        # Same thread count on both sides, and one core left to the load generator: an
+        # oversubscribed OpenMP pool (more threads than free cores) makes a step up to 10x slower
+        # at random moments on a busy machine, which would make any comparison meaningless.
         torch.set_num_threads(cfg.threads)
         cfg.extra_server_env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
