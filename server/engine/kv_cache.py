@@ -7,7 +7,8 @@ sequences tends to occupy a contiguous block (the attention can then slice
 instead of gather).
 
 Memory is allocated with `torch.empty` (so on CPU untouched pages cost
-nothing) and zero-filled lazily up to the longest length any step has read:
+nothing) and zero-filled lazily, per row, up to the longest length a step
+containing that row reads:
 positions past a row's length are masked out of attention, but they must hold
 finite numbers, since 0 · NaN is still NaN.
 """
@@ -15,8 +16,11 @@ finite numbers, since 0 · NaN is still NaN.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 
 import torch
+
+ZERO_CHUNK = 256  # positions zeroed at a time, so zeroing is rare (not once per step)
 
 
 class KVCache:
@@ -29,7 +33,7 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self._free: list[int] = list(range(max_batch))
         heapq.heapify(self._free)
-        self._zeroed = 0  # positions [0, _zeroed) of every row hold finite values
+        self._zeroed = [0] * max_batch  # per row: positions [0, _zeroed[row]) hold finite values
 
     @classmethod
     def for_model(cls, config, max_batch: int, max_seq_len: int, device: torch.device,
@@ -49,18 +53,22 @@ class KVCache:
     def release(self, row: int) -> None:
         heapq.heappush(self._free, row)
 
-    def ensure_initialized(self, length: int) -> None:
-        """Zero positions up to `length` once; total work is bounded by the cache size.
+    def ensure_initialized(self, rows: Iterable[int], length: int) -> None:
+        """Zero each row's positions up to `length` (rounded up to ZERO_CHUNK) once.
 
-        Call it with the step's largest end position BEFORE the step writes
-        anything, so that positions >= the zeroed prefix were never written.
+        Call it for the step's rows with the step's largest end position BEFORE
+        the step writes anything: positions at or past a row's watermark were
+        then never written. Total work is bounded by the cache size, and on CPU
+        only rows and lengths actually used ever get touched.
         """
-        if length <= self._zeroed:
-            return
-        end = min(length, self.max_seq_len)
-        for t in (*self.k, *self.v):
-            t[:, :, self._zeroed:end].zero_()
-        self._zeroed = end
+        end = min(-(-length // ZERO_CHUNK) * ZERO_CHUNK, self.max_seq_len)
+        for row in rows:
+            start = self._zeroed[row]
+            if start >= length:
+                continue
+            for t in (*self.k, *self.v):
+                t[row, :, start:end].zero_()
+            self._zeroed[row] = end
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

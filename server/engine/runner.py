@@ -36,7 +36,8 @@ class Runner:
         ids, positions, rows, slots, keep = self._flatten(plan)
         dev = self.device
         # Before any write: positions past the zeroed prefix were never written (see KVCache).
-        self.cache.ensure_initialized(max(positions) + 1)
+        self.cache.ensure_initialized({s.row for s in plan.decode} | {s.row for s, _ in plan.prefill},
+                                      max(positions) + 1)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [tokens]
         context = self._context(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
         mapping = AdapterMapping.from_token_slots(slots, dev, merged_id=plan.lane)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.engine import kv_cache
 from server.engine.attention import ATTN_IMPL, current_context
 from tests.engine.conftest import run
 
@@ -28,7 +29,8 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("budget", [512, 16], ids=["one-chunk", "chunked-prefill"])
-def test_kv_path_matches_transformers_generate(make_engine, varied_base, reference, budget):
+def test_kv_path_matches_transformers_generate(make_engine, varied_base, reference, budget, monkeypatch):
+    monkeypatch.setattr(kv_cache, "ZERO_CHUNK", 8)  # cross many lazy-zeroing boundaries mid-sequence
     engine = make_engine(max_batch=4, max_tokens_per_step=budget)
     engine.eos_ids = frozenset()  # compare full-length runs, as generate does with eos_token_id=None
     tok = varied_base.tokenizer
@@ -52,3 +54,13 @@ def test_no_context_falls_back_to_plain_sdpa_with_padding(make_engine, varied_ba
         ref = reference(**batch).logits
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[keep], ref[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_lazy_zeroing_never_touches_written_positions(monkeypatch):
+    monkeypatch.setattr(kv_cache, "ZERO_CHUNK", 4)
+    cache = kv_cache.KVCache(1, 2, 1, 32, 2, torch.device("cpu"), torch.float32)
+    cache.ensure_initialized([0], 3)
+    cache.k[0][0, :, :3] = 7.0  # a sequence wrote positions 0..2
+    cache.ensure_initialized([0, 1], 10)  # a longer batch-mate arrives
+    assert torch.all(cache.k[0][0, :, :3] == 7.0)
+    assert torch.all(cache.k[0][0, :, 3:10] == 0) and torch.all(cache.k[0][1, :, :10] == 0)
