@@ -1,0 +1,70 @@
+"""Training fixtures: the tiny Llama loaded as the server loads it, with adapter layers injected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapters.inject import inject_adapter_layers
+from server.adapters.mapping import AdapterMapping, use_mapping
+from server.model.load import BaseModel, load_base
+from server.settings import Settings
+from server.training.data import tokenize_all
+from server.training.spec import TrainingJobSpec
+from server.training.trainer import Trainer
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def settings_for(model_dir: Path, store: Path, **overrides) -> Settings:
+    kw = dict(model=str(model_dir), store=store, device="cpu", dtype="float32", max_rank=32,
+              max_adapters_resident=4)
+    kw.update(overrides)
+    return Settings(**kw)
+
+
+@pytest.fixture(scope="module")
+def train_settings(tiny_model_dir, tmp_path_factory) -> Settings:
+    return settings_for(tiny_model_dir, tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def tiny_served(train_settings) -> BaseModel:
+    """The tiny base as the server holds it: frozen, with adapter-aware wrappers injected."""
+    base = load_base(train_settings)
+    inject_adapter_layers(base.model, train_settings)
+    return base
+
+
+def make_spec(**kw) -> TrainingJobSpec:
+    defaults = dict(adapter_id="t", rank=8, steps=10, learning_rate=1e-2, batch_size=2, seed=0,
+                    data=[{"prompt": "Say hi:", "completion": " Ahoy matey!"},
+                          {"prompt": "Sky colour?", "completion": " Blue as the briny deep, arr."}])
+    defaults.update(kw)
+    return TrainingJobSpec(**defaults)
+
+
+def make_trainer(base: BaseModel, spec: TrainingJobSpec) -> Trainer:
+    examples = tokenize_all(spec.data, base.tokenizer, 256)
+    return Trainer(base.model, spec, examples, base.tokenizer.pad_token_id, base.device, base.dtype)
+
+
+def served_logits(base: BaseModel, ids: torch.Tensor, slot: int) -> torch.Tensor:
+    """Our serving path: the wrappers with an adapter in device `slot` (ids [1, L] → [1, L, V])."""
+    mapping = AdapterMapping.from_token_slots([slot] * ids.shape[1], base.device)
+    with torch.no_grad(), use_mapping(mapping):
+        return base.model(input_ids=ids, use_cache=False).logits
+
+
+def greedy(base: BaseModel, prompt_ids: list[int], n: int, slot: int) -> list[int]:
+    """Greedy continuation by full recomputation (tiny model: fast enough, no KV cache involved)."""
+    ids = list(prompt_ids)
+    for _ in range(n):
+        logits = served_logits(base, torch.tensor([ids], device=base.device), slot)
+        nxt = int(logits[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == base.tokenizer.eos_token_id:
+            break
+    return ids[len(prompt_ids):]
