@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
 from server.services import Services
 from server.settings import Settings
+from server.training.service import attach_training
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
     services.store = open_store(settings.store, base, settings)
     attach_adapters(services)
-    # Training attaches after the adapters: `services.jobs = ...;
-    # engine.set_background_worker(worker); services.add_shutdown_hook(...)`.
+    attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
     return services
 
 

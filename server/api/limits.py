@@ -27,6 +27,8 @@ def body_limit_for(settings: Settings) -> Callable[[Scope], int]:
     def limit(scope: Scope) -> int:
         if scope.get("method") == "PUT" and scope.get("path", "").startswith("/v1/adapters/"):
             return settings.max_adapter_bytes + UPLOAD_OVERHEAD
+        if scope.get("method") == "POST" and scope.get("path", "") == "/v1/training/jobs/upload":
+            return settings.max_train_upload_bytes + UPLOAD_OVERHEAD
         return settings.max_body_bytes
     return limit
 
