@@ -28,6 +28,7 @@ class Services:
     metrics: Any  # server.metrics.Metrics
     adapters: Any = None  # AdapterManager (adapter work); None = base model only
     store: Any = None  # AdapterStore
+    merge: Any = None  # MergeRegistry (merge path for dedicated tenants)
     jobs: Any = None  # training queue
     shutdown_hooks: list[Callable[[], Any]] = field(default_factory=list)
     accepting: bool = True  # False once draining (SIGTERM): new requests get 503

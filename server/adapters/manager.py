@@ -190,6 +190,16 @@ class AdapterManager:
             return any((k.tenant, k.adapter_id) == (tenant, adapter_id) and k not in self.slots.doomed
                        for k in self.slots.slot_of)
 
+    # -- merge path (issue 5): the MergeRegistry (server/adapters/merge.py) decides --
+    merge: Any = None  # set by server/app.py attach_adapters
+
+    def merged_id(self, key: AdapterKey) -> int | None:
+        """The scheduler's lane seam: the merged copy new requests of `key` run on (engine thread)."""
+        return None if self.merge is None else self.merge.lane_of(key)
+
+    def is_merged(self, tenant: str, adapter_id: str) -> bool:
+        return self.merge is not None and self.merge.is_merged(tenant, adapter_id)
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {

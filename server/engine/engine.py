@@ -19,6 +19,8 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -73,6 +75,12 @@ class Engine:
         self.prompt_tokens = 0
         self.step_errors = 0
         self.background_steps = 0
+        # Token accounting by path (merge path, issue 5): adapter math vs a merged copy, per adapter key.
+        self.adapter_tokens = 0
+        self.merged_tokens = 0
+        self.adapter_tokens_by_key: Counter[Any] = Counter()
+        self.merged_tokens_by_key: Counter[Any] = Counter()
+        self._step_hooks: list[Callable[[], None]] = []
 
     # --- lifecycle (any thread) -----------------------------------------------
     def start(self) -> None:
@@ -99,6 +107,15 @@ class Engine:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def add_step_hook(self, hook: Callable[[], None]) -> None:
+        """Run `hook` on the engine thread before every scheduling pass, never during a step.
+
+        Why: model state that a step reads (e.g. merged weights) may only change
+        between steps; a hook is that point. Hooks must be cheap when idle.
+        """
+        self._step_hooks.append(hook)
         self._wake.set()
 
     # --- requests (any thread) ------------------------------------------------
@@ -129,6 +146,8 @@ class Engine:
             "prompt_tokens": self.prompt_tokens,
             "step_errors": self.step_errors,
             "background_steps": self.background_steps,
+            "adapter_tokens": self.adapter_tokens,
+            "merged_tokens": self.merged_tokens,
         }
 
     # --- engine thread --------------------------------------------------------
@@ -136,6 +155,7 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
+                self._run_step_hooks()
                 served = self._serve_step()
                 trained = self._background_step(busy=served)
                 if not served and not trained:
@@ -146,6 +166,13 @@ class Engine:
         finally:
             self._stopping.set()
             self._fail_everything(Unavailable("the generation engine stopped"))
+
+    def _run_step_hooks(self) -> None:
+        for hook in self._step_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook's owner reports its errors; serving goes on
+                log.exception("engine step hook %r failed", hook)
 
     def _serve_step(self) -> bool:
         admission = Admission()
@@ -169,6 +196,7 @@ class Engine:
 
     def _execute(self, plan: StepPlan) -> None:
         logits = self.runner.forward(plan)  # [sampling rows, vocab]
+        self._account(plan)
         sampling = plan.sampling()
         tokens: list[int] = []
         if sampling:
@@ -185,6 +213,19 @@ class Engine:
             self.metrics.generated_tokens.inc(len(tokens))
         for s, token in zip(sampling, tokens, strict=True):
             self._on_token(s, int(token))
+
+    def _account(self, plan: StepPlan) -> None:
+        """Tokens that went through adapter math vs through a merged copy (no adapter math), per key."""
+        for s, n in [*((s, 1) for s in plan.decode), *plan.prefill]:
+            key = s.request.adapter_key
+            if key is None:
+                continue
+            if plan.lane is not None:
+                self.merged_tokens += n
+                self.merged_tokens_by_key[key] += n
+            elif s.slot >= 0:
+                self.adapter_tokens += n
+                self.adapter_tokens_by_key[key] += n
 
     def _on_token(self, s: Sequence, token: int) -> None:
         s.generated += 1

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama_config  # noqa: E402
+from tests.conftest import tiny_llama_config  # noqa: E402
 
 from server.model.load import BaseModel  # noqa: E402
 from server.settings import Settings  # noqa: E402
@@ -26,6 +26,8 @@ from server.settings import Settings  # noqa: E402
 # A smaller vocabulary than SmolLM2's keeps the lm_head matmul (most of a tiny forward) cheap.
 VOCAB = 4096
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "miss_block")
+ALL_KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone", "bone_bat"]
+EOS = 2
 
 
 def adapter_settings(tmp_path: Path, **overrides) -> Settings:
@@ -101,3 +103,31 @@ def edit_config(path: Path, **changes) -> None:
 def edit_tensors(path: Path, fn) -> None:
     tensors = load_file(path / "adapter_model.safetensors")
     save_file(fn(dict(tensors)), path / "adapter_model.safetensors")
+
+
+# --- running a model under an AdapterMapping (numerics and merge tests) -----------------------
+
+def token_ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_under(model, ids: torch.Tensor, slot: int, merged_id: int | None = None) -> torch.Tensor:
+    """Full-forward logits with every row on adapter `slot` (or on merged copy `merged_id`)."""
+    from server.adapters.mapping import AdapterMapping, use_mapping
+
+    mapping = AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1], merged_id=merged_id)
+    with torch.no_grad(), use_mapping(mapping):
+        return model(input_ids=ids).logits
+
+
+def greedy_under(model, ids: torch.Tensor, slot: int, steps: int, merged_id: int | None = None) -> torch.Tensor:
+    """Full-forward greedy loop with HF's stopping rule (finished rows continue with pad = eos)."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        nxt = logits_under(model, ids, slot, merged_id)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
+        done |= nxt == EOS
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if bool(done.all()):
+            break
+    return ids

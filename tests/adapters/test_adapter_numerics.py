@@ -15,8 +15,8 @@ from server.adapters.inject import inject_adapter_layers
 from server.adapters.mapping import AdapterMapping, use_mapping
 from server.adapters.peft_format import read_adapter
 
-KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone", "bone_bat"]
-EOS = 2
+KINDS = af.ALL_KINDS
+EOS = af.EOS
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +34,7 @@ def zoo(tmp_path_factory):
     return ours, peft_models, slots
 
 
-def _ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
-    return torch.randint(3, af.VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _ours(model, ids: torch.Tensor, slot: int) -> torch.Tensor:
-    with torch.no_grad(), use_mapping(AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1])):
-        return model(input_ids=ids).logits
-
-
-def _greedy(model, ids: torch.Tensor, slot: int, steps: int) -> torch.Tensor:
-    """Full-forward greedy loop with HF's stopping rule (finished rows continue with pad = eos)."""
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        nxt = _ours(model, ids, slot)[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
-        done |= nxt == EOS
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if bool(done.all()):
-            break
-    return ids
+_ids, _ours, _greedy = af.token_ids, af.logits_under, af.greedy_under  # shared with tests/adapters/test_merge.py
 
 
 @pytest.mark.parametrize("kind", KINDS)

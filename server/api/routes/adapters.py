@@ -100,6 +100,8 @@ def after_change(services: Services, tenant: str, adapter_id: str, *, deleted: b
     age out of the LRU tiers. A delete forgets at once.
     """
     manager = services.adapters
+    if deleted and services.merge is not None:  # a deleted adapter keeps no merged copy (issue 5)
+        services.merge.forget(tenant, adapter_id)
     if manager is None:  # base model only: no request can hold an adapter version
         is_pinned: Any = lambda key: False  # noqa: E731
     else:
@@ -130,6 +132,8 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         summary = await run_in_threadpool(validate_adapter, services, staged)
         stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summary)
     after_change(services, owner, adapter_id, deleted=False)
+    if services.merge is not None:  # a dedicated adapter's new version is merged before we answer (issue 5)
+        await services.merge.refresh(owner, adapter_id)
     return JSONResponse(present(services, stored), status_code=201)
 
 

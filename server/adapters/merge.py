@@ -1,0 +1,295 @@
+"""MergeRegistry: dedicated tenants served from merged copies of the base (issue 5).
+
+A dedication names (tenant, adapter_id); a merged copy names one version
+(AdapterKey) and one lane id, never reused, so a request admitted to a lane
+sees one set of weights from its first token to its last.
+
+  dedicate   → newest version resolved → its copy built on a worker thread (off
+               the step loop) → on the engine thread, between steps: weights
+               into the layers' `merged_weights[lane]`, then key → lane
+               published; the scheduler places that key's *new* requests in
+               the lane (`lane_of`), running ones stay where they are.
+  re-upload  → the same for the new version (`refresh`); when it lands, the old
+               version's lane stops taking requests and drains.
+  un-dedicate / delete → key → lane unpublished at the next step boundary (new
+               requests run unmerged); the copy is dropped once no running
+               sequence is in its lane.
+
+Threads: the async methods run on the event loop, builds on one worker
+thread, and `between_steps` (an engine step hook) is the only code that
+changes what a step can read. The scheduler calls `lane_of` on the engine
+thread. Dedications persist as a `.merged` marker in the adapter's store dir
+and are rebuilt at start-up (`restore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.adapters.inject import AdapterLayers
+from server.adapters.merged_copy import MergedCopy, build_merged_copy, install, uninstall
+from server.adapters.peft_format import read_adapter
+from server.adapters.types import AdapterKey, AdapterRef
+from server.errors import AdapterError, ApiError, Conflict, Unavailable
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MARKER = ".merged"
+SETTLE_TIMEOUT_S = 600.0  # a build of a large model on a slow device, plus one step boundary
+Pair = tuple[str, str]  # (tenant, adapter_id)
+
+
+@dataclass(eq=False)
+class _Build:
+    """The copy a dedication wants: `done` → True once published, False if superseded, or the refusal."""
+
+    key: AdapterKey
+    lane: int
+    done: Future
+
+
+class MergeRegistry:
+    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
+                 engine: Any = None) -> None:
+        self.base, self.layers, self.store, self.settings = base, layers, store, settings
+        self.metrics = metrics
+        self.engine = engine
+        self._lock = threading.RLock()
+        self._lane_ids = itertools.count(1)
+        self._wanted: dict[Pair, _Build] = {}  # dedicated adapters and the copy each wants
+        self._live: dict[Pair, MergedCopy] = {}  # published copy per dedicated adapter
+        self._lanes: dict[AdapterKey, int] = {}  # published key → lane (what the scheduler reads)
+        self._copies: dict[int, MergedCopy] = {}  # installed copies by lane, draining ones included
+        self._draining: set[int] = set()  # unpublished lanes waiting for their running sequences
+        self._events: list[tuple] = []  # ordered work for the engine thread
+        self._dirty = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-merge")
+        if engine is not None:
+            engine.add_step_hook(self.between_steps)
+
+    # -- event loop side -------------------------------------------------------
+    async def dedicate(self, tenant: str, adapter_id: str) -> bool:
+        """Serve the adapter's newest version from a merged copy; True if a new copy was built.
+
+        Conflict beyond `max_merged`; AdapterError (422) when the merge is refused.
+        """
+        ref: AdapterRef = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
+        pair = (tenant, adapter_id)
+        with self._lock:
+            build = self._wanted.get(pair)
+            created = build is None or build.key.version < ref.key.version
+            if build is None and len(self._wanted) >= self.settings.max_merged:
+                raise Conflict(
+                    f"cannot merge {adapter_id!r}: {len(self._wanted)} merged copies already exist and "
+                    f"max_merged is {self.settings.max_merged}; un-merge one first "
+                    "(DELETE /v1/adapters/{id}/merge)"
+                )
+            if created:
+                build = self._start(pair, ref)
+        await self._settle(pair, build)
+        await asyncio.to_thread(self._mark, pair, True)
+        return created
+
+    async def undedicate(self, tenant: str, adapter_id: str) -> None:
+        """Back to unmerged: returns once new requests no longer enter the lane."""
+        pair = (tenant, adapter_id)
+        done: Future = Future()
+        with self._lock:
+            self._wanted.pop(pair, None)
+            self._events.append(("unpublish", pair, done))
+        self._kick()
+        await _wait(done)
+        await asyncio.to_thread(self._mark, pair, False)
+
+    async def refresh(self, tenant: str, adapter_id: str) -> None:
+        """After a re-upload: a dedicated adapter gets its new version's copy before the upload answers."""
+        with self._lock:
+            if (tenant, adapter_id) not in self._wanted:
+                return
+        try:
+            await self.dedicate(tenant, adapter_id)
+        except ApiError as e:  # the upload itself stands; the adapter is simply served unmerged
+            log.warning("re-merge of %s/%s after upload refused: %s", tenant, adapter_id, e.message)
+
+    # -- any thread --------------------------------------------------------------
+    def forget(self, tenant: str, adapter_id: str) -> None:
+        """After a delete: no dedication survives it (not even across a restart)."""
+        pair = (tenant, adapter_id)
+        with self._lock:
+            self._wanted.pop(pair, None)
+            self._events.append(("unpublish", pair, None))
+        self._kick()
+        self._mark(pair, False)
+
+    def is_merged(self, tenant: str, adapter_id: str) -> bool:
+        """Record `mode`: the copy of the version this dedication wants is the one being served."""
+        with self._lock:
+            build, live = self._wanted.get((tenant, adapter_id)), self._live.get((tenant, adapter_id))
+            return build is not None and live is not None and live.key == build.key
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"dedicated": len(self._wanted), "copies": len(self._copies),
+                    "bytes": sum(c.nbytes for c in self._copies.values()), "draining": len(self._draining)}
+
+    def restore(self) -> None:
+        """Start-up: rebuild the copies of adapters dedicated before the restart (in the background)."""
+        for tenant in self.store.tenants():
+            for adapter_id in self.store.adapter_ids(tenant):
+                if not (self.store.adapter_dir(tenant, adapter_id) / MARKER).is_file():
+                    continue
+                with self._lock:
+                    if len(self._wanted) >= self.settings.max_merged:
+                        log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
+                        continue
+                    with contextlib.suppress(ApiError):
+                        self._start((tenant, adapter_id), self.store.resolve(tenant, adapter_id))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- engine thread -----------------------------------------------------------
+    def lane_of(self, key: AdapterKey) -> int | None:
+        """The lane new requests of `key` run in (None = shared lane, unmerged)."""
+        return self._lanes.get(key)
+
+    def between_steps(self) -> None:
+        """Engine step hook: publish built copies, unpublish, drop drained lanes. Cheap when idle."""
+        if not self._dirty:
+            return
+        with self._lock:
+            self._dirty = False
+            events, self._events = self._events, []
+            for event in events:
+                if event[0] == "install":
+                    self._install(*event[1:])
+                else:
+                    self._unpublish(event[1])
+                    _resolve(event[2], None)
+            self._drop_drained()
+            self._dirty = bool(self._draining or self._events)
+            self._set_gauges()
+
+    def _install(self, pair: Pair, build: _Build, copy: MergedCopy) -> None:
+        if self._wanted.get(pair) is not build:  # un-dedicated or superseded while building
+            _resolve(build.done, False)
+            return
+        install(self.layers, copy)  # weights first: the lane is unreachable until published below
+        self._copies[copy.lane] = copy
+        self._unpublish(pair)
+        self._live[pair] = copy
+        self._lanes[copy.key] = copy.lane
+        log.info("merged copy of %s published (lane %d, %d bytes)", copy.key, copy.lane, copy.nbytes)
+        _resolve(build.done, True)
+
+    def _unpublish(self, pair: Pair) -> None:
+        old = self._live.pop(pair, None)
+        if old is not None:
+            self._lanes.pop(old.key, None)
+            self._draining.add(old.lane)
+
+    def _drop_drained(self) -> None:
+        if not self._draining:
+            return
+        in_use = {s.lane for s in self._running()}
+        for lane in [lane for lane in self._draining if lane not in in_use]:
+            self._draining.discard(lane)
+            copy = self._copies.pop(lane, None)
+            if copy is not None:
+                uninstall(self.layers, copy)
+                log.info("merged copy of %s dropped (lane %d)", copy.key, lane)
+
+    def _running(self) -> list[Any]:
+        return list(self.engine.scheduler.running) if self.engine is not None else []
+
+    # -- worker thread -----------------------------------------------------------
+    def _start(self, pair: Pair, ref: AdapterRef) -> _Build:
+        """Caller holds the lock. The build replaces whatever this dedication wanted before."""
+        build = _Build(ref.key, next(self._lane_ids), Future())
+        self._wanted[pair] = build
+        self._pool.submit(self._build, pair, ref, build)
+        return build
+
+    def _build(self, pair: Pair, ref: AdapterRef, build: _Build) -> None:
+        try:
+            adapter = read_adapter(ref.path, self.base, self.settings)
+            copy = build_merged_copy(self.layers, adapter, ref.key, build.lane)
+        except Exception as e:  # noqa: BLE001 - every refusal reaches the caller as a clean 4xx
+            self._refused(pair, build, e)
+            return
+        with self._lock:
+            self._events.append(("install", pair, build, copy))
+        self._kick()
+
+    def _refused(self, pair: Pair, build: _Build, error: Exception) -> None:
+        if isinstance(error, OSError):
+            error = AdapterError(f"adapter {pair[1]!r} could not be read for merging: {error.strerror or error}")
+        elif not isinstance(error, ApiError):
+            log.exception("merge of %s failed unexpectedly", build.key, exc_info=error)
+            error = AdapterError(f"adapter {pair[1]!r} could not be merged: {type(error).__name__}: {error}")
+        log.warning("merge of %s refused: %s", build.key, error)
+        with self._lock:
+            if self._wanted.get(pair) is build:  # a refused copy leaves no dedication behind
+                del self._wanted[pair]
+                self._events.append(("unpublish", pair, None))
+        self._kick()
+        self._mark(pair, False)
+        build.done.set_exception(error)
+
+    # -- helpers -----------------------------------------------------------------
+    async def _settle(self, pair: Pair, build: _Build) -> None:
+        """Wait until the wanted copy is published, following rebuilds that superseded it."""
+        while not await _wait(build.done):
+            with self._lock:
+                build = self._wanted.get(pair)
+            if build is None:
+                return  # un-dedicated meanwhile: the later call wins
+
+    def _kick(self) -> None:
+        """Get `between_steps` run: by the engine thread, or here when no engine loop is running."""
+        self._dirty = True
+        engine = self.engine
+        if engine is not None and engine.alive:
+            engine.wake()
+        else:
+            self.between_steps()
+
+    def _mark(self, pair: Pair, dedicated: bool) -> None:
+        """The `.merged` marker that makes a dedication survive a restart (best effort)."""
+        with contextlib.suppress(OSError, ApiError):
+            path: Path = self.store.adapter_dir(*pair) / MARKER
+            if dedicated and path.parent.is_dir():
+                path.touch()
+            elif not dedicated:
+                path.unlink(missing_ok=True)
+
+    def _set_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        for name, value in (("merged_copies", len(self._copies)),
+                            ("merged_bytes", sum(c.nbytes for c in self._copies.values()))):
+            gauge = getattr(self.metrics, name, None)
+            if gauge is not None:
+                gauge.set(value)
+
+
+def _resolve(future: Future | None, value: Any) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+async def _wait(future: Future) -> Any:
+    """Await a thread future without letting a timed-out waiter cancel it for the others."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), SETTLE_TIMEOUT_S)
+    except TimeoutError:
+        raise Unavailable("the merged copy was not published in time (is the engine running?)") from None

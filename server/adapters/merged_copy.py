@@ -1,0 +1,73 @@
+"""One merged copy of the base for one adapter version: W' = W + ΔW on the modules it adapts.
+
+Why only those modules: every other tensor (and every module the adapter does
+not target) is read from the base itself, so a dedicated tenant costs the bytes
+of its adapted weights, not a second model. ΔW comes from each kind's own
+`delta_weight` (LoRA incl. rsLoRA and rank/alpha patterns, LoRA on embeddings,
+MiSS balance/mini, legacy Bone, and bat through the base weight), computed in
+float32 and cast once to the serving dtype, so bf16/fp16 serving rounds once
+instead of accumulating. A copy with NaN/Inf anywhere is refused (safe merge):
+a merged lane has no per-request fallback, so a bad copy must never be served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.adapters.inject import AdapterLayers
+from server.adapters.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.types import AdapterKey
+from server.errors import AdapterError
+
+
+class UnsafeMerge(AdapterError):
+    """The merged weights would hold NaN/Inf: refused before anything is published (422)."""
+
+
+@dataclass(frozen=True, eq=False)
+class MergedCopy:
+    key: AdapterKey  # the one adapter version these weights belong to
+    lane: int  # the AdapterMapping.merged_id its steps run under; never reused
+    weights: dict[str, torch.Tensor]  # module name -> merged weight (serving dtype, the base's layout)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights.values())
+
+
+def merged_weight(base: torch.Tensor, weights: ModuleWeights, name: str) -> torch.Tensor:
+    """W + ΔW for one module: float32 math, one cast to `base.dtype`, finite or refused."""
+    base32 = base.detach().to(torch.float32)  # [out, in] (embedding: [num_embeddings, dim])
+    merged = (base32 + weights.delta_weight(base32)).to(base.dtype).contiguous()  # same layout
+    if not bool(torch.isfinite(merged).all()):
+        raise UnsafeMerge(
+            f"safe merge refused: merging the adapter into {name} gives NaN/Inf weights in "
+            f"{str(base.dtype).removeprefix('torch.')} (adapter values too large for the base); "
+            "it stays served unmerged"
+        )
+    return merged
+
+
+def build_merged_copy(layers: AdapterLayers, adapter: LoadedAdapter, key: AdapterKey, lane: int) -> MergedCopy:
+    """Every module the adapter targets, merged; blocking (run it off the step loop)."""
+    missing = [n for n in adapter.modules if n not in layers]
+    if missing:
+        raise AdapterError(f"adapter targets modules that have no adapter layer: {missing[:3]}")
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, weights in adapter.modules.items():
+            out[name] = merged_weight(layers[name].base_layer.weight, weights, name)
+    return MergedCopy(key, lane, out)
+
+
+def install(layers: AdapterLayers, copy: MergedCopy) -> None:
+    """Make the copy's weights visible to steps that run its lane (engine thread, between steps)."""
+    for name, weight in copy.weights.items():
+        layers[name].merged_weights[copy.lane] = weight
+
+
+def uninstall(layers: AdapterLayers, copy: MergedCopy) -> None:
+    for name in copy.weights:
+        layers[name].merged_weights.pop(copy.lane, None)

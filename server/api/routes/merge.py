@@ -1,0 +1,55 @@
+"""Routes: the merge path — dedicate a merged copy of the base to an adapter, or take it back.
+
+`POST /v1/adapters/{id}/merge` answers once the copy serves new requests:
+201 with the adapter record (`mode: "merged"`) when a copy was built, 200 when
+it already was merged. `DELETE /v1/adapters/{id}/merge` answers 200 with the
+record (`mode: "unmerged"`) once new requests run unmerged; requests already in
+the merged lane finish there. Both are idempotent and tenant-scoped like every
+adapter route (another tenant's adapter is 404). The work lives in
+server/adapters/merge.py; these handlers only resolve who asks for what.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.adapters.merge import MergeRegistry
+from server.adapters.types import check_adapter_id
+from server.api.deps import Principal, get_principal
+from server.api.routes.adapters import present, store_of, target_tenant
+from server.errors import Unavailable
+from server.services import Services, get_services
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def registry_of(services: Services) -> MergeRegistry:
+    if services.merge is None:
+        raise Unavailable("the merge path is not available on this server (no adapter layers)")
+    return services.merge
+
+
+@router.post("/{adapter_id}/merge")
+async def merge_adapter(adapter_id: str, request: Request, tenant: str | None = None,
+                        principal: Principal = Depends(get_principal)) -> JSONResponse:
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    created = await registry_of(services).dedicate(owner, adapter_id)
+    stored = await run_in_threadpool(store_of(services).get, owner, adapter_id)
+    return JSONResponse(present(services, stored), status_code=201 if created else 200)
+
+
+@router.delete("/{adapter_id}/merge")
+async def unmerge_adapter(adapter_id: str, request: Request, tenant: str | None = None,
+                          principal: Principal = Depends(get_principal)) -> JSONResponse:
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    store = store_of(services)
+    await run_in_threadpool(store.get, owner, adapter_id)  # 404 before anything changes
+    await registry_of(services).undedicate(owner, adapter_id)
+    stored = await run_in_threadpool(store.get, owner, adapter_id)
+    return JSONResponse(present(services, stored), status_code=200)
