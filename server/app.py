@@ -25,6 +25,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, openai, training
 from server.engine.engine import Engine
+from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
 from server.services import Services
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     app.state.preloaded_base = base
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
-    install_auth(app, settings)  # outermost: no byte of an unauthenticated request is read
+    install_auth(app, settings)  # no byte of an unauthenticated request is read
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
     for module in (health, generate, openai, adapters, training):
         app.include_router(module.router)
     app.include_router(adapters.fallback_router)  # last: unmatched /v1/adapters/... paths → clean 4xx
@@ -64,9 +66,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
     base = base or load_base(settings)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_max_adapter_series)
     engine = Engine(base, settings, metrics)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     services.store = open_store(settings.store, base, settings)
     attach_adapters(services)
     attach_training(services)  # after the adapters: it trains through their layers, publishes to the store

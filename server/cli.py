@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow a non-loopback host without --api-keys")
     serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish in-flight work")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", dest="log_format", choices=["json", "text"])
     for name in CLIENT_COMMANDS:
         sub.add_parser(name, help=f"client command (see `loraplex {name} --help`)", add_help=False)
     return parser
@@ -111,14 +112,18 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     from server.app import create_app, uvicorn_limits
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("loraplex").info(
         "serving model=%s device=%s dtype=%s host=%s port=%d max_batch=%d max_queue=%d store=%s auth=%s",
         settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
         settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
     app = create_app(settings)
+    # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware
+    # writes the access lines (with request id and tenant), so uvicorn's own are off.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            lifespan="on", **uvicorn_limits(settings))
+                            lifespan="on", log_config=None, access_log=False, **uvicorn_limits(settings))
     server = DrainingServer(config)
     server.run()
     return 0 if server.started else 1

@@ -1,22 +1,60 @@
 """Prometheus instruments, one registry per app (several apps share a test process).
 
 Other parts of the server increment the named instruments directly, e.g.
-`services.metrics.adapter_cache_hits.inc()`.
+`services.metrics.adapter_cache_hits.inc()`. Per-adapter series are labelled
+(tenant, adapter) through `AdapterLabels`, which caps how many distinct pairs
+exist (adapter ids are tenant-chosen: unbounded labels would let one tenant
+grow every scrape and the server's memory without limit). State that already
+lives elsewhere (KV rows, pins, training jobs, process memory) is read at
+scrape time by `LiveCollector` instead of being mirrored into gauges.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import logging
+import threading
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+log = logging.getLogger(__name__)
+
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BASE_LABEL = "_base"  # requests on the base model (no adapter)
+OTHER_LABEL = "_other"  # pairs past the cardinality cap
+DEFAULT_MAX_ADAPTER_SERIES = 256
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class AdapterLabels:
+    """(tenant, adapter) label values, at most `limit` distinct pairs; later pairs share `_other`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, tenant: str, adapter: str) -> tuple[str, str]:
+        pair = (tenant, adapter)
+        with self._lock:
+            if pair in self._seen:
+                return pair
+            if len(self._seen) < self.limit:
+                self._seen.add(pair)
+                return pair
+        return (OTHER_LABEL, OTHER_LABEL)
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, max_adapter_series: int = DEFAULT_MAX_ADAPTER_SERIES) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.adapter_labels = AdapterLabels(max_adapter_series)
         self.requests = Counter("loraplex_requests", "Generation requests finished",
                                 ["route", "finish_reason"], registry=r)
         self.requests_rejected = Counter("loraplex_requests_rejected", "Requests refused before running",
@@ -39,5 +77,95 @@ class Metrics:
         self.adapters_resident = Gauge("loraplex_adapters_resident", "Adapters in device slots", registry=r)
         self.training_steps = Counter("loraplex_training_steps", "Background training steps run", registry=r)
 
+        self._add_per_adapter(r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co. (Linux /proc)
+        self._live: LiveCollector | None = None
+
+    def _add_per_adapter(self, r: CollectorRegistry) -> None:
+        pair = ["tenant", "adapter"]
+        self.adapter_requests = Counter("loraplex_adapter_requests", "Generation requests finished, per adapter",
+                                        [*pair, "finish_reason"], registry=r)
+        self.adapter_prompt_tokens = Counter("loraplex_adapter_prompt_tokens", "Prompt tokens, per adapter",
+                                             pair, registry=r)
+        self.adapter_generated_tokens = Counter("loraplex_adapter_generated_tokens", "Tokens generated, per adapter",
+                                                pair, registry=r)
+        self.adapter_latency = Histogram("loraplex_adapter_request_latency_seconds",
+                                         "Submit to last event, per adapter", pair, registry=r,
+                                         buckets=LATENCY_BUCKETS)
+        self.adapter_ttft = Histogram("loraplex_adapter_time_to_first_token_seconds",
+                                      "Submit to first token, per adapter", pair, registry=r, buckets=LATENCY_BUCKETS)
+
+    def observe_generation(self, tenant: str, adapter_key: Hashable | None, finish_reason: str,
+                           prompt_tokens: int, completion_tokens: int, seconds: float,
+                           first_token_s: float | None) -> None:
+        """One finished (or cancelled / failed) generation, under its bounded (tenant, adapter) labels."""
+        adapter = BASE_LABEL if adapter_key is None else str(getattr(adapter_key, "adapter_id", adapter_key))
+        labels = self.adapter_labels(tenant, adapter)
+        self.adapter_requests.labels(*labels, finish_reason).inc()
+        self.adapter_prompt_tokens.labels(*labels).inc(prompt_tokens)
+        self.adapter_generated_tokens.labels(*labels).inc(completion_tokens)
+        self.adapter_latency.labels(*labels).observe(seconds)
+        if first_token_s is not None:
+            self.adapter_ttft.labels(*labels).observe(first_token_s)
+
+    def bind(self, services: Any) -> None:
+        """Read live state (engine, adapter manager, training queue) from `services` at every scrape."""
+        if self._live is None:
+            self._live = LiveCollector(services)
+            self.registry.register(self._live)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LiveCollector:
+    """Scrape-time gauges for state owned by other objects; one failing source never breaks a scrape."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def describe(self) -> list[Metric]:
+        return []  # contents depend on what is attached; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        for source in (self._engine, self._adapters, self._training):
+            try:
+                yield from source()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because one part is shutting down
+                log.debug("metrics source %s failed", source.__name__, exc_info=True)
+
+    def _engine(self) -> Iterator[Metric]:
+        engine = self.services.engine
+        yield _gauge("loraplex_engine_alive", "1 while the engine thread runs", float(bool(engine.alive)))
+        yield _gauge("loraplex_kv_rows_free", "KV-cache rows (batch slots) free", engine.cache.free_rows)
+        yield _gauge("loraplex_kv_rows", "KV-cache rows (batch slots) in all", engine.scheduler.max_batch)
+        yield _gauge("loraplex_accepting", "0 while draining (SIGTERM)", float(bool(self.services.accepting)))
+
+    def _adapters(self) -> Iterator[Metric]:
+        manager = self.services.adapters
+        if manager is None:
+            return
+        stats = manager.stats()
+        yield _gauge("loraplex_adapter_pins", "Adapter device-slot pins held by requests", stats.get("pinned", 0))
+        yield _gauge("loraplex_adapters_host", "Adapters in the host-memory tier", stats.get("host_entries", 0))
+        yield _gauge("loraplex_adapters_loading", "Adapter loads in progress", stats.get("loading", 0))
+
+    def _training(self) -> Iterator[Metric]:
+        training = self.services.jobs
+        if training is None:
+            return
+        jobs = GaugeMetricFamily("loraplex_training_jobs", "Training jobs by status", labels=["status"])
+        for status in JOB_STATUSES:
+            jobs.add_metric([status], training.jobs.count(status))
+        yield jobs
+        active = getattr(training.worker, "active_job_id", None)
+        step = steps = 0
+        if active is not None:
+            progress = training.jobs.get(active, None, history=False)["progress"]
+            step, steps = progress["step"], progress["steps"]
+        yield _gauge("loraplex_training_active_step", "Optimizer step of the running job (0: none)", step)
+        yield _gauge("loraplex_training_active_steps", "Total steps of the running job (0: none)", steps)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Converted default-model cache")
     log_level: str = "info"
     log_prompts: bool = False
+    log_format: Literal["json", "text"] = Field("json", description="`serve` log lines: one JSON object each, or text")
+    metrics_max_adapter_series: int = Field(256, ge=1, description="Distinct (tenant, adapter) metric label pairs")
 
     # --- engine ------------------------------------------------------------
     max_batch: int = Field(32, ge=1, le=4096, description="Sequences decoded together")

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import Principal
+from server.api.deps import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.errors import ApiError, InvalidRequest, NotFound, QueueFull, Unavailable
+from server.logging import PRINCIPAL_SCOPE_KEY, log_generation
 from server.services import Services
 
 ALIVE_CHECK_S = 1.0
@@ -104,14 +107,17 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
     engine = services.engine
     watcher = asyncio.create_task(_watch_disconnect(http, engine, request))
     finished = False
+    outcome = Outcome(time.perf_counter())
     try:
         while True:
             try:
                 event = await asyncio.wait_for(request.stream.get(), ALIVE_CHECK_S)
             except asyncio.TimeoutError:
                 if not engine.alive and not request.cancelled:
+                    outcome.reason = "error"
                     raise Unavailable("the generation engine stopped") from None
                 continue
+            outcome.see(event)
             if isinstance(event, ErrorEvent):
                 finished = True
                 raise _as_api_error(event.error)
@@ -126,6 +132,50 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
         if not finished:  # the consumer went away (client disconnect): free the slot
             engine.cancel(request)
             services.metrics.requests.labels(request.label, "cancelled").inc()
+        _observe(services, request, http, outcome)
+
+
+@dataclass
+class Outcome:
+    """What one generation did, for per-adapter metrics and its log line."""
+
+    started: float
+    reason: str = "cancelled"  # until a finish or error event says otherwise
+    first_token_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            if self.first_token_s is None and event.token_ids:
+                self.first_token_s = time.perf_counter() - self.started
+            self.completion_tokens += len(event.token_ids)
+        elif isinstance(event, FinishEvent):
+            self.reason = event.finish_reason
+            self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
+        elif isinstance(event, ErrorEvent):
+            self.reason = "error"
+
+
+def _observe(services: Services, request: Request, http: HttpRequest, outcome: Outcome) -> None:
+    """Per-adapter metrics and one log line; never raises (it runs while a request unwinds)."""
+    try:
+        principal = http.scope.get(PRINCIPAL_SCOPE_KEY)
+        tenant = getattr(principal, "tenant", None) or DEFAULT_TENANT
+        seconds = time.perf_counter() - outcome.started
+        prompt_tokens = outcome.prompt_tokens or len(request.prompt_ids)
+        services.metrics.observe_generation(tenant, request.adapter_key, outcome.reason, prompt_tokens,
+                                            outcome.completion_tokens, seconds, outcome.first_token_s)
+        prompt = None
+        if services.settings.log_prompts:
+            prompt = services.base.tokenizer.decode(request.prompt_ids)
+        key = request.adapter_key
+        log_generation(route=request.label, engine_request_id=request.request_id,
+                       adapter="" if key is None else str(key), finish_reason=outcome.reason,
+                       prompt_tokens=prompt_tokens, completion_tokens=outcome.completion_tokens,
+                       seconds=seconds, prompt_text=prompt)
+    except Exception:  # noqa: BLE001 - observability must never fail a request
+        logging.getLogger(__name__).debug("observing a generation failed", exc_info=True)
 
 
 async def _watch_disconnect(http: HttpRequest, engine, request: Request) -> None:
