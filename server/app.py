@@ -19,11 +19,12 @@ from fastapi import FastAPI
 
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.manager import AdapterManager
+from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import install_error_handlers
 from server.api.limits import SizeLimitMiddleware
-from server.api.routes import adapters, generate, health, openai, training
+from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     app.add_middleware(SizeLimitMiddleware, settings=settings)
     install_auth(app, settings)  # no byte of an unauthenticated request is read
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
-    for module in (health, generate, openai, adapters, training):
+    for module in (health, generate, openai, adapters, merge, training):
         app.include_router(module.router)
     app.include_router(adapters.fallback_router)  # last: unmatched /v1/adapters/... paths → clean 4xx
     return app
@@ -83,6 +84,12 @@ def attach_adapters(services: Services) -> None:
     services.adapters = manager
     services.engine.set_adapter_manager(manager)
     services.add_shutdown_hook(manager.close)
+    # Merge path (issue 5): dedicated adapters run on merged copies; the scheduler asks manager.merged_id.
+    merge_registry = MergeRegistry(services.base, layers, services.store, services.settings, services.metrics,
+                                   services.engine)
+    manager.merge = services.merge = merge_registry
+    services.add_shutdown_hook(merge_registry.close)
+    merge_registry.restore()
 
 
 async def drain(services: Services, timeout: float) -> bool:

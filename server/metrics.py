@@ -75,6 +75,10 @@ class Metrics:
         self.adapter_cache_evictions = Counter("loraplex_adapter_cache_evictions", "Adapters evicted",
                                                ["tier"], registry=r)
         self.adapters_resident = Gauge("loraplex_adapters_resident", "Adapters in device slots", registry=r)
+        self.merged_copies = Gauge("loraplex_merged_copies", "Merged (dedicated) copies of the base held",
+                                   registry=r)
+        self.merged_bytes = Gauge("loraplex_merged_bytes", "Bytes held by merged copies (adapted modules only)",
+                                  registry=r)
         self.training_steps = Counter("loraplex_training_steps", "Background training steps run", registry=r)
 
         self._add_per_adapter(r)

@@ -139,7 +139,8 @@ class MergeRegistry:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"dedicated": len(self._wanted), "copies": len(self._copies),
-                    "bytes": sum(c.nbytes for c in self._copies.values()), "draining": len(self._draining)}
+                    "bytes": sum(c.nbytes for c in self._copies.values()), "draining": len(self._draining),
+                    "pending": len(self._events)}
 
     def restore(self) -> None:
         """Start-up: rebuild the copies of adapters dedicated before the restart (in the background)."""

@@ -172,7 +172,7 @@ async def test_refused_merge_leaves_nothing(registry):
     reg, store, layers, metrics = registry
     with pytest.raises(AdapterError, match="safe merge"):
         await reg.dedicate("acme", "huge")
-    assert reg.stats() == {"dedicated": 0, "copies": 0, "bytes": 0, "draining": 0}
+    assert reg.stats() == {"dedicated": 0, "copies": 0, "bytes": 0, "draining": 0, "pending": 0}
     assert _installed(layers) == set() and not reg.is_merged("acme", "huge")
     assert not (store.adapter_dir("acme", "huge") / MARKER).exists()
 
