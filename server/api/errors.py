@@ -36,15 +36,45 @@ def error_response(request: Request, status: int, type_: str, message: str,
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def _describe_validation(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
     parts = []
     param = None
     for err in exc.errors()[:5]:
+        special = _body_not_json(err, content_type)
+        if special is not None:
+            return special, "body"
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         where = ".".join(loc) or "body"
         param = param or where
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request", param
+
+
+def _body_not_json(err: dict, content_type: str) -> str | None:
+    """Say what is wrong when the body never became JSON (FastAPI reports a position or a type error).
+
+    Why: "1: JSON decode error" and "body: Input should be a valid dictionary" name
+    neither the cause nor the fix. The body itself is never echoed (it may be a prompt).
+    """
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        where = f" at position {loc[1]}" if len(loc) > 1 else ""
+        reason = (err.get("ctx") or {}).get("error", "malformed")
+        return f"body is not valid JSON{where}: {reason}"
+    if loc == ("body",) and isinstance(err.get("input"), bytes | str) and "json" not in content_type.lower():
+        return (f"body must be a JSON object sent with 'Content-Type: application/json' "
+                f"(got Content-Type {content_type or 'none'!r})")
+    return None
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> str:
+    """FastAPI says only "There was an error parsing the body"; the cause says why."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return "body is not valid UTF-8 JSON"
+    if isinstance(cause, RecursionError):
+        return "body is not valid JSON: nested too deeply"
+    return f"request body could not be parsed: {exc.detail}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -54,11 +84,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
+        message, param = _describe_validation(exc, request.headers.get("content-type", ""))
         return error_response(request, 422, "invalid_request_error", message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI/Starlette could not parse the body: a client error like any other
+            return error_response(request, 422, "invalid_request_error", _unparsable_body(exc), param="body")
         types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
         return error_response(request, exc.status_code, types.get(exc.status_code, "http_error"),
                               str(exc.detail), getattr(exc, "headers", None))
