@@ -29,7 +29,11 @@ class Runner:
         # Decoder stack and LM head are called separately: the head runs only on
         # the rows that sample, under a mapping of exactly those rows.
         self.decoder = base.model.get_decoder()
-        self.head = base.model.get_output_embeddings()
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """Looked up per step: adapter layers are injected after the engine is built (lm_head is wrapped)."""
+        return self.model.get_output_embeddings()
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order."""
