@@ -158,8 +158,10 @@ class AdaptedLinear(AdaptedModule):
         xs = x2 if g.all_tokens else x2.index_select(0, g.tokens)  # [n, in]
         buf = self._grouped_buffer(g.num_slots * g.t_max, x2.shape[1], x2)  # [S*t, in]
         buf.index_copy_(0, g.positions, xs)
-        h = torch.bmm(buf.view(g.num_slots, g.t_max, -1), a[: g.num_slots].transpose(1, 2))  # [S, t, r]
-        out = torch.bmm(h, bt[: g.num_slots]).view(g.num_slots * g.t_max, -1)  # [S*t, out]
+        blocks = buf.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
+        outs = [torch.bmm(torch.bmm(blocks[b:b + c], a[f:f + c].transpose(1, 2)), bt[f:f + c])  # [c, t, out]
+                for f, c, b in g.runs]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, out]
         rows = out.index_select(0, g.positions)  # [n, out]
         if g.all_tokens:
             y2 += rows
@@ -212,7 +214,9 @@ class AdaptedEmbedding(AdaptedModule):
         h = table.index_select(0, g.slots * bank.in_features + ids_g)[:, :r]  # [n, r]
         buf = self._grouped_buffer(g.num_slots * g.t_max, r, y2)
         buf.index_copy_(0, g.positions, h)
-        out = torch.bmm(buf.view(g.num_slots, g.t_max, r), bt[: g.num_slots]).view(g.num_slots * g.t_max, -1)
+        blocks = buf.view(g.num_slots, g.t_max, r)  # [S, t, r]
+        outs = [torch.bmm(blocks[b:b + c], bt[f:f + c]) for f, c, b in g.runs]  # [c, t, dim]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, dim]
         rows = out.index_select(0, g.positions)  # [n, dim]
         if g.all_tokens:
             y2 += rows

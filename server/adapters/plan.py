@@ -6,7 +6,16 @@ served together with no Python loop over adapters: their tokens are scattered
 into a `[slots, t_max, in]` buffer (row j of slot s = the j-th short token of
 s), one `bmm` with A and one with Bᵀ run over all slots at once, and the rows are
 gathered back. Scattering x (tokens × in) instead of gathering weights per token
-(tokens × r × in) is what makes it cheap.
+(tokens × r × in) is what makes it cheap. The buffer's blocks are compact (one
+per *active* slot) and each run of consecutive active slots is one bmm on a
+slice of the slot tensors, so idle slots between active ones cost nothing.
+
+Why decode with many distinct adapters cannot be "free" here: with 16 adapters
+and 32 tokens each adapter's weights serve ~2 tokens, so the step streams every
+resident adapter's A and Bᵀ once (16 × 19.5 MB = 312 MB for rank-16 all-linear
+SmolLM2 in fp32, ~60 % of the base weights' bytes) at ~2 FLOPs per byte. That
+is memory-bound, and MKL's small-M bmm reaches only ~⅓ of plain streaming
+bandwidth (bench/step_overhead.py; numbers in its docstring).
 
 Measured on this machine's CPU (2 shared threads, fp32; noisy: other jobs ran), one
 576×576 module, 32 decode tokens over 16 rank-16 adapters, base matmul ≈ 190 µs:
@@ -38,8 +47,9 @@ class Grouped:
     tokens: torch.Tensor  # [n] token indices into the flattened step
     positions: torch.Tensor  # [n] row in the [slots * t_max] buffer
     slots: torch.Tensor  # [n] slot of each token
-    num_slots: int  # slots 0..num_slots-1 take part
+    num_slots: int  # compact buffer blocks: one per distinct active slot
     t_max: int  # most short tokens any one slot has
+    runs: tuple[tuple[int, int, int], ...]  # (first slot, slot count, first block): consecutive active slots
     all_tokens: bool  # tokens == arange(num_tokens): no gather/scatter of x and y needed
 
 
@@ -93,22 +103,39 @@ def build_plan(mapping: AdapterMapping, device: torch.device) -> StepPlan:
 
 
 def _group(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:
+    """Buffer blocks are compact (block b = the b-th active slot), so empty slots between
+    active ones are never multiplied: their zero weights would still cost memory traffic."""
     counts: dict[int, int] = {}
     order: list[int] = []
     for s in slots:
         order.append(counts.get(s, 0))
         counts[s] = order[-1] + 1
     t_max = max(counts.values())
-    positions = [s * t_max + j for s, j in zip(slots, order)]
+    block = {s: b for b, s in enumerate(sorted(counts))}
+    positions = [block[s] * t_max + j for s, j in zip(slots, order)]
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return Grouped(
         tokens=as_tensor(tokens),
         positions=as_tensor(positions),
         slots=as_tensor(slots),
-        num_slots=max(counts) + 1,
+        num_slots=len(counts),
         t_max=t_max,
+        runs=_slot_runs(sorted(counts)),
         all_tokens=len(tokens) == num_tokens,  # segments are ordered, so then tokens == arange
     )
+
+
+def _slot_runs(active: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs of consecutive slots: one bmm per run on a slice of the slot tensors
+    (a gather of weights would copy them, doubling the traffic that bounds decode)."""
+    runs: list[tuple[int, int, int]] = []
+    for b, s in enumerate(active):
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            first, count, block = runs[-1]
+            runs[-1] = (first, count + 1, block)
+        else:
+            runs.append((s, 1, b))
+    return tuple(runs)
 
 
 class Workspace:
