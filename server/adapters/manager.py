@@ -197,8 +197,8 @@ class AdapterManager:
         """The scheduler's lane seam: the merged copy new requests of `key` run on (engine thread)."""
         return None if self.merge is None else self.merge.lane_of(key)
 
-    def is_merged(self, tenant: str, adapter_id: str) -> bool:
-        return self.merge is not None and self.merge.is_merged(tenant, adapter_id)
+    def is_merged(self, tenant: str, adapter_id: str, version: int | None = None) -> bool:
+        return self.merge is not None and self.merge.is_merged(tenant, adapter_id, version)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -50,7 +50,10 @@ Pair = tuple[str, str]  # (tenant, adapter_id)
 
 @dataclass(eq=False)
 class _Build:
-    """The copy a dedication wants: `done` → True once published, False if superseded, or the refusal."""
+    """The copy a dedication wants: `done` → True once published, False if superseded, or the refusal.
+
+    `key` may rise once, on the worker, when the store already holds a newer version than asked for.
+    """
 
     key: AdapterKey
     lane: int
@@ -94,9 +97,12 @@ class MergeRegistry:
                     "(DELETE /v1/adapters/{id}/merge)"
                 )
             if created:
-                build = self._start(pair, ref)
+                build = self._start(pair, ref.key, ref)
         await self._settle(pair, build)
-        await asyncio.to_thread(self._mark, pair, True)
+        with self._lock:
+            still = pair in self._wanted
+        if still:  # not un-dedicated meanwhile
+            await asyncio.to_thread(self._mark, pair, True)
         return created
 
     async def undedicate(self, tenant: str, adapter_id: str) -> None:
@@ -130,11 +136,14 @@ class MergeRegistry:
         self._kick()
         self._mark(pair, False)
 
-    def is_merged(self, tenant: str, adapter_id: str) -> bool:
-        """Record `mode`: the copy of the version this dedication wants is the one being served."""
+    def is_merged(self, tenant: str, adapter_id: str, version: int | None = None) -> bool:
+        """Record `mode`: the copy of the newest version (`version`, when the caller knows it) is served."""
+        if version is not None:
+            self._notice(AdapterKey(tenant, adapter_id, version))
         with self._lock:
             build, live = self._wanted.get((tenant, adapter_id)), self._live.get((tenant, adapter_id))
-            return build is not None and live is not None and live.key == build.key
+            return (build is not None and live is not None and live.key == build.key
+                    and (version is None or live.key.version >= version))
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -153,7 +162,8 @@ class MergeRegistry:
                         log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
                         continue
                     with contextlib.suppress(ApiError):
-                        self._start((tenant, adapter_id), self.store.resolve(tenant, adapter_id))
+                        ref = self.store.resolve(tenant, adapter_id)
+                        self._start((tenant, adapter_id), ref.key, ref)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -161,7 +171,24 @@ class MergeRegistry:
     # -- engine thread -----------------------------------------------------------
     def lane_of(self, key: AdapterKey) -> int | None:
         """The lane new requests of `key` run in (None = shared lane, unmerged)."""
-        return self._lanes.get(key)
+        lane = self._lanes.get(key)
+        if lane is None and self._wanted:
+            self._notice(key)  # a version published past the upload route (training, files placed by hand)
+        return lane
+
+    def _notice(self, key: AdapterKey) -> None:
+        """A dedicated adapter seen at a newer version than its copy: build that version's copy (no wait)."""
+        pair = (key.tenant, key.adapter_id)
+        build = self._wanted.get(pair)
+        if build is None or build.key.version >= key.version:
+            return
+        with self._lock:
+            build = self._wanted.get(pair)
+            if build is not None and build.key.version < key.version:
+                try:
+                    self._start(pair, key, None)
+                except RuntimeError:  # shutting down: the pool is closed; serve unmerged
+                    self._wanted[pair] = build
 
     def between_steps(self) -> None:
         """Engine step hook: publish built copies, unpublish, drop drained lanes. Cheap when idle."""
@@ -213,15 +240,22 @@ class MergeRegistry:
         return list(self.engine.scheduler.running) if self.engine is not None else []
 
     # -- worker thread -----------------------------------------------------------
-    def _start(self, pair: Pair, ref: AdapterRef) -> _Build:
-        """Caller holds the lock. The build replaces whatever this dedication wanted before."""
-        build = _Build(ref.key, next(self._lane_ids), Future())
+    def _start(self, pair: Pair, key: AdapterKey, ref: AdapterRef | None) -> _Build:
+        """Caller holds the lock. The build replaces whatever this dedication wanted before.
+
+        Without `ref` (a version noticed on the engine thread) the worker resolves it: no disk there.
+        """
+        build = _Build(key, next(self._lane_ids), Future())
         self._wanted[pair] = build
         self._pool.submit(self._build, pair, ref, build)
         return build
 
-    def _build(self, pair: Pair, ref: AdapterRef, build: _Build) -> None:
+    def _build(self, pair: Pair, ref: AdapterRef | None, build: _Build) -> None:
         try:
+            if ref is None:
+                ref = self.store.resolve(*pair)
+                with self._lock:
+                    build.key = max(build.key, ref.key)
             adapter = read_adapter(ref.path, self.base, self.settings)
             copy = build_merged_copy(self.layers, adapter, ref.key, build.lane)
         except Exception as e:  # noqa: BLE001 - every refusal reaches the caller as a clean 4xx

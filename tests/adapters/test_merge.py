@@ -190,6 +190,20 @@ async def test_new_version_gets_its_own_copy(registry, sources):
     assert reg.is_merged("acme", "qv") and _installed(layers) == {lane2}  # v1's copy had no running requests
 
 
+async def test_version_published_elsewhere_is_noticed(registry, sources):
+    """A training job publishes through the store, not the upload route: the first sight of v2 rebuilds."""
+    reg, store, layers, _ = registry
+    await reg.dedicate("acme", "bat")
+    v2 = store.add_from_dir("acme", "bat", sources["qv2"], {}).ref.key
+    assert reg.lane_of(v2) is None  # this request runs unmerged (correct), and v2's copy starts building
+    assert not reg.is_merged("acme", "bat", version=2)
+    for _ in range(500):
+        if reg.is_merged("acme", "bat", version=2):
+            break
+        await asyncio.sleep(0.01)
+    assert reg.lane_of(v2) is not None and _installed(layers) == {reg.lane_of(v2)}
+
+
 async def test_dedication_survives_a_restart(registry, sources, tmp_path):
     reg, store, _, _ = registry
     await reg.dedicate("acme", "bat")
