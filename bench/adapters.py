@@ -105,11 +105,12 @@ def make_adapters(model: PreTrainedModel, kind: Kind, ids: Sequence[str], dest: 
 
 
 def link_adapters(sources: Sequence[AdapterSpec], ids: Iterable[str], dest: Path,
-                  tenant: str = TENANT) -> list[AdapterSpec]:
+                  tenant: str = TENANT, copy: bool = False) -> list[AdapterSpec]:
     """Register many ids that share a few weight files (hard links keep disk use flat).
 
     id i gets the files of sources[i % len(sources)]; the server still loads,
-    validates and caches each id as its own adapter.
+    validates and caches each id as its own adapter. `copy=True` writes real
+    copies (distinct inodes, so distinct page-cache pages).
     """
     specs: list[AdapterSpec] = []
     for i, adapter_id in enumerate(ids):
@@ -119,6 +120,9 @@ def link_adapters(sources: Sequence[AdapterSpec], ids: Iterable[str], dest: Path
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             target = out / name
             if not target.exists():
+                if copy:
+                    shutil.copyfile(src.path / name, target)
+                    continue
                 try:
                     os.link(src.path / name, target)
                 except OSError:  # cross-device or no hard links: fall back to a copy

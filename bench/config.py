@@ -49,7 +49,7 @@ class BenchConfig:
     scale_slots: int = 64
     scale_host: int = 128  # host-tier capacity (adapters) of the scale server
     scale_distinct_files: int = 8  # distinct weight files hard-linked under all ids
-    scale_requests: int = 64  # per distribution
+    scale_requests: int = 32  # per distribution (one wave, like the reference load)
 
     extra_server_env: dict[str, str] = field(default_factory=dict)
 

@@ -32,19 +32,22 @@ class ServerHandle:
     log_path: Path
     args: list[str]
 
-    def rss_bytes(self) -> int:
-        """Anonymous resident memory of the server process (Linux /proc; 0 where unavailable).
+    def memory(self) -> dict[str, int]:
+        """The server process's resident memory in bytes: {"rss", "anon", "file"} (Linux /proc; {} elsewhere).
 
-        RssAnon, not VmRSS: file pages mapped while reading safetensors are
-        page cache the kernel can drop, not memory the server holds.
+        Both parts matter for adapters: tensors read from safetensors may stay
+        backed by the file's mapping (RssFile) instead of being copied (RssAnon).
         """
+        keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+        out: dict[str, int] = {}
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                key = keys.get(line.split(":", 1)[0] + ":")
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
         except OSError:
             pass
-        return 0
+        return out
 
     def log_tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):

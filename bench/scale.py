@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from bench.adapters import AdapterSpec, link_adapters
+from bench.config import BenchConfig
 from bench.context import Bench, median, ratio
 from bench.process import ServerHandle, spawn
 from bench.report import Row
@@ -31,15 +32,25 @@ def reference_count(ctx: Bench) -> int:
         n <= 16 for n in ctx.cfg.adapter_counts) else min(ctx.cfg.adapter_counts)
 
 
+def probe_count(cfg: BenchConfig) -> int:
+    """Adapters loaded by the host-memory probe: they fit the host tier with room to spare."""
+    return max(1, min(32, cfg.scale_host // 2, cfg.scale_registered))
+
+
 def build_store(ctx: Bench, store: Path) -> tuple[list[AdapterSpec], list[AdapterSpec]]:
     cfg = ctx.cfg
-    ref = link_adapters(ctx.lora[:reference_count(ctx)], [s.adapter_id for s in ctx.lora[:reference_count(ctx)]],
-                        store)
+    n_ref = reference_count(ctx)
+    ref = link_adapters(ctx.lora[:n_ref], [s.adapter_id for s in ctx.lora[:n_ref]], store)
     sources = ctx.lora[:cfg.scale_distinct_files]
-    scale = link_adapters(sources, [f"scale-{i:04d}" for i in range(cfg.scale_registered)], store)
-    note = (f"scenario 4: {cfg.scale_registered} adapter ids registered as hard links to "
-            f"{len(sources)} distinct PEFT weight files (disk use); the server loads, validates and caches "
-            f"each id as its own adapter")
+    n_probe = probe_count(cfg)
+    ids = [f"scale-{i:04d}" for i in range(cfg.scale_registered)]
+    scale = link_adapters(sources, ids[:-n_probe], store)
+    # The memory probe's adapters get their own file copies: a tensor the server keeps backed by a
+    # file mapping would be shared between hard links and under-counted.
+    scale += link_adapters(sources, ids[-n_probe:], store, copy=True)
+    note = (f"scenario 4: {cfg.scale_registered} adapter ids registered, {cfg.scale_registered - n_probe} of them "
+            f"hard links to {len(sources)} distinct PEFT weight files (disk use) and {n_probe} (the memory "
+            f"probe's) plain copies; the server loads, validates and caches each id as its own adapter")
     ctx.notes.append(note)
     ctx.log(note)
     return ref, scale
@@ -109,34 +120,38 @@ def _cache_lines(text: str) -> list[str]:
 def host_memory(ctx: Bench, h: ServerHandle, scale: list[AdapterSpec]) -> dict:
     """Host bytes per loaded adapter vs its tensor bytes.
 
-    Preferred source: the server's own host-tier byte gauge on /metrics. When
-    the server exposes none, the server process's RSS growth over loading K
-    fresh adapters, divided by K (the figure then includes allocator slack and
-    anything else loading allocates; on a CPU device the slots are host memory
-    too, but they are preallocated, so loading only writes into them).
+    Preferred source: a host-tier byte gauge on the server's /metrics. When
+    the server exposes none: the server process's resident-memory growth
+    (anonymous + file-backed) over loading K fresh adapters one at a time,
+    divided by K. That includes allocator slack and anything else a load
+    allocates; on a CPU device the slots are host memory too, but they are
+    preallocated before the probe (one adapter is loaded first), so loading
+    only writes into them.
     """
-    k = max(1, min(32, ctx.cfg.scale_host // 2, len(scale)))
+    k = probe_count(ctx.cfg)
     fresh = scale[-k:]
     tensor_bytes = fresh[0].tensor_bytes
-    rss0 = h.rss_bytes()
-    before = _host_gauges(_metrics(h))
+    mem0, before = h.memory(), _host_gauges(_metrics(h))
     ctx.measure(h, assign([s.adapter_id for s in fresh], k, 1), f"s4 host-memory probe ({k} fresh adapters)",
                 concurrency=1)  # one at a time: no two loads' temporaries alive together
-    rss1 = h.rss_bytes()
-    after = _host_gauges(_metrics(h))
-    out: dict = {"k": k, "tensor_bytes": tensor_bytes, "rss_delta_bytes": rss1 - rss0,
-                 "rss_per_adapter": (rss1 - rss0) / k}
+    mem1, after = h.memory(), _host_gauges(_metrics(h))
+    growth = {key: (mem1.get(key, 0) - mem0.get(key, 0)) / k for key in ("rss", "anon", "file")}
+    rss_how = (f"RSS growth {growth['rss'] / 2**20:.1f} MiB/adapter (anon {growth['anon'] / 2**20:.1f}, "
+               f"file-backed {growth['file'] / 2**20:.1f})")
+    out: dict = {"k": k, "tensor_bytes": tensor_bytes, "memory_before": mem0, "memory_after": mem1,
+                 "growth_per_adapter": growth, "metrics_before": before, "metrics_after": after}
     if after.get("bytes") and after.get("count"):
         per = after["bytes"] / after["count"]
         out.update(per_adapter=per, ratio=per / tensor_bytes, source=f"/metrics {after['bytes_name']}",
                    how=f"{per / 2**20:.1f} MiB per adapter ({after['bytes_name']} / {after['count_name']}) vs "
-                       f"{tensor_bytes / 2**20:.1f} MiB tensors; anonymous-RSS growth {(rss1 - rss0) / k / 2**20:.1f} MiB")
+                       f"{tensor_bytes / 2**20:.1f} MiB tensors; {rss_how}")
+    elif mem0.get("rss"):
+        per = growth["rss"]
+        out.update(per_adapter=per, ratio=per / tensor_bytes, source="rss",
+                   how=f"server {rss_how} over {k} fresh adapters vs {tensor_bytes / 2**20:.1f} MiB tensors "
+                       "(no host-tier gauge on /metrics)")
     else:
-        per = (rss1 - rss0) / k
-        out.update(per_adapter=per, ratio=per / tensor_bytes if rss0 else None, source="rss",
-                   how=f"server anonymous-RSS growth / {k} adapters loaded = {per / 2**20:.1f} MiB vs "
-                       f"{tensor_bytes / 2**20:.1f} MiB tensors (no host-tier gauge on /metrics)")
-    out["metrics_before"], out["metrics_after"] = before, after
+        out.update(ratio=None, source="none", how="no /metrics gauge and no /proc on this OS")
     return out
 
 
