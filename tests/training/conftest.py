@@ -54,8 +54,8 @@ def make_trainer(base: BaseModel, spec: TrainingJobSpec) -> Trainer:
 def served_logits(base: BaseModel, ids: torch.Tensor, slot: int) -> torch.Tensor:
     """Our serving path: the wrappers with an adapter in device `slot` (ids [1, L] → [1, L, V])."""
     mapping = AdapterMapping.from_token_slots([slot] * ids.shape[1], base.device)
-    with torch.no_grad(), use_mapping(mapping):
-        return base.model(input_ids=ids, use_cache=False).logits
+    with torch.inference_mode(), use_mapping(mapping):
+        return base.model(input_ids=ids, use_cache=False).logits.clone()
 
 
 def greedy(base: BaseModel, prompt_ids: list[int], n: int, slot: int) -> list[int]:

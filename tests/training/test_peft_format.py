@@ -18,6 +18,7 @@ CASES = {
     "lora_qv": dict(target_modules=["q_proj", "v_proj"]),
     "lora_rslora_embed_dropout": dict(target_modules=["embed_tokens", "q_proj", "down_proj"], use_rslora=True,
                                       alpha=12, dropout=0.1, rank=4),
+    "lora_lm_head": dict(target_modules=["q_proj", "lm_head"]),
     "miss_balance": dict(method="miss", target_modules=["q_proj", "v_proj", "down_proj"], rank=12),
     "miss_mini": dict(method="miss", variant="mini", mini_r=4, target_modules=["q_proj", "gate_proj"]),
     "miss_bat": dict(method="miss", variant="bat", target_modules=["q_proj", "o_proj", "up_proj"]),
