@@ -23,6 +23,7 @@ from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import install_error_handlers
+from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
@@ -41,7 +42,7 @@ DRAIN_POLL_S = 0.05
 def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
     """`base` lets tests share one loaded model between apps; production loads it in the lifespan."""
     settings = settings or Settings()
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     app.state.preloaded_base = base
     install_error_handlers(app)

@@ -7,7 +7,9 @@ error shape (`message`, `type`, `param`, `code`).
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,6 +69,31 @@ def _body_not_json(err: dict, content_type: str) -> str | None:
     return None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Methods the published spec lists for this request's path.
+
+    Why: Starlette's 405 names only the first matching route's methods, so
+    `Allow` was wrong on paths served by two routes (GET and POST
+    /v1/training/jobs); the spec is the one list of every public route.
+    """
+    path = request.scope.get("path", "")
+    paths = request.app.openapi().get("paths", {})
+    if path in paths:  # a static path wins over templates that also match it (/jobs/upload vs /jobs/{id})
+        return sorted(m.upper() for m in paths[path])
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        if _template_regex(template).fullmatch(path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
+
+
+@functools.lru_cache(maxsize=256)
+def _template_regex(template: str) -> re.Pattern[str]:
+    """`/v1/adapters/{adapter_id}/merge` → a regex where each `{param}` is one path segment."""
+    parts = re.split(r"(\{[^}]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
 def _unparsable_body(exc: StarletteHTTPException) -> str:
     """FastAPI says only "There was an error parsing the body"; the cause says why."""
     cause = exc.__cause__ or exc.__context__
@@ -92,8 +119,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # FastAPI/Starlette could not parse the body: a client error like any other
             return error_response(request, 422, "invalid_request_error", _unparsable_body(exc), param="body")
         types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(request, exc.status_code, types.get(exc.status_code, "http_error"),
-                              str(exc.detail), getattr(exc, "headers", None))
+                              str(exc.detail), headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

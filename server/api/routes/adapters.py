@@ -20,6 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from server.adapters.store import AdapterStore, StoredVersion, check_tenant
 from server.adapters.types import AdapterKey, check_adapter_id
 from server.api.deps import Principal, get_principal
+from server.api.errors import allowed_methods
+from server.api.responses import AdapterList, AdapterRecord, ok
 from server.api.upload import BodyReader, receive_upload
 from server.errors import AdapterError, ApiError, InvalidRequest, Unavailable
 from server.services import Services, get_services
@@ -116,7 +118,7 @@ def after_change(services: Services, tenant: str, adapter_id: str, *, deleted: b
         log.exception("adapter store garbage collection failed (retried on the next change)")
 
 
-@router.put("/{adapter_id}", status_code=201)
+@router.put("/{adapter_id}", status_code=201, responses=ok(AdapterRecord, 201))
 async def upload_adapter(adapter_id: str, request: Request, tenant: str | None = None,
                          principal: Principal = Depends(get_principal)) -> JSONResponse:
     try:
@@ -137,7 +139,7 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
     return JSONResponse(present(services, stored), status_code=201)
 
 
-@router.get("")
+@router.get("", responses=ok(AdapterList, 200))
 async def list_adapters(request: Request, tenant: str | None = None,
                         principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     services = get_services(request)
@@ -147,7 +149,7 @@ async def list_adapters(request: Request, tenant: str | None = None,
     return {"object": "list", "data": [present(services, s) for s in stored]}
 
 
-@router.get("/{adapter_id}")
+@router.get("/{adapter_id}", responses=ok(AdapterRecord, 200))
 async def get_adapter(adapter_id: str, request: Request, tenant: str | None = None,
                       principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     check_adapter_id(adapter_id)
@@ -180,5 +182,9 @@ ANY_METHOD = ["GET", "PUT", "POST", "DELETE", "PATCH"]
 @fallback_router.api_route("/{rest:path}", methods=ANY_METHOD)
 async def unmatched_adapter_path(request: Request, rest: str = "") -> Response:
     await BodyReader(request).discard()
+    allowed = allowed_methods(request)
+    if allowed:  # a real route serves this path, just not with this method
+        raise ApiError(f"method {request.method} is not allowed here; allowed: {', '.join(allowed)}", status=405,
+                       type="method_not_allowed", headers={"Allow": ", ".join(allowed)})
     raise InvalidRequest(f"invalid adapter id {rest!r}: ids match ^[a-z0-9][a-z0-9._-]{{0,63}}$ "
                          "(no '/', no '..')")

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from server.api import generation as gen
 from server.api.deps import Principal, get_principal
+from server.api.responses import SSE
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent
 from server.errors import ApiError
@@ -21,7 +22,7 @@ router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": SSE}})
 async def generate(body: GenerateRequest, request: Request,
                    principal: Principal = Depends(get_principal)):
     services = get_services(request)

@@ -6,17 +6,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.deps import Principal, get_principal
+from server.api.responses import PROMETHEUS, Health, NotReady, Ready
 from server.services import get_services
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={200: {"model": Ready}, 503: {"model": NotReady}})
 async def ready(request: Request) -> JSONResponse:
     services = getattr(request.app.state, "services", None)
     if services is None:
@@ -32,7 +33,7 @@ def _not_ready(reason: str) -> JSONResponse:
     return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=PROMETHEUS)
 async def metrics(request: Request, principal: Principal = Depends(get_principal)) -> Response:
     services = get_services(request)
     services.metrics.queue_depth.set(services.engine.scheduler.num_waiting)

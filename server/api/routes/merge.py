@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from server.adapters.merge import MergeRegistry
 from server.adapters.types import check_adapter_id
 from server.api.deps import Principal, get_principal
+from server.api.responses import AdapterRecord, ok
 from server.api.routes.adapters import present, store_of, target_tenant
 from server.errors import Unavailable
 from server.services import Services, get_services
@@ -31,7 +32,7 @@ def registry_of(services: Services) -> MergeRegistry:
     return services.merge
 
 
-@router.post("/{adapter_id}/merge")
+@router.post("/{adapter_id}/merge", responses=ok(AdapterRecord, 200, 201))
 async def merge_adapter(adapter_id: str, request: Request, tenant: str | None = None,
                         principal: Principal = Depends(get_principal)) -> JSONResponse:
     check_adapter_id(adapter_id)
@@ -42,7 +43,7 @@ async def merge_adapter(adapter_id: str, request: Request, tenant: str | None = 
     return JSONResponse(present(services, stored), status_code=201 if created else 200)
 
 
-@router.delete("/{adapter_id}/merge")
+@router.delete("/{adapter_id}/merge", responses=ok(AdapterRecord, 200))
 async def unmerge_adapter(adapter_id: str, request: Request, tenant: str | None = None,
                           principal: Principal = Depends(get_principal)) -> JSONResponse:
     check_adapter_id(adapter_id)

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from server.api import generation as gen
 from server.api.deps import Principal, get_principal
+from server.api.responses import SSE, ModelList, ok
 from server.api.routes.generate import SSE_HEADERS, sse
 from server.api.schemas import ChatRequest, CompletionRequest, OpenAIFields, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent
@@ -32,7 +33,7 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 ChunkBuilder = Callable[[str | None, str | None], dict[str, Any]]  # (delta text, finish) -> chunk
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ok(ModelList, 200))
 async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     services = get_services(request)
     created = int(time.time())
@@ -66,7 +67,7 @@ async def _start(services: Services, principal: Principal, body: OpenAIFields, p
     return gen.submit(services, prompt_ids, params, key, route)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"content": SSE}})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(get_principal)):
     services = get_services(request)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
@@ -87,7 +88,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     return out
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"content": SSE}})
 async def chat_completions(body: ChatRequest, request: Request, principal: Principal = Depends(get_principal)):
     services = get_services(request)
     prompt_ids = await gen.encode_chat(services, body.template_messages())

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.adapters.store import check_tenant
 from server.api.deps import Principal, get_principal
+from server.api.responses import JobList, JobRecord, ok
 from server.errors import InvalidRequest, Unavailable
 from server.services import get_services
 from server.training.spec import Example, TrainingJobSpec, parse_jsonl
@@ -52,14 +53,14 @@ def _submit(request: Request, spec: TrainingJobSpec, principal: Principal, key: 
     return JSONResponse(record, status_code=202 if created else 200)
 
 
-@router.post("/jobs", status_code=202)
+@router.post("/jobs", status_code=202, responses=ok(JobRecord, 200, 202))
 def create_job(spec: TrainingJobSpec, request: Request, principal: Principal = Depends(get_principal),
                idempotency_key: str | None = Header(None, alias="Idempotency-Key")) -> JSONResponse:
     """Queue a job (202). A retry with the same Idempotency-Key and body returns the same job (200)."""
     return _submit(request, spec, principal, idempotency_key)
 
 
-@router.post("/jobs/upload", status_code=202)
+@router.post("/jobs/upload", status_code=202, responses=ok(JobRecord, 200, 202))
 async def create_job_upload(request: Request, principal: Principal = Depends(get_principal),
                             idempotency_key: str | None = Header(None, alias="Idempotency-Key")) -> JSONResponse:
     """Multipart: `spec` = the JSON body without data, `data` = JSONL examples."""
@@ -103,7 +104,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@router.get("/jobs")
+@router.get("/jobs", responses=ok(JobList, 200))
 def list_jobs(request: Request, principal: Principal = Depends(get_principal),
               status: Status | None = None, tenant: str | None = None,
               limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
@@ -112,12 +113,12 @@ def list_jobs(request: Request, principal: Principal = Depends(get_principal),
     return {"object": "list", "data": jobs}
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses=ok(JobRecord, 200))
 def get_job(job_id: str, request: Request, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     return training_of(request).get(job_id, scope(principal))
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", responses=ok(JobRecord, 200, 202))
 def cancel_job(job_id: str, request: Request, principal: Principal = Depends(get_principal)) -> JSONResponse:
     """Queued: cancelled at once (200). Running: stops before its next step (202, poll the job)."""
     record = training_of(request).cancel(job_id, scope(principal))
