@@ -65,6 +65,23 @@ class Unavailable(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class InsufficientStorage(ApiError):
+    """The server's disk is full (ENOSPC / EDQUOT): not the client's fault, and retrying later may work."""
+    status = 507
+    type = "insufficient_storage"
+
+    def __init__(self, message: str = "the server is out of disk space; nothing was stored, retry later",
+                 retry_after: int = 30) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+NO_SPACE_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT (Linux numbering; errno names differ per platform)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
 class AdapterError(InvalidRequest):
     """An adapter that cannot be served: the message names the reason."""
     type = "invalid_adapter"

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import ApiError
+from server.errors import ApiError, InsufficientStorage, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -127,5 +127,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_out_of_space(exc):  # e.g. publishing or the job queue's database hit a full disk
+            log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
+            full = InsufficientStorage()
+            return error_response(request, full.status, full.type, full.message, full.headers)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(request, 500, "internal_error", "internal server error")

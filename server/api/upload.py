@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
-from server.errors import AdapterError, ApiError, InvalidRequest, PayloadTooLarge
+from server.errors import AdapterError, ApiError, InsufficientStorage, InvalidRequest, PayloadTooLarge, is_out_of_space
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # After refusing an upload mid-stream, read and drop up to this much more of it:
@@ -110,7 +110,8 @@ class _Receiver:
 
     def close(self) -> None:
         if self.part is not None:
-            self.part.out.close()
+            with contextlib.suppress(OSError):  # flushing after ENOSPC fails again; the staging dir is dropped
+                self.part.out.close()
 
 
 def check_not_pickle(head: bytes) -> None:
@@ -171,6 +172,11 @@ async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -
     except ApiError:
         await body.discard()
         raise
+    except OSError as e:
+        if not is_out_of_space(e):
+            raise
+        await body.discard()  # the client reads the 507 instead of a reset
+        raise InsufficientStorage() from None
     finally:
         receiver.close()
     for name, filename in PART_FILES.items():
