@@ -34,7 +34,8 @@ access_log = logging.getLogger("loraplex.access")
 generation_log = logging.getLogger("loraplex.generation")
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is emitted as a field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                          "color_message"}  # uvicorn's ANSI copy
 
 
 class JsonFormatter(logging.Formatter):
