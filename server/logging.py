@@ -133,7 +133,7 @@ def log_generation(*, route: str, engine_request_id: str, adapter: str, finish_r
     extra: dict[str, Any] = {
         "route": route, "generation_id": engine_request_id, "adapter": adapter, "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "duration_ms": round(seconds * 1000, 2)}
+        "duration_ms": round(seconds * 1000, 2), "request_id": request_id_var.get()}
     if prompt_text is not None:
         extra["prompt"] = prompt_text
     generation_log.info("generation %s %s", finish_reason, engine_request_id, extra=extra)
