@@ -37,7 +37,7 @@ class BenchConfig:
 
     # --- scenario 2: against PEFT ------------------------------------------
     peft_adapters: int = 16  # distinct adapters in the shared request set
-    naive_requests: int = 6  # the sequential baseline runs on the first K requests only
+    naive_requests: int = 4  # the sequential baseline runs on the first K requests only
 
     # --- scenario 3: hot loading -------------------------------------------
     cold_probes: int = 6  # non-resident adapters probed (idle TTFT and under load)

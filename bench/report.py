@@ -118,7 +118,9 @@ def _mem_gib() -> float | None:
 def machine_line(m: dict[str, Any]) -> str:
     dev = m.get("gpu") or m["device"]
     return (f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m.get('memory_gib')} GiB), "
-            f"device {dev}, {m['dtype']}, torch {m['torch']}, model {m['model']}.")
+            f"device {dev}, {m['dtype']}, torch {m['torch']} ({m.get('torch_threads')} threads), model {m['model']}; "
+            f"load average {m.get('loadavg_1m_at_start')} at start, {m.get('loadavg_1m_at_end')} at end "
+            f"(shared machine: absolute numbers are noisy, the ratios are measured side by side).")
 
 
 def write_results(out: Path, payload: dict[str, Any], rows: list[Row], notes: list[str]) -> tuple[Path, Path]:
