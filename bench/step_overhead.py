@@ -13,6 +13,15 @@ repetition so that load from other processes hits all of them alike.
 Every configuration decodes the same 32 sequences at the same positions (one
 token each, the cache rows were prefilled once), so only the adapter mapping
 differs. Ratios are base step time / config step time (= throughput ratio).
+
+Measured on the shared 2-core AMD EPYC (load average 3-7 from other jobs, so
+single runs vary ±20 %), 1 thread, 5 interleaved reps, median (min):
+  base 493-521 ms; lora16 0.72-0.87 (0.67-0.77); lora1 0.96-1.0; prefill lora4 0.93-0.94.
+With 2 threads the box is oversubscribed (base step 2.4-2.7 s) and ratios are noise.
+Where the 16-adapter gap comes from (1 thread, all 210 modules' adapter math alone,
+cold weights): streaming the 312 MB of 16 resident adapters (`sum`) takes 13-24 ms;
+the two bmm per module over the same bytes take 41-60 ms; 1 adapter × 32 tokens
+(19.5 MB, compute-bound) takes 10.5 ms. So the floor is memory traffic, not FLOPs.
 """
 
 from __future__ import annotations
