@@ -145,6 +145,9 @@ def host_memory(ctx: Bench, h: ServerHandle, scale: list[AdapterSpec]) -> dict:
         out.update(per_adapter=per, ratio=per / tensor_bytes, source=f"/metrics {after['bytes_name']}",
                    how=f"{per / 2**20:.1f} MiB per adapter ({after['bytes_name']} / {after['count_name']}) vs "
                        f"{tensor_bytes / 2**20:.1f} MiB tensors; {rss_how}")
+    elif mem0.get("rss") and growth["rss"] <= 0:
+        out.update(ratio=None, source="rss", how=f"server RSS did not grow over {k} loads (allocator reuse); "
+                   "no measurement")
     elif mem0.get("rss"):
         per = growth["rss"]
         out.update(per_adapter=per, ratio=per / tensor_bytes, source="rss",

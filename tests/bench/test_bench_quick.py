@@ -50,9 +50,12 @@ def test_every_scenario_reported_with_targets(quick_run) -> None:
     for r in rows:
         if r["scenario"] == 5 and r["verdict"] == "not available":
             continue  # merge path not built on this server: reported as such, never as a number
-        assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
         if r["target"] is not None:
-            assert r["verdict"] in ("PASS", "MISS"), r
+            assert r["verdict"] in ("PASS", "MISS", "MISS (no data)"), r
+        if "throughput" in r["metric"] or r["scenario"] == 2:
+            # Throughput always has data when no request failed; latency and memory figures of a
+            # tiny quick run may honestly be "no data" (e.g. RSS did not grow), never made up.
+            assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
     s1 = data["scenarios"]["s1"]["runs"]
     assert all(run["failed"] == 0 and run["tokens"] > 0 for runs in s1.values() for run in runs)
 
