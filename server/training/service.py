@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from server.errors import InvalidRequest
 from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
@@ -43,8 +44,6 @@ class TrainingService:
     # ------------------------------------------------------------- routes
     def submit(self, spec: TrainingJobSpec, tenant: str, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
         """(job record, created): 422 on anything the job could not run with, 409 on a reused key."""
-        from server.errors import InvalidRequest
-
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
             raise InvalidRequest(f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters")
         self.validate(spec)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from tests.harness import running_server, spawn_server
+from tests.harness import app_of, running_server, spawn_server
 
 KEYS = {"alice-key-0001": {"tenant": "alice"}, "bob-key-000001": {"tenant": "bob"},
         "root-key-00001": {"tenant": "ops", "admin": True}}
@@ -60,6 +60,11 @@ def all_jobs(url: str) -> list[dict]:
 
 
 def test_job_trains_an_adapter_that_serves_at_once(url):
+    services = app_of(url).state.services
+    # One copy of the base: the trainer works on the very model object the engine serves.
+    assert services.jobs.worker.base is services.base and services.engine.runner.model is services.base.model
+    storages = {n: p.untyped_storage().data_ptr() for n, p in services.base.model.named_parameters()}
+    param_bytes = sum(p.numel() * p.element_size() for p in services.base.model.parameters())
     spec = body(adapter_id="pirate", target_modules=[*ALL_LINEAR, "lm_head"], steps=50)
     r = httpx.post(f"{url}/v1/training/jobs", json=spec, headers=ALICE)
     assert r.status_code == 202, r.text
@@ -70,6 +75,8 @@ def test_job_trains_an_adapter_that_serves_at_once(url):
     assert len(job["loss_history"]) == 50 and job["loss_history"][-1]["loss"] < 0.05 * job["loss_history"][0]["loss"]
     assert job["adapter"]["version"] == job["adapter_version"] == 1 and job["adapter"]["type"] == "lora"
 
+    assert {n: p.untyped_storage().data_ptr() for n, p in services.base.model.named_parameters()} == storages
+    assert sum(p.numel() * p.element_size() for p in services.base.model.parameters()) == param_bytes
     rec = httpx.get(f"{url}/v1/adapters/pirate", headers=ALICE).json()
     assert rec["version"] == 1 and rec["rank"] == 8
     for ex in DATA:
