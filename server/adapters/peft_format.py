@@ -184,7 +184,9 @@ def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]]
     modules: dict[str, ModuleWeights] = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         def get(t: TensorInfo) -> torch.Tensor:
-            tensor = f.get_tensor(t.name)
+            # Own the bytes: a tensor backed by the file's memory map would keep the
+            # whole mapping alive for as long as the host cache holds the adapter.
+            tensor = f.get_tensor(t.name).clone()  # [as stored]
             if not bool(torch.isfinite(tensor).all()):
                 raise AdapterError(f"tensor {t.name!r} contains NaN or Inf")
             return tensor
