@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from client.cli_output import (
@@ -76,16 +77,22 @@ def adapters_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_listing(args: argparse.Namespace, items: list[Any], columns: Any,
+                  row: Callable[[Any], Any], empty: str) -> int:
+    """A list command's output: raw JSON records with --json, else a table (or `empty`)."""
+    if args.json:
+        print_json([item.raw for item in items])
+    elif items:
+        print(format_table(columns, [row(item) for item in items]))
+    else:
+        print(empty)
+    return 0
+
+
 def adapters_list(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         adapters = client.list_adapters(tenant=args.tenant)
-    if args.json:
-        print_json([a.raw for a in adapters])
-    elif adapters:
-        print(format_table(ADAPTER_COLUMNS, [adapter_row(a) for a in adapters]))
-    else:
-        print("no adapters")
-    return 0
+    return print_listing(args, adapters, ADAPTER_COLUMNS, adapter_row, "no adapters")
 
 
 def adapters_show(args: argparse.Namespace) -> int:
@@ -162,13 +169,7 @@ def _follow(args: argparse.Namespace, client: Client, job: TrainingJob) -> int:
 def jobs_list(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         jobs = client.list_jobs(tenant=args.tenant)
-    if args.json:
-        print_json([j.raw for j in jobs])
-    elif jobs:
-        print(format_table(JOB_COLUMNS, [job_row(j) for j in jobs]))
-    else:
-        print("no training jobs")
-    return 0
+    return print_listing(args, jobs, JOB_COLUMNS, job_row, "no training jobs")
 
 
 def jobs_show(args: argparse.Namespace) -> int:
