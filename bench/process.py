@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,23 +85,28 @@ def spawn(cfg: BenchConfig, store: Path, log_path: Path, *, max_batch: int, resi
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     handle = ServerHandle(proc, f"http://127.0.0.1:{port}", log_path, args)
     try:
-        _wait_ready(handle, startup_timeout_s)
+        wait_ready(handle.proc, handle.base_url, startup_timeout_s, handle.log_tail)
         yield handle
     finally:
         _stop(proc)
         log_file.close()
 
 
-def _wait_ready(h: ServerHandle, timeout_s: float) -> None:
+def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_tail: Callable[[], str],
+               poll_s: float = 0.2) -> None:
+    """Poll /ready until 200; fail fast (with the log tail) if the process exits first.
+
+    Shared with tests/harness.py's subprocess servers.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if h.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {h.proc.returncode} before ready:\n{h.log_tail()}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{log_tail()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{h.base_url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
                 return
-        time.sleep(0.2)
-    raise TimeoutError(f"server not ready after {timeout_s:.0f}s:\n{h.log_tail()}")
+        time.sleep(poll_s)
+    raise TimeoutError(f"server not ready after {timeout_s:.0f}s:\n{log_tail()}")
 
 
 def _stop(proc: subprocess.Popen) -> None:

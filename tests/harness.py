@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from bench.process import wait_ready
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,7 +101,7 @@ def spawn_server(args: list[str], env: Mapping[str, str] | None = None, startup_
     proc.log_path = log_file.name  # type: ignore[attr-defined]
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, base_url, startup_timeout)
+        wait_ready(proc, base_url, startup_timeout, lambda: read_log(proc)[-4000:], poll_s=0.1)
         yield proc, base_url
     finally:
         if proc.poll() is None:
@@ -119,16 +121,6 @@ def read_log(proc: subprocess.Popen) -> str:
         return f.read().decode(errors="replace")
 
 
-def _wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{read_log(proc)[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready after {timeout}s:\n{read_log(proc)[-4000:]}")
 
 
 # --- models and engine controls for tests ------------------------------------
