@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BASE_LABEL = "_base"  # requests on the base model (no adapter)
 OTHER_LABEL = "_other"  # pairs past the cardinality cap
@@ -74,6 +75,11 @@ class Metrics:
                                             ["tier"], registry=r)
         self.adapter_cache_evictions = Counter("loraplex_adapter_cache_evictions", "Adapters evicted",
                                                ["tier"], registry=r)
+        self.adapter_load_latency = Histogram(
+            "loraplex_adapter_load_seconds",
+            "Adapter loads by tier: host = read + validate from disk (loader thread); "
+            "device = copy into a slot (engine thread, between steps)",
+            ["tier"], registry=r, buckets=LOAD_BUCKETS)
         self.adapters_resident = Gauge("loraplex_adapters_resident", "Adapters in device slots", registry=r)
         self.merged_copies = Gauge("loraplex_merged_copies", "Merged (dedicated) copies of the base held",
                                    registry=r)

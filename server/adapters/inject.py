@@ -15,7 +15,6 @@ from torch import nn
 
 from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
 from server.adapters.loaded import LoadedAdapter
-from server.adapters.plan import Workspace
 from server.adapters.slots import SlotBank
 from server.settings import Settings
 
@@ -32,15 +31,21 @@ class ModuleInfo:
 def module_table(model: nn.Module) -> dict[str, ModuleInfo]:
     """The base model's modules by PEFT name, seen through our wrappers (injected or not)."""
     table: dict[str, ModuleInfo] = {}
-    wrapped: list[str] = []
+    wrapped: set[str] = set()
     for name, mod in model.named_modules():
-        if any(name == w + ".base_layer" or name.startswith(w + ".base_layer.") for w in wrapped):
+        if ".base_layer" in name and _inside_wrapper(name, wrapped):
             continue
         if isinstance(mod, AdaptedModule):
-            wrapped.append(name)
+            wrapped.add(name)
             mod = mod.base_layer
         table[name] = _info(name, mod)
     return table
+
+
+def _inside_wrapper(name: str, wrapped: set[str]) -> bool:
+    """`name` is a wrapper's `.base_layer` or below it (one set lookup per occurrence, not a scan)."""
+    parts = name.split(".")
+    return any(parts[i] == "base_layer" and ".".join(parts[:i]) in wrapped for i in range(1, len(parts)))
 
 
 def _info(name: str, mod: nn.Module) -> ModuleInfo:
@@ -102,7 +107,6 @@ def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers
     existing = getattr(model, "_loraplex_layers", None)
     if existing is not None:
         return existing
-    workspace = Workspace()
     slots = settings.max_adapters_resident
     targets: list[tuple[str, nn.Module]] = [
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -111,22 +115,21 @@ def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
-        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, workspace)
+        layers[name] = _wrap(model, name, mod, slots, settings.max_rank)
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
 
 
-def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,
-          workspace: Workspace) -> AdaptedModule:
+def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int) -> AdaptedModule:
     weight = mod.weight
     if isinstance(mod, nn.Embedding):
         bank = SlotBank(slots, mod.num_embeddings, mod.embedding_dim, max_rank, weight.device, weight.dtype,
                         embedding=True)
-        wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank, workspace)
+        wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank)
     else:
         bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype)
-        wrapper = AdaptedLinear(mod, name, bank, workspace)
+        wrapper = AdaptedLinear(mod, name, bank)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, wrapper)

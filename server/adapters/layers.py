@@ -19,19 +19,18 @@ from torch import nn
 
 from server.adapters.mapping import TRAIN_SLOT, AdapterMapping, current_mapping
 from server.adapters.miss import bat_delta
-from server.adapters.plan import StepPlan, Workspace, step_plan
+from server.adapters.plan import Grouped, StepPlan, step_plan
 from server.adapters.slots import SlotBank
 
 
 class AdaptedModule(nn.Module):
     """What Linear and Embedding wrappers share: slots, seams, dispatch."""
 
-    def __init__(self, base_layer: nn.Module, name: str, bank: SlotBank, workspace: Workspace) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, bank: SlotBank) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.module_name = name
         self.bank = bank
-        self.workspace = workspace
         self.merged_weights: dict[int, torch.Tensor] = {}  # merge path (issue 5): merged_id -> full weight
         self.train_adapter: nn.Module | None = None  # trainer hook: called on TRAIN_SLOT rows
 
@@ -69,12 +68,6 @@ class AdaptedModule(nn.Module):
         if rows.numel() == plan.num_tokens:
             return y2 + self.train_adapter(x2)
         return y2.index_add(0, rows, self.train_adapter(x2.index_select(0, rows)))
-
-    def _grouped_buffer(self, n: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """Shared scratch in inference; a fresh tensor when autograd may need to keep it."""
-        if torch.is_grad_enabled() and like.requires_grad:
-            return torch.zeros(n, width, dtype=like.dtype, device=like.device)
-        return self.workspace.rows(n, width, like.dtype, like.device)
 
     def reference(self, x: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
         """Plain per-token loop: each token through `W + ΔW` of its own adapter (host weights)."""
@@ -155,18 +148,11 @@ class AdaptedLinear(AdaptedModule):
                      a: torch.Tensor, bt: torch.Tensor) -> None:
         g = plan.grouped
         assert g is not None
-        xs = x2 if g.all_tokens else x2.index_select(0, g.tokens)  # [n, in]
-        buf = self._grouped_buffer(g.num_slots * g.t_max, x2.shape[1], x2)  # [S*t, in]
-        buf.index_copy_(0, g.positions, xs)
-        blocks = buf.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
-        outs = [torch.bmm(torch.bmm(blocks[b:b + c], a[f:f + c].transpose(1, 2)), bt[f:f + c])  # [c, t, out]
-                for f, c, b in g.runs]
+        xs = x2 if g.identity else x2.index_select(0, g.source)  # [S*t, in]
+        blocks = xs.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
+        outs = [torch.bmm(_shrink(blocks[b:b + c], a[f:f + c]), bt[f:f + c]) for f, c, b in g.runs]  # [c, t, out]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, out]
-        rows = out.index_select(0, g.positions)  # [n, out]
-        if g.all_tokens:
-            y2 += rows
-        else:
-            y2.index_add_(0, g.tokens, rows)
+        _add_rows(y2, out, g)
 
 
 class AdaptedEmbedding(AdaptedModule):
@@ -209,16 +195,35 @@ class AdaptedEmbedding(AdaptedModule):
         g = plan.grouped
         if g is None:
             return
-        ids_g = ids if g.all_tokens else ids.index_select(0, g.tokens)  # [n]
         table = bank.a.view(-1, bank.r_cap)  # [slots * num_emb, r_cap]
+        ids_g = ids if g.all_tokens else ids.index_select(0, g.tokens)  # [n]
         h = table.index_select(0, g.slots * bank.in_features + ids_g)[:, :r]  # [n, r]
-        buf = self._grouped_buffer(g.num_slots * g.t_max, r, y2)
-        buf.index_copy_(0, g.positions, h)
-        blocks = buf.view(g.num_slots, g.t_max, r)  # [S, t, r]
+        blocks = h.new_zeros(g.num_slots * g.t_max, r).index_copy(0, g.positions, h).view(g.num_slots, g.t_max, r)
         outs = [torch.bmm(blocks[b:b + c], bt[f:f + c]) for f, c, b in g.runs]  # [c, t, dim]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, dim]
-        rows = out.index_select(0, g.positions)  # [n, dim]
-        if g.all_tokens:
-            y2 += rows
-        else:
-            y2.index_add_(0, g.tokens, rows)
+        _add_rows(y2, out, g)
+
+
+# Up to this many tokens per slot, the shrink runs as A·xᵀ (A the left operand): on CPU MKL's
+# batched GEMM streams A ~2× faster that way when the other side is this thin
+# (bench/step_overhead.py); with more tokens per slot x·Aᵀ is as fast or faster.
+LEFT_SHRINK_MAX_T = 4
+
+
+def _shrink(blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`blocks @ aᵀ` per slot: `[c, t, in]` × `[c, r, in]` → `[c, t, r]`."""
+    if blocks.shape[1] <= LEFT_SHRINK_MAX_T:
+        return torch.bmm(a, blocks.transpose(1, 2)).transpose(1, 2)  # [c, r, t] → view [c, t, r]
+    return torch.bmm(blocks, a.transpose(1, 2))
+
+
+def _add_rows(y2: torch.Tensor, out: torch.Tensor, g: Grouped) -> None:
+    """y += each short token's own row of the grouped output `[S*t, out]`."""
+    if g.identity:
+        y2 += out
+        return
+    rows = out.index_select(0, g.positions)  # [n, out]
+    if g.all_tokens:
+        y2 += rows
+    else:
+        y2.index_add_(0, g.tokens, rows)

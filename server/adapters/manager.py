@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -86,6 +87,7 @@ class AdapterManager:
 
     def _load(self, ref: AdapterRef) -> LoadedAdapter:
         key = ref.key
+        started = time.perf_counter()
         try:
             adapter = self._loader(ref.path, self.base, self.settings)
             evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
@@ -105,6 +107,7 @@ class AdapterManager:
                 self._inflight.pop(key, None)
         self.host_misses += 1
         self._count("adapter_cache_misses", "host")
+        self._observe_load("host", time.perf_counter() - started)
         for _ in range(evicted):
             self._count("adapter_cache_evictions", "host")
         return adapter
@@ -125,7 +128,9 @@ class AdapterManager:
             slot = self._claim_slot()
             if slot is None:
                 return None
+            started = time.perf_counter()
             self.layers.load_slot(slot, adapter)
+            self._observe_load("device", time.perf_counter() - started)
             self.slots.assign(key, slot)
             self.slots.pin(key)
             self.misses += 1
@@ -222,6 +227,11 @@ class AdapterManager:
         gauge = getattr(self.metrics, "adapters_resident", None)
         if gauge is not None:
             gauge.set(len(self.slots.slot_of))
+
+    def _observe_load(self, tier: str, seconds: float) -> None:
+        histogram = getattr(self.metrics, "adapter_load_latency", None)
+        if histogram is not None:
+            histogram.labels(tier=tier).observe(seconds)
 
     def _count(self, name: str, tier: str) -> None:
         metric = getattr(self.metrics, name, None)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from server.adapters.inject import ModuleInfo, all_linear_names, module_table
-from server.adapters.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.loaded import LoadedAdapter, ModuleWeights, pack_weights
 from server.adapters.lora import lora_from_peft, lora_scale
 from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
@@ -182,21 +182,34 @@ def _expect_shape(info: ModuleInfo, t: TensorInfo, expected: tuple[int, ...]) ->
 def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]], base: _Base,
           dtype: torch.dtype) -> dict[str, ModuleWeights]:
     modules: dict[str, ModuleWeights] = {}
+    raw: dict[str, torch.Tensor] = {}  # [as stored], backed by the file's memory map
     with safe_open(str(path), framework="pt", device="cpu") as f:
         def get(t: TensorInfo) -> torch.Tensor:
-            # Own the bytes: a tensor backed by the file's memory map would keep the
-            # whole mapping alive for as long as the host cache holds the adapter.
-            tensor = f.get_tensor(t.name).clone()  # [as stored]
-            if not bool(torch.isfinite(tensor).all()):
-                raise AdapterError(f"tensor {t.name!r} contains NaN or Inf")
+            tensor = raw[t.name] = f.get_tensor(t.name)
             return tensor
 
         for name, parts in sorted(roles.items()):
             info = base.table[name]
-            if "BASE" in parts:
-                _check_base_copy(info, get(parts["BASE"]))
+            if "BASE" in parts:  # compared, never kept (equal to the base weight implies finite)
+                _check_base_copy(info, f.get_tensor(parts["BASE"].name))
             modules[name] = _module_weights(spec, info, parts, get, dtype)
+    # Own the bytes, in one buffer: a tensor left backed by the memory map would keep
+    # the whole file mapped for as long as the host cache holds the adapter.
+    modules, flat = pack_weights(modules)
+    _check_finite(flat, raw)
     return modules
+
+
+def _check_finite(flat: torch.Tensor, raw: dict[str, torch.Tensor]) -> None:
+    """NaN/Inf anywhere makes the sum non-finite: one pass over the packed weights decides
+    the common case; only then are tensors checked one by one, to name the bad one."""
+    if bool(torch.isfinite(flat.sum(dtype=torch.float32))):
+        return
+    for name, tensor in raw.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"tensor {name!r} contains NaN or Inf")
+    if not bool(torch.isfinite(flat).all()):  # finite as stored, not once scaled / cast
+        raise AdapterError(f"adapter weights overflow the serving dtype {str(flat.dtype).removeprefix('torch.')}")
 
 
 def _module_weights(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo], get: Any,

@@ -2,13 +2,16 @@
 
 Long runs of one adapter (prefill) are served per segment: a slice of x times
 that slot's A and Bᵀ, no gather. Short runs (decode: one token per sequence) are
-served together with no Python loop over adapters: their tokens are scattered
-into a `[slots, t_max, in]` buffer (row j of slot s = the j-th short token of
-s), one `bmm` with A and one with Bᵀ run over all slots at once, and the rows are
-gathered back. Scattering x (tokens × in) instead of gathering weights per token
-(tokens × r × in) is what makes it cheap. The buffer's blocks are compact (one
-per *active* slot) and each run of consecutive active slots is one bmm on a
-slice of the slot tensors, so idle slots between active ones cost nothing.
+served together with no Python loop over adapters: x's rows are gathered into a
+`[slots, t_max, in]` layout (row j of block b = the j-th short token of the b-th
+active slot; padding rows repeat a real token and are never read back), one
+`bmm` with A and one with Bᵀ run over all slots at once, and the rows are
+gathered back. Gathering x (tokens × in) instead of weights per token
+(tokens × r × in) is what makes it cheap. The blocks are compact (one per
+*active* slot) and each run of consecutive active slots is one bmm on a slice of
+the slot tensors, so idle slots between active ones cost nothing. When the
+step's tokens already are in that layout (one adapter, or tokens sorted by slot
+with equal counts) both gathers are skipped.
 
 Why decode with many distinct adapters cannot be "free" here: with 16 adapters
 and 32 tokens each adapter's weights serve ~2 tokens, so the step streams every
@@ -45,12 +48,14 @@ class Grouped:
     """The short-run tokens, laid out by slot for one grouped bmm."""
 
     tokens: torch.Tensor  # [n] token indices into the flattened step
-    positions: torch.Tensor  # [n] row in the [slots * t_max] buffer
+    positions: torch.Tensor  # [n] row in the [slots * t_max] layout
     slots: torch.Tensor  # [n] slot of each token
-    num_slots: int  # compact buffer blocks: one per distinct active slot
+    source: torch.Tensor  # [slots * t_max] token index of each layout row (padding: a real token)
+    num_slots: int  # compact blocks: one per distinct active slot
     t_max: int  # most short tokens any one slot has
     runs: tuple[tuple[int, int, int], ...]  # (first slot, slot count, first block): consecutive active slots
-    all_tokens: bool  # tokens == arange(num_tokens): no gather/scatter of x and y needed
+    all_tokens: bool  # tokens == arange(num_tokens): y takes the rows with `+=`, no index_add
+    identity: bool  # the layout *is* the step's token order: no gather of x, no gather of the output
 
 
 @dataclass
@@ -113,15 +118,21 @@ def _group(tokens: list[int], slots: list[int], num_tokens: int, device: torch.d
     t_max = max(counts.values())
     block = {s: b for b, s in enumerate(sorted(counts))}
     positions = [block[s] * t_max + j for s, j in zip(slots, order)]
+    source = [tokens[0]] * (len(counts) * t_max)
+    for token, position in zip(tokens, positions):
+        source[position] = token
+    all_tokens = len(tokens) == num_tokens  # segments are ordered, so then tokens == arange
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return Grouped(
         tokens=as_tensor(tokens),
         positions=as_tensor(positions),
         slots=as_tensor(slots),
+        source=as_tensor(source),
         num_slots=len(counts),
         t_max=t_max,
         runs=_slot_runs(sorted(counts)),
-        all_tokens=len(tokens) == num_tokens,  # segments are ordered, so then tokens == arange
+        all_tokens=all_tokens,
+        identity=all_tokens and source == list(range(num_tokens)),
     )
 
 
@@ -136,21 +147,3 @@ def _slot_runs(active: list[int]) -> tuple[tuple[int, int, int], ...]:
         else:
             runs.append((s, 1, b))
     return tuple(runs)
-
-
-class Workspace:
-    """Scratch buffers reused across steps (engine thread only): no per-step allocation.
-
-    Rows of the grouped buffer that no token writes keep stale values; that is
-    harmless because bmm rows are independent and those rows are never read.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def rows(self, n: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (width, dtype, device)
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape[0] < n:
-            buf = self._buffers[key] = torch.zeros(max(n, 64), width, dtype=dtype, device=device)
-        return buf[:n]

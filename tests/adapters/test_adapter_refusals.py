@@ -120,11 +120,20 @@ def _edit(path: Path, fn) -> None:
     af.edit_tensors(path, fn)
 
 
+def _one_inf(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[-1] = float("-inf")
+    return t
+
+
 TENSOR_CASES = {
     "nan": (lambda t: {**t, PREFIX + "q_proj.lora_A.weight": t[PREFIX + "q_proj.lora_A.weight"] * float("nan")},
-            "contains NaN or Inf"),
+            r"q_proj.lora_A.weight' contains NaN or Inf"),
     "inf": (lambda t: {**t, PREFIX + "v_proj.lora_B.weight": t[PREFIX + "v_proj.lora_B.weight"] / 0.0},
-            "contains NaN or Inf"),
+            r"v_proj.lora_B.weight' contains NaN or Inf"),
+    "inf in one float16 tensor": (  # dtypes mixed in one file: the fused check still sees it
+        lambda t: {**t, PREFIX + "v_proj.lora_A.weight": _one_inf(t[PREFIX + "v_proj.lora_A.weight"].half())},
+        r"v_proj.lora_A.weight' contains NaN or Inf"),
     "shape": (lambda t: {**t, PREFIX + "v_proj.lora_B.weight": torch.zeros(64, 8)},
               r"v_proj.lora_B.weight' has shape \[64, 8\] but module .* needs \[32, 8\]"),
     "unknown module": (lambda t: {**{k.replace("layers.1.", "layers.7."): v for k, v in t.items()}},

@@ -63,3 +63,20 @@ def test_scattered_active_slots_equal_reference(layers, name):
     assert grouped is not None and grouped.num_slots == len(present)
     assert sum(c for _, c, _ in grouped.runs) == len(present)
     assert [f for f, _, _ in grouped.runs] == [s for s in present if s - 1 not in present]
+
+
+@pytest.mark.parametrize("slots, identity", [
+    ([0, 0, 3, 3, 4, 4, 9, 9], True),  # sorted by slot, equal counts: the layout is the token order
+    ([0, 3, 4, 9] * 2, False),  # same tokens per slot, interleaved: gathered
+    ([0, 3] * 20, False),  # 20 tokens per slot: the x·Aᵀ shrink (more than LEFT_SHRINK_MAX_T)
+    ([0, 3, 4, 5, 9, 15] * 3 + [BASE], False),  # 3 tokens per slot: the A·xᵀ shrink, plus a base-only token
+], ids=["identity", "interleaved", "many-per-slot", "few-per-slot"])
+def test_grouped_layouts_equal_reference(layers, slots, identity):
+    layer = layers["model.layers.0.mlp.up_proj"]
+    mapping = AdapterMapping.from_token_slots(slots)
+    x = torch.randn(len(slots), layer.in_features, generator=torch.Generator().manual_seed(len(slots)))
+    with torch.no_grad(), use_mapping(mapping):
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer.reference(x, mapping), atol=1e-4, rtol=1e-5)
+    grouped = step_plan(mapping, x.device).grouped
+    assert grouped is not None and grouped.identity is identity
