@@ -25,10 +25,13 @@ from bench.context import Bench
 from bench.hotload import scenario3
 from bench.model import load_bench_model, server_settings
 from bench.prepare import make_all_adapters, make_references, run_peft_baselines
-from bench.process import spawn
+from bench.process import spawn, wait_host_tier
 from bench.report import clean_nans, machine_info, text_table, write_results
 from bench.scale import scenario4
 from bench.scenarios import scenario1, scenario2, scenario5
+from server.settings import Settings
+
+HOST_TIER_DEFAULT = int(Settings.model_fields["max_adapters_host"].default)  # the main server's host tier
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
@@ -100,6 +103,9 @@ def _main_server(ctx: Bench) -> None:
     ctx.log(f"starting the server: max-batch {cfg.concurrency}, {cfg.max_adapters_needed} device slots")
     with spawn(cfg, ctx.store, ctx.work / "server-main.log", max_batch=cfg.concurrency,
                resident=cfg.max_adapters_needed) as h:
+        registered = len(ctx.lora) + len(ctx.miss) + len(ctx.cold)
+        waited = wait_host_tier(h.base_url, min(registered, HOST_TIER_DEFAULT))
+        ctx.log(f"start-up prefetch: {registered} adapters in host memory {waited:.1f} s after /ready")
         for n, fn in ((1, scenario1), (2, scenario2), (3, scenario3), (5, scenario5)):
             if n in cfg.scenarios:
                 fn(ctx, h)

@@ -58,14 +58,13 @@ def plot_vs_peft(s2: dict, out: Path) -> Path:
 
 def plot_hot_load(s3: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    cold, warm = s3["idle_ttft_cold_ms"], s3["idle_ttft_resident_ms"]
-    x = range(len(cold))
-    axes[0].bar([i - 0.2 for i in x], cold, width=0.4, label="not resident")
-    axes[0].bar([i + 0.2 for i in x], warm, width=0.4, label="resident")
-    axes[0].set_title("Time to first token (idle server)", fontsize=10)
+    idle = s3["idle_ttft_ms"]
+    series = [("on disk only", idle["disk"]["cold"]), ("in host memory", idle["host"]["cold"]),
+              ("resident", idle["host"]["warm"] + idle["disk"]["warm"])]
+    axes[0].boxplot([vals or [0] for _, vals in series], whis=(0, 100))
+    axes[0].set_xticks([1, 2, 3], [name for name, _ in series])
+    axes[0].set_title("Time to first token by where the adapter is (idle server)", fontsize=10)
     axes[0].set_ylabel("ms")
-    axes[0].set_xlabel("adapter")
-    axes[0].legend(fontsize=8)
     gaps = s3["gaps_ms"]
     axes[1].boxplot([gaps["resident"] or [0], gaps["loading"] or [0]], whis=(1, 99), showfliers=False)
     axes[1].set_xticks([1, 2], ["no loads", "adapters loading"])

@@ -46,7 +46,7 @@ def s2_requests(ctx: Bench) -> list[GenRequest]:
 def make_all_adapters(ctx: Bench) -> None:
     cfg = ctx.cfg
     n_lora = max(max(cfg.adapter_counts), cfg.peft_adapters, cfg.scale_distinct_files)
-    n_cold = 2 * cfg.cold_probes if 3 in cfg.scenarios else 0
+    n_cold = cfg.cold_probes if 3 in cfg.scenarios else 0  # more are placed after start-up (s3)
     t0 = time.perf_counter()
     ctx.lora = make_adapters(ctx.bm.model, "lora", lora_ids(n_lora), ctx.store, cfg.rank, seed=cfg.seed + 1)
     ctx.miss = make_adapters(ctx.bm.model, "miss", [f"miss-{i:03d}" for i in range(mix_count(ctx) // 2)],

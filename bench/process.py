@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,6 +108,25 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_tail
                 return
         time.sleep(poll_s)
     raise TimeoutError(f"server not ready after {timeout_s:.0f}s:\n{log_tail()}")
+
+
+HOST_GAUGE_RE = re.compile(r"^loraplex_adapters_host\s+([0-9.eE+-]+)$", re.M)
+
+
+def wait_host_tier(base_url: str, expected: int, timeout_s: float = 180.0, poll_s: float = 0.25) -> float:
+    """Wait until the server's start-up prefetch has `expected` adapters in host memory.
+
+    Why: the warm-up loads in the background; measuring while it runs would
+    charge its disk reads to whatever scenario comes first. Returns the seconds waited.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        with contextlib.suppress(httpx.HTTPError):
+            m = HOST_GAUGE_RE.search(httpx.get(f"{base_url}/metrics", timeout=5).text)
+            if m and float(m.group(1)) >= expected:
+                return time.monotonic() - t0
+        time.sleep(poll_s)
+    raise TimeoutError(f"host tier did not reach {expected} adapters within {timeout_s:.0f} s")
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -60,7 +60,9 @@ def scenario4(ctx: Bench) -> None:
     cfg = ctx.cfg
     store = ctx.work / "store-scale"
     ref, scale = build_store(ctx, store)
-    env = {"LORAPLEX_MAX_ADAPTERS_HOST": str(cfg.scale_host)}
+    # No start-up prefetch here: this scenario measures loads under churn (each id's first request
+    # reads its files) and the memory probe must see its adapters load after the baseline reading.
+    env = {"LORAPLEX_MAX_ADAPTERS_HOST": str(cfg.scale_host), "LORAPLEX_PREFETCH_ADAPTERS": "false"}
     ctx.log(f"scenario 4: server with {cfg.scale_slots} device slots, host tier {cfg.scale_host} adapters")
     with spawn(ctx.cfg, store, ctx.work / "server-scale.log", max_batch=cfg.concurrency,
                resident=cfg.scale_slots, env=env) as h:

@@ -85,6 +85,8 @@ def attach_adapters(services: Services) -> None:
     services.adapters = manager
     services.engine.set_adapter_manager(manager)
     services.add_shutdown_hook(manager.close)
+    if services.settings.prefetch_adapters:
+        manager.prefetch(services.store.newest_first)
     # Merge path (issue 5): dedicated adapters run on merged copies; the scheduler asks manager.merged_id.
     merge_registry = MergeRegistry(services.base, layers, services.store, services.settings, services.metrics,
                                    services.engine)

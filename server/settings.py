@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # --- adapters ----------------------------------------------------------
     max_adapters_resident: int = Field(8, ge=1, description="Device slots per adapted module")
     max_adapters_host: int = Field(128, ge=1, description="Host-memory LRU capacity (adapters)")
+    prefetch_adapters: bool = Field(True, description="Warm the host tier at start-up (newest first, never "
+                                    "past max_adapters_host) and with each upload, so a first request "
+                                    "skips the disk read")
     max_rank: int = Field(64, ge=1, le=1024)
     max_adapter_bytes: int = Field(256 * MiB, ge=1)
     max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")

@@ -11,7 +11,8 @@ Threads and who calls what:
     and the batch goes on. `release(key)` unpins when a request ends. Only this
     thread copies tensors into slots.
   - Any thread: `forget(tenant, adapter_id)` after delete / re-upload, `stats()`,
-    `is_pinned(key)` (the store's garbage collector).
+    `is_pinned(key)` (the store's garbage collector), `adopt(ref, adapter)` after
+    an upload validated it, `prefetch(refs)` to warm the host tier in the background.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ class AdapterManager:
         self._errors: dict[AdapterKey, AdapterError] = {}  # versions are immutable: a bad file stays bad
         self._inflight: dict[AdapterKey, Future] = {}
         self._pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
+        self._closed = False
         self.hits = self.misses = self.evictions = 0
         self.host_hits = self.host_misses = 0
 
@@ -108,9 +111,42 @@ class AdapterManager:
         self.host_misses += 1
         self._count("adapter_cache_misses", "host")
         self._observe_load("host", time.perf_counter() - started)
-        for _ in range(evicted):
-            self._count("adapter_cache_evictions", "host")
+        self._host_changed(evicted)
         return adapter
+
+    # -- host-tier warm-up (any thread) --------------------------------------
+    def adopt(self, ref: AdapterRef, adapter: LoadedAdapter) -> None:
+        """An upload just validated (= loaded) this version: keep it, its first request skips the read."""
+        with self._lock:
+            self._refs[ref.key] = ref
+        self._host_changed(self.host.put(ref.key, adapter))
+
+    def prefetch(self, refs: Callable[[], Iterable[AdapterRef]]) -> Future:
+        """Load `refs()` (newest first) into the host tier in the background; the future gives the count.
+
+        Why: a request for an adapter in host memory pays a slot copy (ms) instead
+        of a disk read and validation (tens of ms on CPU). It never evicts (stops
+        when the tier is full) and runs one load at a time through the request
+        loaders' pool, so a request queues behind at most one prefetch.
+        """
+        return self._prefetcher.submit(self._prefetch, refs)
+
+    def _prefetch(self, refs: Callable[[], Iterable[AdapterRef]]) -> int:
+        loaded = 0
+        for ref in refs():
+            if self._closed or len(self.host) >= self.host.capacity:
+                break
+            with self._lock:
+                if ref.key in self._errors or ref.key in self.slots.slot_of or ref.key in self.host:
+                    continue
+                self._refs.setdefault(ref.key, ref)
+            try:
+                self._load_async(ref).result()
+                loaded += 1
+            except Exception as e:  # noqa: BLE001 - a bad file is refused when requested, not here
+                log.warning("prefetch of adapter %s skipped: %s", ref.key, e)
+        log.info("prefetched %d adapters into the host tier", loaded)
+        return loaded
 
     # -- engine thread -------------------------------------------------------
     def acquire(self, key: AdapterKey) -> int | None:
@@ -221,7 +257,16 @@ class AdapterManager:
             }
 
     def close(self) -> None:
+        self._closed = True
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _host_changed(self, evicted: int) -> None:
+        for _ in range(evicted):
+            self._count("adapter_cache_evictions", "host")
+        gauge = getattr(self.metrics, "adapters_host", None)
+        if gauge is not None:
+            gauge.set(len(self.host))
 
     def _set_resident(self) -> None:
         gauge = getattr(self.metrics, "adapters_resident", None)

@@ -169,6 +169,12 @@ class AdapterStore:
                     out.append(self.get(t, adapter_id))
         return out
 
+    def newest_first(self) -> list[AdapterRef]:
+        """Every tenant's live versions, most recently written first (what a warm-up loads first)."""
+        refs = [AdapterRef(AdapterKey(t, a, v), p) for t in self.tenants() for a in self.adapter_ids(t)
+                for v, p in [max(self._versions(self.adapter_dir(t, a)).items())]]
+        return sorted(refs, key=lambda ref: _mtime(ref.path), reverse=True)
+
     def _record(self, ref: AdapterRef) -> dict[str, Any]:
         """Stored fields of a version; loose/foreign dirs are summarised once and cached."""
         with contextlib.suppress(OSError, ValueError):
@@ -346,6 +352,13 @@ def _trash_key(name: str) -> AdapterKey | None:
     if len(parts) != 4 or not parts[2].startswith("v") or not parts[2][1:].isdigit():
         return None
     return AdapterKey(parts[0], parts[1], int(parts[2][1:]))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _iso(ts: float) -> str:

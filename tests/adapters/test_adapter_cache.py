@@ -190,3 +190,58 @@ async def test_metrics_are_counted(env):
     assert sample("loraplex_adapter_cache_hits_total", {"tier": "device"}) == 1
     assert sample("loraplex_adapter_cache_evictions_total", {"tier": "device"}) == 1
     assert sample("loraplex_adapters_resident") == 2
+
+
+def _newest_first(store: AdapterStore, order: list[str]) -> None:
+    """Give the store's versions mtimes so that `order` is newest first."""
+    import os
+    import time
+
+    now = time.time()
+    for age, adapter_id in enumerate(order):
+        path = store.resolve("t1", adapter_id).path
+        os.utime(path, (now - 10 * age, now - 10 * age))
+
+
+async def test_prefetch_warms_the_host_tier_newest_first_and_skips_bad_files(env):
+    base, manager, store, dirs, expected, metrics = env
+    bad = dirs["a0"].parent / "bad-prefetch"
+    if not bad.exists():
+        import shutil
+
+        shutil.copytree(dirs["a0"], bad)
+        af.edit_tensors(bad, lambda t: {k: v * float("nan") for k, v in t.items()})
+    store.add_from_dir("t1", "bad", bad, {})
+    assert manager.prefetch(store.newest_first).result(timeout=60) == len(KINDS)  # the bad one is skipped
+    stats = manager.stats()
+    assert stats["host_entries"] == len(KINDS) and stats["resident"] == 0  # host tier only
+    assert metrics.registry.get_sample_value("loraplex_adapters_host") == len(KINDS)
+    assert metrics.registry.get_sample_value("loraplex_adapter_load_seconds_count", {"tier": "host"}) == len(KINDS)
+    calls = []
+    real = manager._loader
+    manager._loader = lambda *args: calls.append(args) or real(*args)
+    key = await manager.prepare("t1", "a4")
+    slot = manager.acquire(key)
+    assert calls == [] and slot is not None  # no disk read: served from the warmed tier
+    torch.testing.assert_close(_logits(base.model, slot), expected["a4"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(AdapterError, match="NaN or Inf"):  # refused when requested, as without prefetch
+        await manager.prepare("t1", "bad")
+
+
+async def test_prefetch_stops_when_the_host_tier_is_full(files, tmp_path):
+    dirs, _ = files
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=2)
+    base = af.tiny_base(seed=0)
+    store = AdapterStore(tmp_path / "store")
+    for i in range(4):
+        store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
+    _newest_first(store, ["a2", "a0", "a3", "a1"])
+    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
+    try:
+        assert [r.key.adapter_id for r in store.newest_first()] == ["a2", "a0", "a3", "a1"]
+        assert manager.prefetch(store.newest_first).result(timeout=60) == 2
+        stats = manager.stats()
+        assert stats["host_entries"] == 2 and stats["host_evictions"] == 0
+        assert all(manager.host.get(store.resolve("t1", a).key) is not None for a in ("a2", "a0"))
+    finally:
+        manager.close()

@@ -16,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.adapters.types import AdapterKey
 from server.app import create_app
 from server.settings import Settings
 from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import running_server
+from tests.harness import app_of, running_server, wait_until
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
 SCALE = {"miss_mini": 4.0}  # mini repeats a small block: it needs larger values to move greedy tokens
@@ -82,6 +83,20 @@ def test_uploaded_adapter_generates_like_the_placed_one(client: httpx.Client, ki
     # Another tenant cannot generate with it.
     r = client.post("/generate", json={"prompt": PROMPT, "adapter_id": adapter_id}, headers=auth(BOB))
     assert r.status_code == 404
+
+
+def test_upload_leaves_the_validated_adapter_in_the_host_tier(client: httpx.Client, server: str, peft_dirs) -> None:
+    manager = app_of(server).state.services.adapters
+    record = upload(client, "adopted", peft_dirs["lora_all"]).json()
+    key = AdapterKey(record["tenant"], "adopted", record["version"])
+    assert manager.host.get(key) is not None  # before any request: the upload's validation was kept
+    assert generate(client, "adopted")["text"] == generate(client, "placed-lora-all")["text"]
+
+
+def test_adapters_on_disk_at_start_are_prefetched_into_the_host_tier(server: str, peft_dirs) -> None:
+    services = app_of(server).state.services
+    keys = [services.store.resolve("alice", f"placed-{name.replace('_', '-')}").key for name in peft_dirs]
+    assert wait_until(lambda: all(services.adapters.host.get(k) is not None for k in keys), timeout=60)
 
 
 def stream_events(response: httpx.Response) -> Iterator[dict]:

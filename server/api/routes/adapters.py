@@ -55,8 +55,9 @@ def summarize(loaded: Any) -> dict[str, Any]:
     return summary
 
 
-def validate_adapter(services: Services, path: Path) -> dict[str, Any]:
-    """Full validation with the engine's reader against the loaded base model (blocking)."""
+def validate_adapter(services: Services, path: Path) -> Any:
+    """Full validation with the engine's reader against the loaded base model (blocking);
+    returns the LoadedAdapter, which the host tier can keep."""
     from server.adapters.peft_format import read_adapter
 
     try:
@@ -66,7 +67,7 @@ def validate_adapter(services: Services, path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a reader bug must still be a clean 4xx for this upload
         log.exception("adapter validation failed unexpectedly")
         raise AdapterError(f"adapter could not be read: {type(e).__name__}: {e}") from None
-    return summarize(loaded)
+    return loaded
 
 
 def live_state(services: Services, key: AdapterKey) -> dict[str, Any]:
@@ -131,9 +132,11 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         raise
     with store.staging() as staged:
         await receive_upload(request, staged, services.settings.max_adapter_bytes)
-        summary = await run_in_threadpool(validate_adapter, services, staged)
-        stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summary)
+        loaded = await run_in_threadpool(validate_adapter, services, staged)
+        stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summarize(loaded))
     after_change(services, owner, adapter_id, deleted=False)
+    if services.adapters is not None and services.settings.prefetch_adapters:
+        services.adapters.adopt(stored.ref, loaded)  # validation loaded it: the first request skips the read
     if services.merge is not None:  # a dedicated adapter's new version is merged before we answer (issue 5)
         await services.merge.refresh(owner, adapter_id)
     return JSONResponse(present(services, stored), status_code=201)
