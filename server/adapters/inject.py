@@ -33,7 +33,7 @@ def module_table(model: nn.Module) -> dict[str, ModuleInfo]:
     table: dict[str, ModuleInfo] = {}
     wrapped: set[str] = set()
     for name, mod in model.named_modules():
-        if ".base_layer" in name and _inside_wrapper(name, wrapped):
+        if wrapped and _inside_wrapper(name, wrapped):
             continue
         if isinstance(mod, AdaptedModule):
             wrapped.add(name)
@@ -43,9 +43,10 @@ def module_table(model: nn.Module) -> dict[str, ModuleInfo]:
 
 
 def _inside_wrapper(name: str, wrapped: set[str]) -> bool:
-    """`name` is a wrapper's `.base_layer` or below it (one set lookup per occurrence, not a scan)."""
+    """`name` is below a wrapper (its base layer, or a trainer's module attached to it): the
+    wrapper stands for the base module, nothing beneath it is a module of the base model."""
     parts = name.split(".")
-    return any(parts[i] == "base_layer" and ".".join(parts[:i]) in wrapped for i in range(1, len(parts)))
+    return any(".".join(parts[:i]) in wrapped for i in range(1, len(parts)))
 
 
 def _info(name: str, mod: nn.Module) -> ModuleInfo:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -38,27 +39,28 @@ class LoadedAdapter:
         }
 
 
-def pack_weights(modules: dict[str, ModuleWeights]) -> tuple[dict[str, ModuleWeights], torch.Tensor]:
-    """The same weights as views into one owned flat buffer (returned too, `[total elements]`).
+class Arena:
+    """One owned flat buffer an adapter's compute-form tensors are carved from, in order.
 
     Why: hundreds of small tensors per adapter fragment the host heap (freed
     adapters leave holes a new one does not exactly fit, so RSS outgrows the
-    tensor bytes), and a one-shot scan of the buffer replaces a kernel per tensor.
-    Freeing the adapter frees the buffer whole. All tensors share the serving dtype.
+    tensor bytes); one allocation per adapter is freed whole, and one pass over
+    `flat` checks every value. Loaders write straight into `take(...)` views, so
+    no intermediate copy of the adapter exists.
     """
-    tensors = [(name, f.name, getattr(w, f.name)) for name, w in modules.items() for f in fields(w)
-               if isinstance(getattr(w, f.name), torch.Tensor)]
-    if not tensors:
-        return modules, torch.empty(0)
-    dtypes = {t.dtype for _, _, t in tensors}
-    if len(dtypes) != 1:
-        raise ValueError(f"adapter tensors must share one dtype to be packed, got {sorted(map(str, dtypes))}")
-    flat = torch.empty(sum(t.numel() for _, _, t in tensors), dtype=dtypes.pop())  # [total]
-    views: dict[str, dict[str, torch.Tensor]] = {}
-    offset = 0
-    for name, field, t in tensors:
-        view = flat[offset:offset + t.numel()].view(t.shape)
-        view.copy_(t)
-        views.setdefault(name, {})[field] = view
-        offset += t.numel()
-    return {name: replace(w, **views.get(name, {})) for name, w in modules.items()}, flat
+
+    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+        self.flat = torch.empty(numel, dtype=dtype)  # [numel]
+        self._used = 0
+
+    def take(self, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._used + n > self.flat.numel():
+            raise ValueError(f"arena of {self.flat.numel()} elements is full")
+        view = self.flat[self._used:self._used + n].view(shape)
+        self._used += n
+        return view
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` cast to the arena's dtype, in the arena."""
+        return self.take(*tensor.shape).copy_(tensor)

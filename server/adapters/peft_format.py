@@ -8,15 +8,19 @@ The same function validates uploads for the store and loads for the cache.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from server.adapters.inject import ModuleInfo, all_linear_names, module_table
-from server.adapters.loaded import LoadedAdapter, ModuleWeights, pack_weights
+from server.adapters.loaded import Arena, LoadedAdapter, ModuleWeights
 from server.adapters.lora import lora_from_peft, lora_scale
 from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
@@ -55,7 +59,7 @@ def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
     if not weights_path.is_file():
         raise AdapterError(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
     infos = check_safetensors(weights_path, settings.max_adapter_bytes)
-    model_base = _Base(table := module_table(base.model), all_linear_names(base.model, table))
+    model_base = _base_of(base.model)
     roles = _group(infos, spec)
     _check_targets(spec, roles, model_base)
     for name, parts in roles.items():
@@ -69,6 +73,19 @@ def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
         modules=modules,
         nbytes=sum(w.nbytes for w in modules.values()),
     )
+
+
+_bases: weakref.WeakKeyDictionary[Any, _Base] = weakref.WeakKeyDictionary()
+_bases_lock = threading.Lock()
+
+
+def _base_of(model: Any) -> _Base:
+    """The model's module table, walked once per model (the same before and after injection)."""
+    with _bases_lock:
+        found = _bases.get(model)
+        if found is None:
+            found = _bases[model] = _Base(table := module_table(model), all_linear_names(model, table))
+        return found
 
 
 def _refuse_pickles(path: Path) -> None:
@@ -182,22 +199,60 @@ def _expect_shape(info: ModuleInfo, t: TensorInfo, expected: tuple[int, ...]) ->
 def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]], base: _Base,
           dtype: torch.dtype) -> dict[str, ModuleWeights]:
     modules: dict[str, ModuleWeights] = {}
-    raw: dict[str, torch.Tensor] = {}  # [as stored], backed by the file's memory map
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    raw: dict[str, torch.Tensor] = {}  # [as stored]: views into the read buffer
+    infos = [t for parts in roles.values() for t in parts.values()]
+    base_copies = [parts["BASE"] for parts in roles.values() if "BASE" in parts]
+    with _read_buffer(path, max(t.offset + t.nbytes for t in infos)) as whole:
         def get(t: TensorInfo) -> torch.Tensor:
-            tensor = raw[t.name] = f.get_tensor(t.name)
+            tensor = raw[t.name] = _tensor_at(whole, t)
             return tensor
 
+        # Own the bytes, in one buffer per adapter: the read buffer is reused by this thread's next load.
+        arena = Arena(sum(math.prod(t.shape) for t in infos if t not in base_copies), dtype)
         for name, parts in sorted(roles.items()):
             info = base.table[name]
             if "BASE" in parts:  # compared, never kept (equal to the base weight implies finite)
-                _check_base_copy(info, f.get_tensor(parts["BASE"].name))
-            modules[name] = _module_weights(spec, info, parts, get, dtype)
-    # Own the bytes, in one buffer: a tensor left backed by the memory map would keep
-    # the whole file mapped for as long as the host cache holds the adapter.
-    modules, flat = pack_weights(modules)
-    _check_finite(flat, raw)
+                _check_base_copy(info, _tensor_at(whole, parts["BASE"]))
+            modules[name] = _module_weights(spec, info, parts, get, arena)
+        _check_finite(arena.flat, raw)
     return modules
+
+
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_buffers = threading.local()
+REUSED_BUFFER_MAX = 64 * 1024 * 1024  # bigger files get a one-off buffer
+
+
+@contextlib.contextmanager
+def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
+    """The file's first `end` bytes as a uint8 tensor `[end]`, read with one call.
+
+    Why not a memory map: faulting hundreds of tensors in page by page and then
+    copying them costs more than one read into a buffer this loader thread keeps
+    (warm pages, no allocation). Nothing may keep a view of it past this block.
+    """
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < end:
+        buf = bytearray(end)
+        if end <= REUSED_BUFFER_MAX:
+            _buffers.buf = buf
+    view = memoryview(buf)[:end]
+    with path.open("rb") as f:
+        got = f.readinto(view)
+    if got != end:
+        raise AdapterError(f"{WEIGHTS_FILE} changed while it was being read")
+    try:
+        yield torch.frombuffer(buf, dtype=torch.uint8, count=end)
+    finally:
+        view.release()
+
+
+def _tensor_at(whole: torch.Tensor, t: TensorInfo) -> torch.Tensor:
+    dtype = TORCH_DTYPES[t.dtype]
+    data = whole[t.offset:t.offset + t.nbytes]  # [nbytes] uint8
+    if t.offset % dtype.itemsize:
+        data = data.clone()  # safetensors does not promise aligned offsets
+    return data.view(dtype).view(t.shape)
 
 
 def _check_finite(flat: torch.Tensor, raw: dict[str, torch.Tensor]) -> None:
@@ -213,13 +268,13 @@ def _check_finite(flat: torch.Tensor, raw: dict[str, torch.Tensor]) -> None:
 
 
 def _module_weights(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo], get: Any,
-                    dtype: torch.dtype) -> ModuleWeights:
+                    arena: Arena) -> ModuleWeights:
     if spec.peft_type == "LORA":
         emb = info.kind == "embedding"
         a, b = (get(parts["EA"]), get(parts["EB"])) if emb else (get(parts["A"]), get(parts["B"]))
         scale = lora_scale(spec.module_alpha(info.name), spec.module_rank(info.name), spec.use_rslora)
-        return lora_from_peft(a, b, scale, dtype, embedding=emb)
-    block = get(parts["BLOCK"]).to(dtype).contiguous()
+        return lora_from_peft(a, b, scale, arena.flat.dtype, embedding=emb, arena=arena)
+    block = arena.copy(get(parts["BLOCK"]))
     if spec.init == "bat":
         return BatWeights(block)
     return MissWeights(block, info.in_features, info.out_features)

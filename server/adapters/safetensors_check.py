@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.errors import AdapterError
@@ -36,6 +36,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # of its first byte in the file (header included)
 
 
 def check_safetensors(path: Path, max_bytes: int) -> dict[str, TensorInfo]:
@@ -51,7 +52,7 @@ def check_safetensors(path: Path, max_bytes: int) -> dict[str, TensorInfo]:
             raise AdapterError(f"adapter_model.safetensors has an invalid header length {header_len}")
         raw = f.read(header_len)
     header = _parse_header(raw)
-    infos, ranges = _collect_tensors(header)
+    infos, ranges = _collect_tensors(header, data_start=8 + header_len)
     _check_ranges(ranges, data_len=size - 8 - header_len)
     return infos
 
@@ -71,14 +72,14 @@ def _parse_header(raw: bytes) -> dict:
     return header
 
 
-def _collect_tensors(header: dict) -> tuple[dict[str, TensorInfo], list[tuple[int, int, str]]]:
+def _collect_tensors(header: dict, data_start: int) -> tuple[dict[str, TensorInfo], list[tuple[int, int, str]]]:
     infos: dict[str, TensorInfo] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         info, begin, end = _tensor_entry(name, entry)
-        infos[name] = info
+        infos[name] = replace(info, offset=data_start + begin)
         ranges.append((begin, end, name))
     return infos, ranges
 

@@ -246,3 +246,32 @@ def test_truncated_file(fresh):
     data = (copy("miss_mini") / "adapter_model.safetensors").read_bytes()
     (path / "adapter_model.safetensors").write_bytes(data[:-3])
     refused(path, base, settings, "size is inconsistent")
+
+
+def test_unaligned_and_mixed_dtype_tensors_load_exactly(fresh):
+    """safetensors does not promise aligned data offsets (the reader copies such tensors), and a
+    file may mix dtypes: both load to the same values as the library's own reader gives."""
+    from safetensors.torch import load_file
+
+    base, settings, copy = fresh
+    path = copy()
+    weights = path / "adapter_model.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}  # not backed by the file we rewrite
+    tensors[PREFIX + "q_proj.lora_A.weight"] = tensors[PREFIX + "q_proj.lora_A.weight"].half()
+    names = sorted(tensors)
+    header, data, offset = {}, b"", 0
+    for name in names:
+        raw = tensors[name].contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": {torch.float16: "F16", torch.float32: "F32"}[tensors[name].dtype],
+                        "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(raw)]}
+        data, offset = data + raw, offset + len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - (8 + len(text)) % 8) + 1)  # one byte past alignment: every offset is odd
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    assert (8 + len(text)) % 2 == 1
+    loaded = read_adapter(path, base, settings)
+    for name in names:
+        module = name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        w = loaded.modules[module]
+        got = w.a if ".lora_A." in name else w.bt.T / 2.0  # lora_qv: scale alpha 16 / r 8 = 2 folded into B
+        torch.testing.assert_close(got, tensors[name].float(), rtol=0, atol=0)
