@@ -126,6 +126,7 @@ def serve(settings: Settings) -> int:
         settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
         settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
     app = create_app(settings)
+    app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware
     # writes the access lines (with request id and tenant), so uvicorn's own are off.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

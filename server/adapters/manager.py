@@ -199,6 +199,12 @@ class AdapterManager:
         self._count("adapter_cache_evictions", "device")
         return slot
 
+    def pin(self, key: AdapterKey) -> None:
+        """Pin without a device slot: a request running on a merged copy (its lane) does no adapter
+        math, but its version's files must outlive it like any other (the store's GC asks is_pinned)."""
+        with self._lock:
+            self.slots.pin(key)
+
     def release(self, key: AdapterKey) -> None:
         with self._lock:
             if not self.slots.unpin(key):

@@ -245,3 +245,13 @@ async def test_prefetch_stops_when_the_host_tier_is_full(files, tmp_path):
         assert all(manager.host.get(store.resolve("t1", a).key) is not None for a in ("a2", "a0"))
     finally:
         manager.close()
+
+
+async def test_pin_without_a_slot_guards_the_version_and_takes_no_slot(env):
+    _, manager, _, _, _, _ = env
+    keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]
+    manager.pin(keys[2])  # a request on a merged lane
+    assert manager.is_pinned(keys[2]) and manager.stats()["resident"] == 0
+    assert manager.acquire(keys[0]) is not None and manager.acquire(keys[1]) is not None  # both slots still free
+    manager.release(keys[2])
+    assert not manager.is_pinned(keys[2])

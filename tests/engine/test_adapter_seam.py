@@ -34,6 +34,9 @@ class Manager:
     def merged_id(self, key: str) -> int | None:
         return self.lanes.get(key)
 
+    def pin(self, key: str) -> None:
+        self.pins[key] = self.pins.get(key, 0) + 1
+
 
 @pytest.fixture
 def mappings(varied_base):
@@ -134,6 +137,22 @@ def test_merged_lane_steps_are_never_mixed_with_the_shared_lane(make_engine, var
             assert set(slots) <= {1, -1}
     # Lanes alternate while both have work (no lane starves).
     assert any(a != b for a, b in zip(lanes, lanes[1:]))
+
+
+def test_merged_lane_requests_need_no_device_slot(make_engine, varied_base, mappings):
+    """Every slot taken (acquire says None): a request of a merged adapter still runs, in its lane, pinned."""
+    engine = make_engine(max_batch=4)
+    manager = Manager({"dedicated": None}, lanes={"dedicated": 3})
+    engine.set_adapter_manager(manager)
+
+    async def go():
+        r = req(varied_base, "dedicated", 4)
+        engine.submit(r)
+        return await drain(r)
+
+    assert asyncio.run(go()).finish_reason == "length"
+    assert {lane for _, lane in mappings} == {3}
+    assert manager.pins == {"dedicated": 0} and manager.released == ["dedicated"]  # pinned, then released
 
 
 def test_lm_head_gets_a_mapping_of_exactly_its_rows(make_engine, varied_base):
