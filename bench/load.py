@@ -43,6 +43,12 @@ class GenResult:
     def ttft_s(self) -> float:
         return self.t_first - self.t_send
 
+    @property
+    def decode_rate(self) -> float:
+        """Tokens/s of this stream after its first token; NaN with fewer than two token events."""
+        t = self.token_times
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) >= 2 and t[-1] > t[0] else math.nan
+
     def gaps(self) -> list[float]:
         """Inter-token latencies (s) of this stream."""
         t = self.token_times
@@ -72,6 +78,20 @@ class LoadRun:
         """Generated tokens per second over the whole run (first send → last token); NaN if nothing came."""
         return self.tokens / self.wall_s if self.wall_s > 0 and self.tokens else math.nan
 
+    @property
+    def decode_throughput(self) -> float:
+        """Σ over streams of each one's decode rate: tokens/s of the batch with every stream in it.
+
+        Why beside `throughput`: an adapter changes what the model says, so some
+        of its streams may stop early (EOS) while the base runs all to
+        max_new_tokens; whole-run tokens/s then charges the adapter for writing
+        less. Each stream's own rate is measured while it is in the batch, so
+        this compares equal work per engine step (prefill excluded).
+        """
+        rates = [r.decode_rate for r in self.results if r.ok]
+        rates = [x for x in rates if x == x]
+        return sum(rates) if rates else math.nan
+
     def gaps(self, t_from: float = -math.inf, t_to: float = math.inf) -> list[float]:
         """All inter-token gaps whose later token arrived in [t_from, t_to]."""
         out: list[float] = []
@@ -89,6 +109,7 @@ class LoadRun:
             "tokens": self.tokens,
             "wall_s": round(self.wall_s, 3),
             "tok_per_s": round(self.throughput, 2),
+            "decode_tok_per_s": round(self.decode_throughput, 2),
             "itl_p50_ms": round(1000 * percentile(gaps, 50), 2),
             "itl_p99_ms": round(1000 * percentile(gaps, 99), 2),
             "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 2),
