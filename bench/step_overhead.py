@@ -14,9 +14,10 @@ Every configuration decodes the same 32 sequences at the same positions (one
 token each, the cache rows were prefilled once), so only the adapter mapping
 differs. Ratios are base step time / config step time (= throughput ratio).
 
-Measured on the shared 2-core AMD EPYC (load average 3-7 from other jobs, so
-single runs vary ±20 %), 1 thread, 5 interleaved reps, median (min):
-  base 493-521 ms; lora16 0.72-0.87 (0.67-0.77); lora1 0.96-1.0; prefill lora4 0.93-0.94.
+Measured on the shared 2-core AMD EPYC, 1 thread, 7 interleaved reps, median (min),
+after the A·xᵀ shrink (server/adapters/layers.py): base 196 ms (193); lora1 0.88 (0.93);
+lora4 0.90 (0.90); lora16 0.84 (0.84); lora32 0.79 (0.80); mix16 0.81 (0.82); prefill
+lora4 0.90 (0.91). Before it, on a busier box: lora16 0.72-0.87 (0.67-0.77).
 With 2 threads the box is oversubscribed (base step 2.4-2.7 s) and ratios are noise.
 Where the 16-adapter gap comes from (1 thread, all 210 modules' adapter math alone,
 cold weights): streaming the 312 MB of 16 resident adapters (`sum`) takes 13-24 ms;

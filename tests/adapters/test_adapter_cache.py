@@ -9,7 +9,10 @@ from a stale cache entry.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -115,15 +118,18 @@ async def test_concurrent_prepares_share_one_load(env):
     assert len(calls) == 1 and manager.stats()["host_hits"] >= 1
 
 
-async def test_bad_adapter_fails_alone(env):
-    _, manager, store, dirs, _, _ = env
+def _add_bad_adapter(store: AdapterStore, dirs: dict) -> None:
+    """Adapter id "bad": a0's files with every value NaN (made once per module)."""
     bad = dirs["a0"].parent / "bad"
     if not bad.exists():
-        import shutil
-
         shutil.copytree(dirs["a0"], bad)
         af.edit_tensors(bad, lambda t: {k: v * float("nan") for k, v in t.items()})
     store.add_from_dir("t1", "bad", bad, {})
+
+
+async def test_bad_adapter_fails_alone(env):
+    _, manager, store, dirs, _, _ = env
+    _add_bad_adapter(store, dirs)
     good = await manager.prepare("t1", "a1")
     with pytest.raises(AdapterError, match="NaN or Inf"):
         await manager.prepare("t1", "bad")
@@ -155,14 +161,20 @@ async def test_new_version_is_never_served_from_a_stale_cache(env):
     manager.release(old)
 
 
-async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
-    dirs, expected = files
+def _small_host_tier(files, tmp_path, adapters: int) -> tuple:
+    """(base, store, manager): 2 device slots, a host tier of 2, `adapters` LoRA/MiSS ids a0.. in the store."""
+    dirs, _ = files
     settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=2)
     base = af.tiny_base(seed=0)
     store = AdapterStore(tmp_path / "store")
-    for i in range(3):
+    for i in range(adapters):
         store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
-    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
+    return base, store, AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
+
+
+async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
+    dirs, expected = files
+    base, store, manager = _small_host_tier(files, tmp_path, adapters=3)
     try:
         keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]  # a0 falls out of the host tier
         assert manager.stats()["host_evictions"] == 1
@@ -194,9 +206,6 @@ async def test_metrics_are_counted(env):
 
 def _newest_first(store: AdapterStore, order: list[str]) -> None:
     """Give the store's versions mtimes so that `order` is newest first."""
-    import os
-    import time
-
     now = time.time()
     for age, adapter_id in enumerate(order):
         path = store.resolve("t1", adapter_id).path
@@ -205,13 +214,7 @@ def _newest_first(store: AdapterStore, order: list[str]) -> None:
 
 async def test_prefetch_warms_the_host_tier_newest_first_and_skips_bad_files(env):
     base, manager, store, dirs, expected, metrics = env
-    bad = dirs["a0"].parent / "bad-prefetch"
-    if not bad.exists():
-        import shutil
-
-        shutil.copytree(dirs["a0"], bad)
-        af.edit_tensors(bad, lambda t: {k: v * float("nan") for k, v in t.items()})
-    store.add_from_dir("t1", "bad", bad, {})
+    _add_bad_adapter(store, dirs)
     assert manager.prefetch(store.newest_first).result(timeout=60) == len(KINDS)  # the bad one is skipped
     stats = manager.stats()
     assert stats["host_entries"] == len(KINDS) and stats["resident"] == 0  # host tier only
@@ -229,14 +232,8 @@ async def test_prefetch_warms_the_host_tier_newest_first_and_skips_bad_files(env
 
 
 async def test_prefetch_stops_when_the_host_tier_is_full(files, tmp_path):
-    dirs, _ = files
-    settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=2)
-    base = af.tiny_base(seed=0)
-    store = AdapterStore(tmp_path / "store")
-    for i in range(4):
-        store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
+    _, store, manager = _small_host_tier(files, tmp_path, adapters=4)
     _newest_first(store, ["a2", "a0", "a3", "a1"])
-    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
     try:
         assert [r.key.adapter_id for r in store.newest_first()] == ["a2", "a0", "a3", "a1"]
         assert manager.prefetch(store.newest_first).result(timeout=60) == 2
