@@ -162,7 +162,9 @@ CORRUPTIONS = {"truncated": (_truncate, "size"), "garbage_header": (_garbage_hea
 @pytest.fixture(scope="module")
 def corrupt_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     store = tmp_path_factory.mktemp("corrupt") / "store"
-    with running_server(hardening_settings(tiny_model_dir, store)) as url:
+    # No prefetch: an upload would otherwise leave its validated copy in host memory, and the
+    # damaged file would never be read (served from the copy, which is right, but not this path).
+    with running_server(hardening_settings(tiny_model_dir, store, prefetch_adapters=False)) as url:
         yield url, store
 
 
