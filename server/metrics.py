@@ -81,7 +81,6 @@ class Metrics:
             "device = copy into a slot (engine thread, between steps)",
             ["tier"], registry=r, buckets=LOAD_BUCKETS)
         self.adapters_resident = Gauge("loraplex_adapters_resident", "Adapters in device slots", registry=r)
-        self.adapters_host = Gauge("loraplex_adapters_host", "Adapters loaded in the host-memory tier", registry=r)
         self.merged_copies = Gauge("loraplex_merged_copies", "Merged (dedicated) copies of the base held",
                                    registry=r)
         self.merged_bytes = Gauge("loraplex_merged_bytes", "Bytes held by merged copies (adapted modules only)",

@@ -111,7 +111,7 @@ class AdapterManager:
         self.host_misses += 1
         self._count("adapter_cache_misses", "host")
         self._observe_load("host", time.perf_counter() - started)
-        self._host_changed(evicted)
+        self._count_host_evictions(evicted)
         return adapter
 
     # -- host-tier warm-up (any thread) --------------------------------------
@@ -119,7 +119,7 @@ class AdapterManager:
         """An upload just validated (= loaded) this version: keep it, its first request skips the read."""
         with self._lock:
             self._refs[ref.key] = ref
-        self._host_changed(self.host.put(ref.key, adapter))
+        self._count_host_evictions(self.host.put(ref.key, adapter))
 
     def prefetch(self, refs: Callable[[], Iterable[AdapterRef]]) -> Future:
         """Load `refs()` (newest first) into the host tier in the background; the future gives the count.
@@ -267,12 +267,9 @@ class AdapterManager:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _host_changed(self, evicted: int) -> None:
+    def _count_host_evictions(self, evicted: int) -> None:
         for _ in range(evicted):
             self._count("adapter_cache_evictions", "host")
-        gauge = getattr(self.metrics, "adapters_host", None)
-        if gauge is not None:
-            gauge.set(len(self.host))
 
     def _set_resident(self) -> None:
         gauge = getattr(self.metrics, "adapters_resident", None)
