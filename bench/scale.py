@@ -154,7 +154,7 @@ def host_memory(ctx: Bench, h: ServerHandle, scale: list[AdapterSpec]) -> dict:
         per = growth["rss"]
         out.update(per_adapter=per, ratio=per / tensor_bytes, source="rss",
                    how=f"server {rss_how} over {k} fresh adapters vs {tensor_bytes / 2**20:.1f} MiB tensors "
-                       "(no host-tier gauge on /metrics)")
+                       "(measured by the OS, not self-reported by the server)")
     else:
         out.update(ratio=None, source="none", how="no /metrics gauge and no /proc on this OS")
     return out
