@@ -135,7 +135,8 @@ class AdaptedLinear(AdaptedModule):
             a, bt = bank.a[:, :r], bank.bt[:, :r]  # [slots, r, in], [slots, r, out]
             for slot, start, n in plan.long:
                 if bank.ranks[slot]:
-                    y2[start:start + n] += (x2[start:start + n] @ a[slot].T) @ bt[slot]
+                    # addmm_: the rank-r product is added as MKL writes it (no [n, out] temporary)
+                    y2[start:start + n].addmm_(x2[start:start + n] @ a[slot].T, bt[slot])
             if plan.grouped is not None:
                 self._add_grouped(x2, y2, plan, a, bt)
         for slot, block in bank.bat.items():
@@ -150,6 +151,11 @@ class AdaptedLinear(AdaptedModule):
         assert g is not None
         xs = x2 if g.identity else x2.index_select(0, g.source)  # [S*t, in]
         blocks = xs.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
+        if g.identity:  # y's rows are the layout: add each run's product in place
+            y3 = y2.view(g.num_slots, g.t_max, -1)  # [S, t, out]
+            for f, c, b in g.runs:
+                y3[b:b + c].baddbmm_(_shrink(blocks[b:b + c], a[f:f + c]), bt[f:f + c])
+            return
         outs = [torch.bmm(_shrink(blocks[b:b + c], a[f:f + c]), bt[f:f + c]) for f, c, b in g.runs]  # [c, t, out]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, out]
         _add_rows(y2, out, g)
