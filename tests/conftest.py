@@ -68,6 +68,14 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """The embedded model's architecture, random weights whose outputs depend on context (tests/harness.py)."""
+    from tests.harness import build_varied_llama
+
+    return build_varied_llama(tmp_path_factory.mktemp("varied-llama"), embedded_model_dir)
+
+
 @pytest.fixture
 def tiny_settings(tiny_model_dir, tmp_path) -> Settings:
     return Settings(model=str(tiny_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")

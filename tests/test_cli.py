@@ -12,12 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import REPO_ROOT, build_varied_llama, read_log, serve_command, spawn_server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, embedded_model_dir):
-    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
+from tests.harness import REPO_ROOT, read_log, serve_command, spawn_server
 
 
 def stream_generate(url: str, out: dict, max_new_tokens: int) -> None:
@@ -38,8 +33,8 @@ def stream_generate(url: str, out: dict, max_new_tokens: int) -> None:
     out["final"], out["text"] = final, "".join(deltas)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
-    args = ["--model", str(model_dir), "--store", str(tmp_path / "store"), "--device", "cpu", "--dtype", "float32",
+def test_sigterm_drains_in_flight_requests_and_exits_0(varied_model_dir, tmp_path):
+    args = ["--model", str(varied_model_dir), "--store", str(tmp_path / "store"), "--device", "cpu", "--dtype", "float32",
             "--max-batch", "4"]
     with spawn_server(args) as (proc, url):
         results = [{"started": threading.Event()} for _ in range(2)]
@@ -62,8 +57,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
         assert r["final"]["finish_reason"] == "length" and r["final"]["usage"]["completion_tokens"] == 450
 
 
-def test_non_loopback_host_without_auth_is_refused(model_dir):
-    done = subprocess.run(serve_command(["--model", str(model_dir), "--host", "0.0.0.0"]), cwd=REPO_ROOT,
+def test_non_loopback_host_without_auth_is_refused(varied_model_dir):
+    done = subprocess.run(serve_command(["--model", str(varied_model_dir), "--host", "0.0.0.0"]), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "non-loopback" in done.stderr and "--insecure-no-auth" in done.stderr
@@ -75,10 +70,10 @@ def test_bad_flag_values_are_clean_errors():
     assert done.returncode == 2 and "max_batch" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_env_twins_and_flags(model_dir, tmp_path):
+def test_env_twins_and_flags(varied_model_dir, tmp_path):
     """LORAPLEX_* env configures the server; a flag overrides its env twin."""
     env = {"LORAPLEX_MAX_BATCH": "3", "LORAPLEX_MAX_QUEUE": "5", "LORAPLEX_DEVICE": "cpu"}
-    with spawn_server(["--model", str(model_dir), "--store", str(tmp_path / "s"), "--max-queue", "7"],
+    with spawn_server(["--model", str(varied_model_dir), "--store", str(tmp_path / "s"), "--max-queue", "7"],
                       env=env) as (proc, url):
         r = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
         assert r.status_code == 200

@@ -10,17 +10,12 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from tests.harness import Gate, build_varied_llama, running_server, wait_until
+from tests.harness import Gate, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, embedded_model_dir):
-    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    settings = Settings(model=str(model_dir), store=tmp_path_factory.mktemp("store"), device="cpu",
+def server(varied_model_dir, tmp_path_factory):
+    settings = Settings(model=str(varied_model_dir), store=tmp_path_factory.mktemp("store"), device="cpu",
                         dtype="float32", max_batch=4, max_queue=2, max_new_tokens_limit=500,
                         train_interleave_steps=1)
     with running_server(settings) as url:
@@ -134,9 +129,9 @@ def test_unknown_adapter_is_404(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
 
 
-def test_base_model_id_as_adapter_is_the_base(server, model_dir):
-    r = httpx.post(f"{server}/generate", json={"prompt": "Hi", "adapter_id": model_dir.name, "max_new_tokens": 4})
-    assert r.status_code == 200 and r.json()["adapter_id"] == model_dir.name
+def test_base_model_id_as_adapter_is_the_base(server, varied_model_dir):
+    r = httpx.post(f"{server}/generate", json={"prompt": "Hi", "adapter_id": varied_model_dir.name, "max_new_tokens": 4})
+    assert r.status_code == 200 and r.json()["adapter_id"] == varied_model_dir.name
 
 
 def test_body_and_header_limits(server):

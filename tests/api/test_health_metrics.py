@@ -7,17 +7,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.settings import Settings
-from tests.harness import app_of, build_varied_llama, running_server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, embedded_model_dir):
-    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
+from tests.harness import app_of, running_server
 
 
 @pytest.fixture
-def settings(model_dir, tmp_path):
-    return Settings(model=str(model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
+def settings(varied_model_dir, tmp_path):
+    return Settings(model=str(varied_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
 
 
 def samples(text: str) -> dict[str, float]:

@@ -7,17 +7,12 @@ import openai
 import pytest
 
 from server.settings import Settings
-from tests.harness import build_varied_llama, running_server
+from tests.harness import running_server
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, embedded_model_dir):
-    return build_varied_llama(tmp_path_factory.mktemp("varied"), embedded_model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    settings = Settings(model=str(model_dir), store=tmp_path_factory.mktemp("store"), device="cpu",
+def server(varied_model_dir, tmp_path_factory):
+    settings = Settings(model=str(varied_model_dir), store=tmp_path_factory.mktemp("store"), device="cpu",
                         dtype="float32", max_batch=4)
     with running_server(settings) as url:
         yield url
@@ -29,8 +24,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def model_id(model_dir):
-    return model_dir.name
+def model_id(varied_model_dir):
+    return varied_model_dir.name
 
 
 def test_models_lists_the_base(client, model_id):
@@ -67,10 +62,10 @@ def test_chat_plain_and_stream(client, model_id):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
 
 
-def test_chat_uses_the_tokenizers_chat_template(client, server, model_id, model_dir):
+def test_chat_uses_the_tokenizers_chat_template(client, server, model_id, varied_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(varied_model_dir)
     messages = [{"role": "user", "content": "What is 2+2?"}]
     templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     native = httpx.post(f"{server}/generate", json={"prompt": templated, "max_new_tokens": 8}).json()

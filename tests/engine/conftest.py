@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -13,12 +12,6 @@ from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
-from tests.harness import build_varied_llama
-
-
-@pytest.fixture(scope="session")
-def varied_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
-    return build_varied_llama(tmp_path_factory.mktemp("varied-llama"), embedded_model_dir)
 
 
 @pytest.fixture(scope="session")
