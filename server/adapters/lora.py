@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from server.adapters.loaded import Arena
+from server.adapters.arena import Arena
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -55,10 +52,10 @@ def lora_from_peft(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.
                    embedding: bool = False, arena: Arena | None = None) -> LoraWeights:
     """From PEFT's tensors (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`; the embedding
     variants `lora_embedding_A [r, num]`, `lora_embedding_B [dim, r]` have the same layout).
-    With an `arena` the result lives in it (written once, no intermediate copy); B is scaled in float32."""
+    The result is written once into `arena` (a loader's per-adapter buffer; `dtype` must be its
+    dtype) or into one of its own; B is scaled in float32."""
     if arena is None:
-        bt = (b.to(torch.float32) * scale).T.contiguous()  # [r, out]
-        return LoraWeights(a.to(dtype).contiguous(), bt.to(dtype), embedding=embedding)
+        arena = Arena(a.numel() + b.numel(), dtype)
     a_out = arena.copy(a)  # [r, in]
     bt_out = arena.take(b.shape[1], b.shape[0])  # [r, out]
     if bt_out.dtype == torch.float32:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from server.adapters.inject import ModuleInfo, all_linear_names, module_table
-from server.adapters.loaded import Arena, LoadedAdapter, ModuleWeights
+from server.adapters.arena import Arena
+from server.adapters.loaded import LoadedAdapter, ModuleWeights
 from server.adapters.lora import lora_from_peft, lora_scale
 from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
@@ -201,14 +202,14 @@ def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]]
     modules: dict[str, ModuleWeights] = {}
     raw: dict[str, torch.Tensor] = {}  # [as stored]: views into the read buffer
     infos = [t for parts in roles.values() for t in parts.values()]
-    base_copies = [parts["BASE"] for parts in roles.values() if "BASE" in parts]
     with _read_buffer(path, max(t.offset + t.nbytes for t in infos)) as whole:
         def get(t: TensorInfo) -> torch.Tensor:
             tensor = raw[t.name] = _tensor_at(whole, t)
             return tensor
 
         # Own the bytes, in one buffer per adapter: the read buffer is reused by this thread's next load.
-        arena = Arena(sum(math.prod(t.shape) for t in infos if t not in base_copies), dtype)
+        kept = [t for parts in roles.values() for role, t in parts.items() if role != "BASE"]
+        arena = Arena(sum(math.prod(t.shape) for t in kept), dtype)
         for name, parts in sorted(roles.items()):
             info = base.table[name]
             if "BASE" in parts:  # compared, never kept (equal to the base weight implies finite)

@@ -162,18 +162,21 @@ class AdapterStore:
 
     def list(self, tenant: str | None = None) -> list[StoredVersion]:
         """Every live adapter of one tenant (None: all tenants, for admins)."""
-        out = []
-        for t in [tenant] if tenant is not None else self.tenants():
-            for adapter_id in self.adapter_ids(t):
-                with contextlib.suppress(NotFound):
-                    out.append(self.get(t, adapter_id))
-        return out
+        return [StoredVersion(ref, self._record(ref)) for ref in self._live(tenant)]
 
     def newest_first(self) -> list[AdapterRef]:
         """Every tenant's live versions, most recently written first (what a warm-up loads first)."""
-        refs = [AdapterRef(AdapterKey(t, a, v), p) for t in self.tenants() for a in self.adapter_ids(t)
-                for v, p in [max(self._versions(self.adapter_dir(t, a)).items())]]
-        return sorted(refs, key=lambda ref: _mtime(ref.path), reverse=True)
+        return sorted(self._live(), key=lambda ref: _mtime(ref.path), reverse=True)
+
+    def _live(self, tenant: str | None = None) -> Iterator[AdapterRef]:
+        """The newest live version of each adapter (of one tenant, or all); ids deleted meanwhile are skipped."""
+        for t in [tenant] if tenant is not None else self.tenants():
+            for adapter_id in self.adapter_ids(t):
+                try:
+                    ref = self.resolve(t, adapter_id)
+                except NotFound:
+                    continue
+                yield ref
 
     def _record(self, ref: AdapterRef) -> dict[str, Any]:
         """Stored fields of a version; loose/foreign dirs are summarised once and cached."""
