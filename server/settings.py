@@ -57,6 +57,9 @@ class Settings(BaseSettings):
                                     "past max_adapters_host) and with each upload, so a first request "
                                     "skips the disk read")
     max_rank: int = Field(64, ge=1, le=1024)
+    cpu_kernels: bool = Field(True, description="CPU, float32: decode's mixed-adapter add runs in a small C "
+                              "kernel built at first use with the machine's compiler (cached in "
+                              "cache_dir/kernels); off, or without a compiler, the torch path runs")
     max_adapter_bytes: int = Field(256 * MiB, ge=1)
     max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")
 

@@ -16,6 +16,7 @@ from torch import nn
 from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.slots import SlotBank
+from server.kernels.cpu import GroupedLoraKernel, load_kernel
 from server.settings import Settings
 
 
@@ -114,12 +115,22 @@ def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers
     ]
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
+    kernel = _cpu_kernel(model, settings)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
         layers[name] = _wrap(model, name, mod, slots, settings.max_rank)
+        layers[name].bank.kernel = None if layers[name].bank.embedding else kernel
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
+
+
+def _cpu_kernel(model: nn.Module, settings: Settings) -> GroupedLoraKernel | None:
+    """The compiled CPU decode path, for a float32 model on CPU when settings allow it."""
+    weight = next(model.parameters())
+    if not settings.cpu_kernels or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return load_kernel(settings.cache_dir)
 
 
 def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int) -> AdaptedModule:

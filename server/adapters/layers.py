@@ -149,6 +149,11 @@ class AdaptedLinear(AdaptedModule):
                      a: torch.Tensor, bt: torch.Tensor) -> None:
         g = plan.grouped
         assert g is not None
+        kernel = self.bank.kernel
+        if (kernel is not None and g.blocks is not None and g.t_max <= KERNEL_MAX_T
+                and not (x2.requires_grad or y2.requires_grad) and kernel.supports(x2, y2, a, bt)):
+            kernel.add(x2, y2, a, bt, g.blocks)  # reads each slot in place: scattered slots cost no extra call
+            return
         xs = x2 if g.identity else x2.index_select(0, g.source)  # [S*t, in]
         blocks = xs.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
         if g.identity:  # y's rows are the layout: add each run's product in place
@@ -214,6 +219,10 @@ class AdaptedEmbedding(AdaptedModule):
 # batched GEMM streams A ~2× faster that way when the other side is this thin
 # (bench/step_overhead.py); with more tokens per slot x·Aᵀ is as fast or faster.
 LEFT_SHRINK_MAX_T = 4
+
+# Up to this many tokens per slot, CPU float32 decode uses the C kernel (server/kernels/lora_cpu.c):
+# it reads a slot's weights once per 4 tokens, so with many tokens on one adapter MKL's GEMM wins.
+KERNEL_MAX_T = 4
 
 
 def _shrink(blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
+from server.kernels.cpu import Blocks
 
 # Runs at least this long are served per segment (prefill); shorter ones go through the grouped bmm.
 LONG_RUN = 8
@@ -57,6 +58,7 @@ class Grouped:
     runs: tuple[tuple[int, int, int], ...]  # (first slot, slot count, first block): consecutive active slots
     all_tokens: bool  # tokens == arange(num_tokens): y takes the rows with `+=`, no index_add
     identity: bool  # the layout *is* the step's token order: no gather of x, no gather of the output
+    blocks: Blocks | None  # the same grouping for the CPU kernel (slot per block, its tokens); None off CPU
 
 
 @dataclass
@@ -134,7 +136,19 @@ def _group(tokens: list[int], slots: list[int], num_tokens: int, device: torch.d
         runs=_slot_runs(sorted(counts)),
         all_tokens=all_tokens,
         identity=all_tokens and source == list(range(num_tokens)),
+        blocks=_blocks(tokens, slots, counts) if device.type == "cpu" else None,
     )
+
+
+def _blocks(tokens: list[int], slots: list[int], counts: dict[int, int]) -> Blocks:
+    """Tokens ordered by slot (stable), one block per active slot, in slot order."""
+    active = sorted(counts)
+    starts = [0]
+    for s in active:
+        starts.append(starts[-1] + counts[s])
+    ordered = [t for _, t in sorted(zip(slots, tokens), key=lambda st: st[0])]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return Blocks(slots=as_tensor(active), starts=as_tensor(starts), tokens=as_tensor(ordered))
 
 
 def _slot_runs(active: list[int]) -> tuple[tuple[int, int, int], ...]:

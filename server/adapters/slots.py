@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from server.adapters.loaded import ModuleWeights
+from server.kernels.cpu import GroupedLoraKernel
 
 
 def _round_up(n: int, step: int = 8) -> int:
@@ -41,6 +42,7 @@ class SlotBank:
         self.weights: list[ModuleWeights | None] = [None] * num_slots  # host copies (reference, merge)
         self.bat: dict[int, torch.Tensor] = {}  # slot -> bat block [out/r, r, r] on device
         self.r_used = 0
+        self.kernel: GroupedLoraKernel | None = None  # CPU decode fast path (layers.py); None = torch only
 
     @property
     def r_cap(self) -> int:

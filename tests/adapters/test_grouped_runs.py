@@ -21,11 +21,14 @@ BASE = -1
 ACTIVE = [0, 3, 4, 5, 9, 15]  # runs: [0], [3..5], [9], [15]
 
 
-@pytest.fixture(scope="module")
-def layers(tmp_path_factory):
-    settings = af.adapter_settings(tmp_path_factory.mktemp("runs"), max_adapters_resident=16)
+@pytest.fixture(scope="module", params=["cpu-kernel", "torch"])
+def layers(request, tmp_path_factory):
+    """Both decode paths: the compiled CPU kernel (float32 CPU default) and the torch bmm path."""
+    settings = af.adapter_settings(tmp_path_factory.mktemp("runs"), max_adapters_resident=16,
+                                   cpu_kernels=request.param == "cpu-kernel")
     base = af.tiny_base(seed=0)
     layers = inject_adapter_layers(base.model, settings)
+    assert (layers["model.layers.0.mlp.up_proj"].bank.kernel is not None) == (request.param == "cpu-kernel")
     g = torch.Generator().manual_seed(11)
     for name in ("model.layers.0.mlp.up_proj", "model.embed_tokens"):
         layer = layers[name]

@@ -1,0 +1,145 @@
+"""The CPU grouped-LoRA kernel (lora_cpu.c): built once per machine, loaded with ctypes.
+
+Why build at first use instead of shipping a wheel: the kernel is compiled with
+`-march=native` for the CPU it runs on (AVX-512 where there is one), and it has
+no torch headers, so one `cc` call takes about a second. The shared object is
+cached under `<cache_dir>/kernels/`, named by a hash of the source, the flags,
+the compiler's version and the CPU's feature flags, so an upgrade or another
+machine sharing the cache builds its own.
+
+Everything degrades to the pure-torch path: no compiler, a failed build, a
+non-CPU device or a dtype other than float32 leaves `load_kernel()` returning
+None, with one warning in the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_cpu.c")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120.0
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [_PTR, _I64, _PTR, _I64,  # x, x row stride, y, y row stride
+             _PTR, _I64, _I64,  # a, slot stride, row stride
+             _PTR, _I64, _I64,  # bt, slot stride, row stride
+             _I64, _I64, _I64,  # in, out, r
+             _PTR, _PTR, _I64, _PTR,  # block_slot, block_start, nblocks, tokens
+             ctypes.c_int]  # threads
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One step's grouping for the kernel: block b is slot `slots[b]` and tokens
+    `tokens[starts[b]:starts[b + 1]]` (int64, CPU, contiguous: the kernel reads raw pointers)."""
+
+    slots: torch.Tensor  # [blocks]
+    starts: torch.Tensor  # [blocks + 1]
+    tokens: torch.Tensor  # [n]
+
+    @property
+    def count(self) -> int:
+        return int(self.slots.shape[0])
+
+
+class GroupedLoraKernel:
+    """`y[t] += (A[slot] · x[t]) · Bᵀ[slot]` per block, in place; float32 CPU tensors only."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fn = lib.lora_grouped_f32
+        self._fn.restype = None
+        self._fn.argtypes = _ARGTYPES
+
+    @staticmethod
+    def supports(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+        """Row-major rows (stride 1 inside a row) and float32 on CPU; any slot and row strides."""
+        tensors = (x, y, a, bt)
+        return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+                and x.dim() == 2 and y.dim() == 2 and a.dim() == 3 and bt.dim() == 3)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks) -> None:
+        """x `[tokens, in]`, y `[tokens, out]` (written in place), a `[slots, r, in]`, bt `[slots, r, out]`."""
+        assert self.supports(x, y, a, bt), "GroupedLoraKernel: unsupported tensors"
+        r, in_features, out_features = int(a.shape[1]), int(x.shape[1]), int(y.shape[1])
+        assert a.shape[2] == in_features and bt.shape[2] == out_features and bt.shape[1] == r
+        self._fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                 a.data_ptr(), a.stride(0), a.stride(1),
+                 bt.data_ptr(), bt.stride(0), bt.stride(1),
+                 in_features, out_features, r,
+                 blocks.slots.data_ptr(), blocks.starts.data_ptr(), blocks.count, blocks.tokens.data_ptr(),
+                 torch.get_num_threads())
+
+
+_lock = threading.Lock()
+_loaded: dict[Path, GroupedLoraKernel | None] = {}
+
+
+def load_kernel(cache_dir: Path) -> GroupedLoraKernel | None:
+    """The kernel, building it on first use; None (logged once) where it cannot be built."""
+    with _lock:
+        if cache_dir not in _loaded:
+            _loaded[cache_dir] = _build_and_load(cache_dir)
+        return _loaded[cache_dir]
+
+
+def _build_and_load(cache_dir: Path) -> GroupedLoraKernel | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler (cc/gcc, or $CC): the CPU LoRA kernel is off, using the torch path")
+        return None
+    try:
+        target = cache_dir / "kernels" / f"lora_cpu-{_build_key(compiler)}.so"
+        if not target.exists():
+            _compile(compiler, target)
+        return GroupedLoraKernel(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("the CPU LoRA kernel could not be built (%s): using the torch path", e)
+        return None
+
+
+def _build_key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (" ".join(FLAGS).encode(), version, _cpu_flags()):
+        h.update(b"\0" + part)
+    return h.hexdigest()[:16]
+
+
+def _cpu_flags() -> bytes:
+    """-march=native depends on the CPU: its feature flags are part of the cache key."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine.encode()
+    return next((line.encode() for line in text.splitlines() if line.startswith(("flags", "Features"))), b"")
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile next to the target and rename: a concurrent builder never loads half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise OSError(f"{compiler} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+        log.info("built the CPU LoRA kernel: %s", target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

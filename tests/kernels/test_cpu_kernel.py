@@ -1,0 +1,137 @@
+"""The compiled CPU LoRA kernel against plain torch, and its build / fallback rules.
+
+Shapes are chosen to hit every code path of lora_cpu.c: feature sizes that are
+and are not multiples of the vector width, ranks below / above the 8-row
+blocking and above the 64-row chunk, 1..9 tokens per slot (passes of 4 plus a
+remainder), slots out of order and far apart, slot tensors sliced from a larger
+rank capacity, and x / y rows with padding between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+from server.kernels import cpu
+from server.kernels.cpu import Blocks, GroupedLoraKernel, load_kernel
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> GroupedLoraKernel:
+    k = load_kernel(tmp_path_factory.mktemp("kcache"))
+    assert k is not None, "a compiler is present, so the kernel must build"
+    return k
+
+
+def _blocks(token_slots: list[int]) -> Blocks:
+    """Block per distinct slot (first-seen order, not sorted: the kernel must not care)."""
+    order = list(dict.fromkeys(s for s in token_slots if s >= 0))
+    tokens = [[t for t, s in enumerate(token_slots) if s == slot] for slot in order]
+    starts = [0]
+    for ts in tokens:
+        starts.append(starts[-1] + len(ts))
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return Blocks(as_long(order), as_long(starts), as_long([t for ts in tokens for t in ts]))
+
+
+def _reference(x, y, a, bt, token_slots):
+    out = y.clone()
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            out[t] += (a[s] @ x[t]) @ bt[s]  # [r] then [out]
+    return out
+
+
+@pytest.mark.parametrize("in_f, out_f, r", [(576, 1536, 16), (37, 5, 7), (16, 48, 8), (70, 33, 70), (1, 3, 1)])
+@pytest.mark.parametrize("per_slot", [1, 2, 4, 5, 9])
+def test_matches_torch(kernel, in_f, out_f, r, per_slot):
+    g = torch.Generator().manual_seed(in_f * 100 + per_slot)
+    slots, r_cap = 12, r + 5
+    a_full = torch.randn(slots, r_cap, in_f, generator=g)  # the bank's rank capacity, sliced below
+    bt_full = torch.randn(slots, r_cap, out_f, generator=g)
+    a, bt = a_full[:, :r], bt_full[:, :r]
+    token_slots = [11, 2, 7] * per_slot + [-1, -1]  # interleaved, scattered, two base-only tokens
+    n = len(token_slots)
+    x = torch.randn(n, in_f + 3, generator=g)[:, :in_f]  # rows padded: row stride != in
+    y_store = torch.randn(n, out_f + 2, generator=g)
+    y = y_store[:, :out_f]
+    expected, padding = _reference(x, y, a, bt, token_slots), y_store[:, out_f:].clone()
+    kernel.add(x, y, a, bt, _blocks(token_slots))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y_store[:, out_f:], padding)  # writes stay inside each row's out features
+
+
+def test_threads_give_the_same_result(kernel):
+    g = torch.Generator().manual_seed(5)
+    a, bt = torch.randn(16, 16, 64, generator=g), torch.randn(16, 16, 96, generator=g)
+    token_slots = list(range(16)) * 2
+    x = torch.randn(32, 64, generator=g)
+    y0 = torch.randn(32, 96, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = y0.clone()
+            kernel.add(x, y, a, bt, _blocks(token_slots))
+            results.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], _reference(x, y0, a, bt, token_slots), rtol=1e-5, atol=1e-4)
+
+
+def test_supports_only_float32_cpu_rows():
+    x, y = torch.zeros(2, 8), torch.zeros(2, 4)
+    a, bt = torch.zeros(3, 2, 8), torch.zeros(3, 2, 4)
+    assert GroupedLoraKernel.supports(x, y, a, bt)
+    assert not GroupedLoraKernel.supports(x.bfloat16(), y, a, bt)
+    assert not GroupedLoraKernel.supports(x, y, a.double(), bt)
+    assert not GroupedLoraKernel.supports(x.T, y, a, bt)  # columns, not rows
+
+
+def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    assert load_kernel(tmp_path) is not None
+    built = list((tmp_path / "kernels").glob("lora_cpu-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu, "_loaded", {})  # a new process: the .so on disk is reused, not rebuilt
+    monkeypatch.setattr(cpu, "_compile", lambda *a: pytest.fail("rebuilt a cached kernel"))
+    assert load_kernel(tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def _fake_compiler(tmp_path, script: str) -> str:
+    path = tmp_path / "fake-cc"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.parametrize("script", [
+    "exit 1\n",  # not even --version
+    'if [ "$1" = "--version" ]; then echo fake 1.0; exit 0; fi\necho "error: no" >&2; exit 1\n',  # compile fails
+])
+def test_a_broken_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog, script):
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, script))
+    with caplog.at_level(logging.WARNING, logger="server.kernels.cpu"):
+        assert load_kernel(tmp_path / "cache") is None
+    assert "torch path" in caplog.text
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written file left behind
+
+
+def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="server.kernels.cpu"):
+        assert load_kernel(tmp_path) is None
+    assert "no C compiler" in caplog.text
+    assert os.listdir(tmp_path) == []
