@@ -1,0 +1,1 @@
+"""Compiled fast paths beside the pure-torch reference (each one optional)."""
