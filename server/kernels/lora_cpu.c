@@ -12,6 +12,7 @@
  * Built at first use with the machine's C compiler (server/kernels/cpu.py), -march=native.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define VW 16   /* floats per vector: one AVX-512 register, two AVX2 ones (GCC splits it) */
@@ -114,7 +115,24 @@ static inline __attribute__((always_inline)) void tokens_pass(
     }
 }
 
-/* Blocks write disjoint rows of y (a token belongs to one block), so they run in parallel. */
+/* Up to TMAX tokens of block b, starting at tokens[t]. */
+static void block_pass(const float *x, int64_t xs, float *y, int64_t ys,
+                       const float *a, int64_t a_slot, int64_t ars, const float *bt, int64_t b_slot, int64_t brs,
+                       int64_t in, int64_t out, int64_t r, const int64_t *block_slot, const int64_t *block_start,
+                       const int64_t *tokens, int64_t b, int64_t t)
+{
+    const float *as = a + block_slot[b] * a_slot, *bs = bt + block_slot[b] * b_slot;
+    const int64_t n = block_start[b + 1] - t < TMAX ? block_start[b + 1] - t : TMAX;
+    switch (n) {  /* constant nj: each case compiles to its own unrolled loops */
+    case 1: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 1); break;
+    case 2: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 2); break;
+    case 3: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 3); break;
+    default: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 4); break;
+    }
+}
+
+/* Work items are (block, up to TMAX of its tokens): they write disjoint rows of y, so they run
+ * in parallel, and one adapter with many tokens still spreads over the threads. */
 void lora_grouped_f32(const float *x, int64_t xs, float *y, int64_t ys,
                       const float *a, int64_t a_slot, int64_t ars,
                       const float *bt, int64_t b_slot, int64_t brs,
@@ -122,18 +140,24 @@ void lora_grouped_f32(const float *x, int64_t xs, float *y, int64_t ys,
                       const int64_t *block_slot, const int64_t *block_start, int64_t nblocks,
                       const int64_t *tokens, int nthreads)
 {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t b = 0; b < nblocks; b++) {
-        const float *as = a + block_slot[b] * a_slot;
-        const float *bs = bt + block_slot[b] * b_slot;
-        for (int64_t t = block_start[b]; t < block_start[b + 1]; t += TMAX) {
-            const int64_t n = block_start[b + 1] - t < TMAX ? block_start[b + 1] - t : TMAX;
-            switch (n) {  /* constant nj: each case compiles to its own unrolled loops */
-            case 1: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 1); break;
-            case 2: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 2); break;
-            case 3: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 3); break;
-            default: tokens_pass(x, xs, y, ys, as, ars, bs, brs, in, out, r, tokens + t, 4); break;
-            }
-        }
+#define PASS(b, t) block_pass(x, xs, y, ys, a, a_slot, ars, bt, b_slot, brs, in, out, r, \
+                              block_slot, block_start, tokens, (b), (t))
+    int64_t nitems = 0;
+    for (int64_t b = 0; b < nblocks; b++) nitems += (block_start[b + 1] - block_start[b] + TMAX - 1) / TMAX;
+    int64_t *items = nthreads > 1 && nitems > 1 ? malloc((size_t)nitems * 2 * sizeof(int64_t)) : NULL;
+    if (items == NULL) {  /* one thread (or no memory for the work list): in order */
+        for (int64_t b = 0; b < nblocks; b++)
+            for (int64_t t = block_start[b]; t < block_start[b + 1]; t += TMAX) PASS(b, t);
+        return;
     }
+    int64_t n = 0;
+    for (int64_t b = 0; b < nblocks; b++)
+        for (int64_t t = block_start[b]; t < block_start[b + 1]; t += TMAX) {
+            items[2 * n] = b;
+            items[2 * n++ + 1] = t;
+        }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < nitems; i++) PASS(items[2 * i], items[2 * i + 1]);
+    free(items);
+#undef PASS
 }

@@ -69,10 +69,12 @@ def test_matches_torch(kernel, in_f, out_f, r, per_slot):
     assert torch.equal(y_store[:, out_f:], padding)  # writes stay inside each row's out features
 
 
-def test_threads_give_the_same_result(kernel):
+@pytest.mark.parametrize("token_slots", [list(range(16)) * 2, [3] * 22 + [9] * 3 + [-1] * 7],
+                         ids=["16-slots", "one-slot-many-tokens"])
+def test_threads_give_the_same_result(kernel, token_slots):
+    """Work is split into (slot, ≤4 tokens) items across threads: same numbers as one thread."""
     g = torch.Generator().manual_seed(5)
     a, bt = torch.randn(16, 16, 64, generator=g), torch.randn(16, 16, 96, generator=g)
-    token_slots = list(range(16)) * 2
     x = torch.randn(32, 64, generator=g)
     y0 = torch.randn(32, 96, generator=g)
     threads = torch.get_num_threads()
