@@ -13,6 +13,11 @@ the slot tensors, so idle slots between active ones cost nothing. When the
 step's tokens already are in that layout (one adapter, or tokens sorted by slot
 with equal counts) both gathers are skipped.
 
+On CPU in float32 the short runs go to a C kernel instead (server/kernels/lora_cpu.c,
+through `Grouped.blocks`: each active slot and its tokens): it reads every slot's
+weights in place, so scattered slots cost no extra call, and the bmm layout above
+stays as the GPU path and the reference the kernel is tested against.
+
 Why decode with many distinct adapters cannot be "free" here: with 16 adapters
 and 32 tokens each adapter's weights serve ~2 tokens, so the step streams every
 resident adapter's A and Bᵀ once (16 × 19.5 MB = 312 MB for rank-16 all-linear

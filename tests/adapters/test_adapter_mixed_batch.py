@@ -23,13 +23,15 @@ KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss
 BASE = -1
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu-kernel", "torch"])
+def served(request, tmp_path_factory):
+    """Every test here runs on both decode paths (compiled CPU kernel, torch bmm)."""
     tmp = tmp_path_factory.mktemp("mixed")
-    settings = af.adapter_settings(tmp, max_adapters_resident=len(KINDS))
+    settings = af.adapter_settings(tmp, max_adapters_resident=len(KINDS), cpu_kernels=request.param == "cpu-kernel")
     peft_base = af.tiny_base(seed=0)
     ours = af.tiny_base(seed=0)
     layers = inject_adapter_layers(ours.model, settings)
+    assert (layers["model.layers.0.mlp.up_proj"].bank.kernel is not None) == (request.param == "cpu-kernel")
     for slot, kind in enumerate(KINDS):
         af.make_peft(peft_base, kind, tmp / kind, seed=20 + slot)
         layers.load_slot(slot, read_adapter(tmp / kind, ours, settings))
