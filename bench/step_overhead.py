@@ -14,22 +14,29 @@ Every configuration decodes the same 32 sequences at the same positions (one
 token each, the cache rows were prefilled once), so only the adapter mapping
 differs. Ratios are base step time / config step time (= throughput ratio).
 
-Measured on the shared 2-core AMD EPYC, 1 thread, 7 interleaved reps, median (min),
-after the A·xᵀ shrink (server/adapters/layers.py): base 196 ms (193); lora1 0.88 (0.93);
-lora4 0.90 (0.90); lora16 0.84 (0.84); lora32 0.79 (0.80); mix16 0.81 (0.82); prefill
-lora4 0.90 (0.91). Before it, on a busier box: lora16 0.72-0.87 (0.67-0.77).
+Measured on the shared 2-core AMD EPYC, 1 thread, 5 interleaved reps, median (min),
+with the CPU kernel (server/kernels/lora_cpu.c): base 204 ms (197); lora1 0.98 (0.98);
+lora4 0.92 (0.92); lora16 0.91 (0.91); lora32 0.83 (0.84); mix16 0.94 (0.93); prefill
+lora4 0.87 (0.90). With the torch bmm path instead (LORAPLEX_CPU_KERNELS=false, or
+before the kernel): lora16 0.84, lora32 0.79-0.80, mix16 0.81; before the A·xᵀ shrink,
+lora16 0.72-0.87 on a busier box. Busy neighbours move these by ±0.1: compare
+configurations within one run only.
 With 2 threads the box is oversubscribed (base step 2.4-2.7 s) and ratios are noise.
 Where the 16-adapter gap comes from (1 thread, all 210 modules' adapter math alone,
-cold weights): streaming the 312 MB of 16 resident adapters (`sum`) takes 13-24 ms;
-the two bmm per module over the same bytes take 41-60 ms; 1 adapter × 32 tokens
-(19.5 MB, compute-bound) takes 10.5 ms. So the floor is memory traffic, not FLOPs.
+cold weights): reading the 312 MB of 16 resident adapters takes 16-24 ms; the kernel
+takes 25-28 ms and torch's two bmm per module 27-31 ms when the slots are consecutive,
+~60 ms when they are scattered (one bmm pair per slot). bfloat16 weights in the kernel
+measured only ~10 % faster (so bytes alone do not bound it), so slots stay in the
+model's dtype. `lora16_torch` below is lora16 with the kernel off, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +110,22 @@ def decode_configs() -> dict[str, list[int]]:
         "lora16": [i % 16 for i in range(n)],
         "lora32": list(range(n)),
         "mix16": [(i % 8) if i % 2 == 0 else 16 + (i % 8) for i in range(n)],  # LoRA 0..7 + MiSS 16..23
+        "lora16_torch": [i % 16 for i in range(n)],  # lora16 with the CPU kernel off: the torch bmm path
     }
+
+
+@contextlib.contextmanager
+def torch_path(layers: AdapterLayers, on: bool) -> Iterator[None]:
+    """Run with every bank's CPU kernel detached (the pure-torch path), then put them back."""
+    kernels = {name: layers[name].bank.kernel for name in layers.layers}
+    if on:
+        for name in kernels:
+            layers[name].bank.kernel = None
+    try:
+        yield
+    finally:
+        for name, kernel in kernels.items():
+            layers[name].bank.kernel = kernel
 
 
 def load_slots(base: BaseModel, layers: AdapterLayers) -> None:
@@ -119,7 +141,8 @@ def time_step(runner: Runner, plan: StepPlan) -> float:
     return time.perf_counter() - start
 
 
-def run(base: BaseModel, runner: Runner, reps: int, prompt: int, prefill_len: int) -> dict[str, list[float]]:
+def run(base: BaseModel, runner: Runner, layers: AdapterLayers, reps: int, prompt: int,
+        prefill_len: int) -> dict[str, list[float]]:
     seqs = [_Seq(_Request(list(range(100, 100 + prompt))), row=i) for i in range(32)]
     for s in seqs:  # fill the KV rows once (base only): decode then attends over `prompt` positions
         s.generated = 0
@@ -134,7 +157,8 @@ def run(base: BaseModel, runner: Runner, reps: int, prompt: int, prefill_len: in
             for s, slot in zip(seqs, slots):
                 s.slot = slot
             plan = StepPlan(None, list(seqs), [])
-            times[name].append(time_step(runner, plan))
+            with torch_path(layers, name.endswith("_torch")):
+                times[name].append(time_step(runner, plan))
         for name, slots in (("prefill_base", [-1] * 4), ("prefill_lora4", [0, 1, 2, 3])):
             for s, slot in zip(prefill_seqs, slots):
                 s.slot = slot
@@ -180,7 +204,7 @@ def main() -> None:
     runner = Runner(base, cache)
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        report(run(base, runner, args.reps, args.prompt, args.prefill), threads)
+        report(run(base, runner, layers, args.reps, args.prompt, args.prefill), threads)
         if args.profile:
             profile(runner, args.profile, args.prompt)
 
