@@ -152,8 +152,7 @@ def _blocks(tokens: list[int], slots: list[int], counts: dict[int, int]) -> Bloc
     for s in active:
         starts.append(starts[-1] + counts[s])
     ordered = [t for _, t in sorted(zip(slots, tokens), key=lambda st: st[0])]
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return Blocks(slots=as_tensor(active), starts=as_tensor(starts), tokens=as_tensor(ordered))
+    return Blocks.build(active, starts, ordered)
 
 
 def _slot_runs(active: list[int]) -> tuple[tuple[int, int, int], ...]:

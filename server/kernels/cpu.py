@@ -50,6 +50,13 @@ class Blocks:
     slots: torch.Tensor  # [blocks]
     starts: torch.Tensor  # [blocks + 1]
     tokens: torch.Tensor  # [n]
+    max_slot: int  # bounds, kept as Python ints so `add` checks them for free:
+    max_token: int  # the kernel indexes raw memory with these
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], tokens: list[int]) -> Blocks:
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return cls(as_long(slots), as_long(starts), as_long(tokens), max(slots, default=-1), max(tokens, default=-1))
 
     @property
     def count(self) -> int:
@@ -76,6 +83,9 @@ class GroupedLoraKernel:
         assert self.supports(x, y, a, bt), "GroupedLoraKernel: unsupported tensors"
         r, in_features, out_features = int(a.shape[1]), int(x.shape[1]), int(y.shape[1])
         assert a.shape[2] == in_features and bt.shape[2] == out_features and bt.shape[1] == r
+        if blocks.max_slot >= min(a.shape[0], bt.shape[0]) or blocks.max_token >= min(x.shape[0], y.shape[0]):
+            raise IndexError(f"GroupedLoraKernel: slot {blocks.max_slot} / token {blocks.max_token} out of range "
+                             f"for {a.shape[0]} slots / {min(x.shape[0], y.shape[0])} tokens")
         self._fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                  a.data_ptr(), a.stride(0), a.stride(1),
                  bt.data_ptr(), bt.stride(0), bt.stride(1),

@@ -38,8 +38,7 @@ def _blocks(token_slots: list[int]) -> Blocks:
     starts = [0]
     for ts in tokens:
         starts.append(starts[-1] + len(ts))
-    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return Blocks(as_long(order), as_long(starts), as_long([t for ts in tokens for t in ts]))
+    return Blocks.build(order, starts, [t for ts in tokens for t in ts])
 
 
 def _reference(x, y, a, bt, token_slots):
@@ -89,6 +88,16 @@ def test_threads_give_the_same_result(kernel, token_slots):
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[0], results[1])
     torch.testing.assert_close(results[0], _reference(x, y0, a, bt, token_slots), rtol=1e-5, atol=1e-4)
+
+
+def test_out_of_range_slot_or_token_raises_instead_of_reading_past_memory(kernel):
+    x, y = torch.zeros(3, 8), torch.zeros(3, 4)
+    a, bt = torch.zeros(2, 2, 8), torch.zeros(2, 2, 4)
+    with pytest.raises(IndexError, match="slot 2"):
+        kernel.add(x, y, a, bt, Blocks.build([2], [0, 1], [0]))
+    with pytest.raises(IndexError, match="token 3"):
+        kernel.add(x, y, a, bt, Blocks.build([1], [0, 1], [3]))
+    kernel.add(x, y, a, bt, Blocks.build([1], [0, 1], [2]))  # the edges themselves are fine
 
 
 def test_supports_only_float32_cpu_rows():
