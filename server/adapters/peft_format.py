@@ -219,7 +219,6 @@ def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]]
     return modules
 
 
-TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _buffers = threading.local()
 REUSED_BUFFER_MAX = 64 * 1024 * 1024  # bigger files get a one-off buffer
 
@@ -249,7 +248,7 @@ def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
 
 
 def _tensor_at(whole: torch.Tensor, t: TensorInfo) -> torch.Tensor:
-    dtype = TORCH_DTYPES[t.dtype]
+    dtype = FLOAT_DTYPES[t.dtype]  # only float dtypes get this far (_group refuses the rest)
     data = whole[t.offset:t.offset + t.nbytes]  # [nbytes] uint8
     if t.offset % dtype.itemsize:
         data = data.clone()  # safetensors does not promise aligned offsets

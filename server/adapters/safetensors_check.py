@@ -15,16 +15,19 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from server.errors import AdapterError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 100_000
 
-# The floating dtypes an adapter may carry (safetensors dtype name -> bytes per element).
-FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-# Every dtype the safetensors format declares (accepted by the parser, refused later if not float).
+# The floating dtypes an adapter may carry (safetensors dtype name -> torch dtype).
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# Every dtype the safetensors format declares, with its bytes per element (accepted by the
+# parser, refused later if not float).
 KNOWN_DTYPES = {
-    **FLOAT_DTYPES,
+    **{name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()},
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
     "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
 }
