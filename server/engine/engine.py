@@ -99,8 +99,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     def set_adapter_manager(self, manager: Any) -> None:
-        """manager.acquire(key) -> slot | None (pins), manager.release(key); optional merged_id(key) -> lane
-        and pin(key) (a pin without a device slot, for requests that run in a merged lane)."""
+        """manager.acquire(key) -> slot | None (pins), manager.release(key); optional merged_id(key) -> lane,
+        which comes with pin(key) (a pin without a device slot, for requests that run in a merged lane)."""
         self.scheduler.adapters = manager
 
     def set_background_worker(self, worker: BackgroundWorker | None) -> None:

@@ -65,7 +65,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.token_budget = token_budget
         self.new_sequence = new_sequence
-        self.adapters: Any = None  # optional manager: acquire(key)/release(key)[/merged_id(key), pin(key)]
+        self.adapters: Any = None  # optional manager: acquire(key)/release(key)[/merged_id(key) with pin(key)]
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
@@ -162,16 +162,13 @@ class Scheduler:
             return BASE_SLOT, None
         if self.adapters is None:
             raise NotFound("adapter not available: no adapter manager is attached")
-        merged = getattr(self.adapters, "merged_id", None)
+        merged = getattr(self.adapters, "merged_id", None)  # a manager with merged lanes also has pin()
         lane = merged(key) if merged is not None else None
-        pin = getattr(self.adapters, "pin", None)
-        if lane is not None and pin is not None:
-            pin(key)  # a merged lane runs no adapter math: no device slot, the pin only guards the version
+        if lane is not None:  # a merged lane runs no adapter math: no device slot, the pin guards the version
+            self.adapters.pin(key)
             return BASE_SLOT, lane
         slot = self.adapters.acquire(key)
-        if slot is None:
-            return None
-        return (BASE_SLOT if lane is not None else int(slot)), lane
+        return None if slot is None else (int(slot), None)
 
     def _remove_waiting(self, request: Request) -> None:
         with self._lock:
