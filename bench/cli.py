@@ -31,8 +31,6 @@ from bench.scale import scenario4
 from bench.scenarios import scenario1, scenario2, scenario5
 from server.settings import Settings
 
-HOST_TIER_DEFAULT = int(Settings.model_fields["max_adapters_host"].default)  # the main server's host tier
-
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
@@ -103,9 +101,11 @@ def _main_server(ctx: Bench) -> None:
     ctx.log(f"starting the server: max-batch {cfg.concurrency}, {cfg.max_adapters_needed} device slots")
     with spawn(cfg, ctx.store, ctx.work / "server-main.log", max_batch=cfg.concurrency,
                resident=cfg.max_adapters_needed) as h:
-        registered = len(ctx.lora) + len(ctx.miss) + len(ctx.cold)
-        waited = wait_host_tier(h.base_url, min(registered, HOST_TIER_DEFAULT))
-        ctx.log(f"start-up prefetch: {registered} adapters in host memory {waited:.1f} s after /ready")
+        served = Settings()  # what the server reads from the environment it inherits (process.spawn)
+        if served.prefetch_adapters:
+            expected = min(len(ctx.lora) + len(ctx.miss) + len(ctx.cold), served.max_adapters_host)
+            waited = wait_host_tier(h.base_url, expected)
+            ctx.log(f"start-up prefetch: {expected} adapters in host memory {waited:.1f} s after /ready")
         for n, fn in ((1, scenario1), (2, scenario2), (3, scenario3), (5, scenario5)):
             if n in cfg.scenarios:
                 fn(ctx, h)
