@@ -24,7 +24,7 @@ from bench.config import ALL_SCENARIOS, BenchConfig
 from bench.context import Bench
 from bench.hotload import scenario3
 from bench.model import load_bench_model, server_settings
-from bench.prepare import make_all_adapters, make_references, run_peft_baselines
+from bench.prepare import make_all_adapters, make_references
 from bench.process import spawn, wait_host_tier
 from bench.report import clean_nans, machine_info, text_table, write_results
 from bench.scale import scenario4
@@ -79,7 +79,6 @@ def run(cfg: BenchConfig) -> int:
                 f"load average {ctx.data['loadavg_1m_at_start']}; work dir {work}")
         make_all_adapters(ctx)
         if 2 in cfg.scenarios:
-            run_peft_baselines(ctx)
             make_references(ctx)
         if set(cfg.scenarios) & {1, 2, 3, 5}:
             _main_server(ctx)

@@ -51,7 +51,6 @@ class Bench:
     lora: list[AdapterSpec] = field(default_factory=list)
     miss: list[AdapterSpec] = field(default_factory=list)
     cold: list[AdapterSpec] = field(default_factory=list)  # never requested before scenario 3
-    peft: dict[str, Any] = field(default_factory=dict)
     references: list[tuple[str, GenRequest, str]] = field(default_factory=list)  # (name, request, PEFT text)
     rows: list[Row] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)

@@ -1,9 +1,10 @@
-"""Everything done before a server starts: adapters on disk, PEFT baselines, reference outputs.
+"""Everything done before a server starts: adapters on disk and reference outputs.
 
-Why first: PEFT runs in the bench process on the same cores the server would
-use, so it runs while no server exists (neither steals the other's CPU), and
-its greedy texts become the references the server's outputs are checked
-against later.
+Why first: the references (PEFT's and plain transformers' greedy texts) are
+computed in the bench process on the same cores the server would use, so they
+run while no server exists, and the server's outputs are checked against them
+later. Scenario 2's timed PEFT baselines run inside the scenario, paired with
+the server's runs round by round.
 """
 
 from __future__ import annotations
@@ -59,22 +60,6 @@ def make_all_adapters(ctx: Bench) -> None:
     ctx.data["adapters"] = {"lora": len(ctx.lora), "miss": len(ctx.miss), "cold": len(ctx.cold),
                             "rank": cfg.rank, "lora_tensor_bytes": ctx.lora[0].tensor_bytes,
                             "miss_tensor_bytes": ctx.miss[0].tensor_bytes}
-
-
-def run_peft_baselines(ctx: Bench) -> None:
-    """Scenario 2's PEFT side: (b) mixed static batches over all requests, (a) naive on the first K."""
-    cfg, bm = ctx.cfg, ctx.bm
-    reqs = s2_requests(ctx)
-    specs = ctx.lora[:cfg.peft_adapters]
-    with pb.peft_with(bm, specs) as model:
-        pb.greedy_one(model, bm, GenRequest(PROMPTS[0], None, 2))  # warm-up (allocator, kernels)
-        ctx.log(f"PEFT mixed batch: {len(reqs)} requests in static batches of {cfg.concurrency}")
-        mixed = pb.mixed_batches(model, bm, reqs, cfg.concurrency)
-        ctx.log(f"  {mixed.summary()}")
-        ctx.log(f"PEFT naive loop: first {cfg.naive_requests} of the {len(reqs)} requests, one at a time")
-        naive = pb.naive_loop(model, bm, reqs[:cfg.naive_requests])
-        ctx.log(f"  {naive.summary()}")
-    ctx.peft = {"mixed": mixed, "naive": naive, "requests": reqs}
 
 
 @torch.inference_mode()

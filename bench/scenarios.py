@@ -2,19 +2,22 @@
 
 Why interleaved rounds: the machine is shared and noisy, so each round runs
 every configuration once (in a rotated order) and each ratio is taken against
-the base-only run *of the same round*; the reported ratio is the median over
-rounds. Absolute figures are kept as information.
+the reference run *of the same round* (base-only in scenarios 1 and 5, PEFT in
+scenario 2); the reported ratio is the median over rounds. Absolute figures are kept as information.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+from peft import PeftModel
 
+from bench import peft_baseline as pb
 from bench.context import Bench, Check, median, ratio
 from bench.load import GenRequest, LoadRun
-from bench.prepare import mix_ids
+from bench.prepare import mix_ids, s2_requests
 from bench.process import ServerHandle
 from bench.report import Row
 from bench.workload import assign, distinct_adapters
@@ -91,27 +94,60 @@ def _target_config(ctx: Bench, configs: dict[str, list[str | None]]) -> str:
 # --- scenario 2 -----------------------------------------------------------------------------
 
 def scenario2(ctx: Bench, h: ServerHandle) -> None:
+    """loraplex vs PEFT on the same requests, in paired rounds like scenario 1.
+
+    Why rounds: each round runs PEFT's mixed batch, PEFT's naive loop and the
+    server back to back (rotated order), and the ratio is taken inside the
+    round, so a busy minute on the box hits both sides of a ratio. PEFT runs in
+    the bench process while the server is idle between its load runs, so the
+    two never compete for the cores.
+    """
     cfg = ctx.cfg
-    reqs: list[GenRequest] = ctx.peft["requests"]
-    ctx.log(f"scenario 2: loraplex on the same {len(reqs)} requests over {distinct_adapters(reqs)} LoRA adapters")
+    reqs = s2_requests(ctx)
+    ctx.log(f"scenario 2: loraplex and PEFT on the same {len(reqs)} requests over {distinct_adapters(reqs)} "
+            f"LoRA adapters, {cfg.repeats} interleaved round(s); PEFT naive on the first {cfg.naive_requests}")
     ctx.warm_up(h, [r.adapter_id for r in reqs])
-    runs: list[LoadRun] = [ctx.measure(h, reqs, f"s2 r{i} loraplex") for i in range(cfg.repeats)]
-    lp = median([r.throughput for r in runs])
-    naive, mixed = ctx.peft["naive"], ctx.peft["mixed"]
-    ctx.rows.append(Row(2, "loraplex / PEFT naive loop (set_adapter + generate)", ratio(lp, naive.throughput),
-                        target=NAIVE_TARGET, info=f"{lp:.0f} vs {naive.throughput:.1f} tok/s "
-                        f"(naive timed on the first {naive.requests} requests)"))
-    ctx.rows.append(Row(2, "loraplex / PEFT mixed batch (adapter_names=)", ratio(lp, mixed.throughput),
-                        target=MIXED_TARGET, info=f"{lp:.0f} vs {mixed.throughput:.1f} tok/s "
-                        f"(static batches of {cfg.concurrency})"))
-    first = runs[0].results
+    with pb.peft_with(ctx.bm, ctx.lora[:cfg.peft_adapters]) as model:
+        pb.greedy_one(model, ctx.bm, GenRequest(reqs[0].prompt, None, 2))  # warm-up (allocator, kernels)
+        rounds = [_s2_round(ctx, h, model, reqs, rnd) for rnd in range(cfg.repeats)]
+    lp = median([r["loraplex"].throughput for r in rounds])
+    for key, label, target in (("naive", "PEFT naive loop (set_adapter + generate)", NAIVE_TARGET),
+                               ("mixed", "PEFT mixed batch (adapter_names=)", MIXED_TARGET)):
+        value = median([ratio(r["loraplex"].throughput, r[key].throughput) for r in rounds])
+        peft_abs = median([r[key].throughput for r in rounds])
+        how = (f"naive timed on the first {cfg.naive_requests} requests" if key == "naive"
+               else f"static batches of {cfg.concurrency}")
+        ctx.rows.append(Row(2, f"loraplex / {label}", value, target=target,
+                            info=f"{lp:.0f} vs {peft_abs:.1f} tok/s ({how}; per-round ratios, median)"))
+    first, naive, mixed = rounds[0]["loraplex"].results, rounds[0]["naive"], rounds[0]["mixed"]
     for i, text in enumerate(naive.texts):
         ctx.checks.append(Check("lora_vs_peft", reqs[i].adapter_id, reqs[i].prompt, first[i].text, text))
     agree = sum(a == b for a, b in zip(mixed.texts, naive.texts))
-    ctx.data["s2"] = {"loraplex_runs": [r.summary() for r in runs], "loraplex_tok_per_s": lp,
-                      "peft_naive": naive.summary(), "peft_mixed": mixed.summary(),
+    ctx.data["s2"] = {"rounds": [{"loraplex": r["loraplex"].summary(), "peft_naive": r["naive"].summary(),
+                                  "peft_mixed": r["mixed"].summary()} for r in rounds],
+                      "loraplex_tok_per_s": lp,
+                      "peft_naive_tok_per_s": median([r["naive"].throughput for r in rounds]),
+                      "peft_mixed_tok_per_s": median([r["mixed"].throughput for r in rounds]),
                       "peft_mixed_agrees_with_naive": f"{agree}/{len(naive.texts)}"}
     _reference_checks(ctx, h)
+
+
+def _s2_round(ctx: Bench, h: ServerHandle, model: PeftModel, reqs: list[GenRequest],
+              rnd: int) -> dict[str, Any]:
+    """One round: the server's load run and both PEFT baselines, in an order rotated per round."""
+    cfg = ctx.cfg
+    steps: dict[str, Callable[[], Any]] = {
+        "loraplex": lambda: ctx.measure(h, reqs, f"s2 r{rnd} loraplex"),
+        "mixed": lambda: pb.mixed_batches(model, ctx.bm, reqs, cfg.concurrency),
+        "naive": lambda: pb.naive_loop(model, ctx.bm, reqs[:cfg.naive_requests]),
+    }
+    names = list(steps)
+    done = {}
+    for name in names[rnd % 3:] + names[:rnd % 3]:
+        done[name] = steps[name]()
+        if name != "loraplex":
+            ctx.log(f"  s2 r{rnd} PEFT {name}: {done[name].summary()}")
+    return done
 
 
 def _reference_checks(ctx: Bench, h: ServerHandle) -> None:
