@@ -18,6 +18,10 @@ from server.engine.kv_cache import KVCache
 from server.engine.scheduler import StepPlan
 from server.model.load import BaseModel
 
+# Decode attends over a slice of cache rows (holes included) while it spans at most this
+# many rows per decoding sequence; past that, copying the rows out is cheaper.
+MAX_SPAN_PER_ROW = 2
+
 
 class Runner:
     def __init__(self, base: BaseModel, cache: KVCache) -> None:
@@ -89,24 +93,35 @@ class Runner:
     def _context(self, plan: StepPlan, positions: torch.Tensor, rows: torch.Tensor) -> AttentionContext:
         d = len(plan.decode)
         decode_rows: torch.Tensor | slice | None = None
-        decode_mask = None
+        decode_index = decode_mask = None
         decode_len = 0
         if d:
             lengths = [s.position + 1 for s in plan.decode]
             decode_len = max(lengths)
-            first = plan.decode[0].row
-            contiguous = all(s.row == first + i for i, s in enumerate(plan.decode))
-            decode_rows = slice(first, first + d) if contiguous else rows[:d]
+            row_ids = [s.row for s in plan.decode]
+            lo, hi = min(row_ids), max(row_ids)
+            if row_ids == list(range(lo, lo + d)):
+                decode_rows = slice(lo, lo + d)
+            elif hi - lo + 1 <= MAX_SPAN_PER_ROW * d:
+                decode_rows = slice(lo, hi + 1)  # holes attend too, cheaper than copying rows out
+                decode_index = torch.tensor([r - lo for r in row_ids], dtype=torch.long, device=self.device)
+                by_row = [decode_len] * (hi - lo + 1)  # a hole is unmasked (its output is dropped)
+                for r, n in zip(row_ids, lengths):
+                    by_row[r - lo] = n
+                lengths = by_row
+            else:
+                decode_rows = rows[:d]
             if min(lengths) < decode_len:
                 arange = torch.arange(decode_len, device=self.device)
-                lens = torch.tensor(lengths, device=self.device).unsqueeze(1)  # [d, 1]
-                decode_mask = (arange.unsqueeze(0) < lens).view(d, 1, 1, decode_len)
+                lens = torch.tensor(lengths, device=self.device).unsqueeze(1)  # [d or span, 1]
+                decode_mask = (arange.unsqueeze(0) < lens).view(len(lengths), 1, 1, decode_len)
         spans = []
         start = d
         for s, n in plan.prefill:
             spans.append(PrefillSpan(s.row, start, n, s.prefilled, self._chunk_mask(s.prefilled, n)))
             start += n
-        return AttentionContext(self.cache, rows, positions, d, decode_rows, decode_mask, decode_len, tuple(spans))
+        return AttentionContext(self.cache, rows, positions, d, decode_rows, decode_index, decode_mask, decode_len,
+                                tuple(spans))
 
     def _chunk_mask(self, position: int, n: int) -> torch.Tensor | None:
         """[n, position + n] bool: query j (at position + j) sees keys 0..position + j."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from server.engine import kv_cache
+from server.engine import runner as runner_module
 from server.engine.attention import ATTN_IMPL, current_context
+from server.engine.runner import Runner
+from server.engine.scheduler import StepPlan
 from tests.engine.conftest import run
 
 PROMPTS = ["Hello world", "The capital of France is", "def fibonacci(n):\n    return",
@@ -64,3 +68,56 @@ def test_lazy_zeroing_never_touches_written_positions(monkeypatch):
     cache.ensure_initialized([0, 1], 10)  # a longer batch-mate arrives
     assert torch.all(cache.k[0][0, :, :3] == 7.0)
     assert torch.all(cache.k[0][0, :, 3:10] == 0) and torch.all(cache.k[0][1, :, :10] == 0)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """The fields Runner reads from an engine Sequence."""
+
+    prompt_ids: list[int]
+    row: int
+    slot: int = -1
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int = 5
+
+    @property
+    def request(self) -> "_Seq":
+        return self
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def position(self) -> int:
+        return self.prompt_len + self.generated - 1
+
+
+def _decode_logits(runner: Runner, seqs: list[_Seq]) -> torch.Tensor:
+    return runner.forward(StepPlan(None, seqs, []))
+
+
+def test_decode_rows_with_holes_match_the_gathered_rows(varied_base, monkeypatch):
+    """Rows stop being contiguous once a request finishes before its batch-mates: the decode
+    attention then spans the holes (zero queries, outputs dropped) instead of copying rows out.
+    Same logits as the gather path and as each sequence alone, whatever a hole's cache holds."""
+    cache = kv_cache.KVCache.for_model(varied_base.model.config, 8, 64, varied_base.device, varied_base.dtype)
+    runner = Runner(varied_base, cache)
+    seqs = [_Seq(list(range(3, 3 + n)), row=i) for i, n in enumerate((5, 9, 7, 12, 6, 8))]
+    for s in seqs:
+        runner.forward(StepPlan(None, [], [(s, s.prompt_len)]))
+        s.prefilled, s.generated = s.prompt_len, 1
+    live = [seqs[0], seqs[2], seqs[3], seqs[5]]  # rows 1 and 4 finished: holes
+    spanned = _decode_logits(runner, live)
+    for hole in (1, 4):  # whatever a hole's row holds stays in that row
+        for t in (*cache.k, *cache.v):
+            t[hole].fill_(float("nan"))
+    assert torch.equal(_decode_logits(runner, live), spanned)
+    assert torch.isfinite(spanned).all()
+    shuffled = [live[2], live[0], live[3], live[1]]  # not in row order: a permutation of the span
+    torch.testing.assert_close(_decode_logits(runner, shuffled), spanned[[2, 0, 3, 1]], rtol=0, atol=0)
+    alone = torch.cat([_decode_logits(runner, [s]) for s in live])
+    torch.testing.assert_close(spanned, alone, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(runner_module, "MAX_SPAN_PER_ROW", 0)  # force the row gather
+    torch.testing.assert_close(_decode_logits(runner, live), spanned, rtol=1e-6, atol=1e-6)
