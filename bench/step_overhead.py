@@ -111,6 +111,9 @@ def decode_configs() -> dict[str, list[int]]:
         "lora32": list(range(n)),
         "mix16": [(i % 8) if i % 2 == 0 else 16 + (i % 8) for i in range(n)],  # LoRA 0..7 + MiSS 16..23
         "lora16_torch": [i % 16 for i in range(n)],  # lora16 with the CPU kernel off: the torch bmm path
+        "lora16_f16": [i % 16 for i in range(n)],  # lora16 with float16 slots (settings.slot_dtype)
+        "lora32_f16": list(range(n)),
+        "mix16_f16": [(i % 8) if i % 2 == 0 else 16 + (i % 8) for i in range(n)],
     }
 
 
@@ -126,6 +129,21 @@ def torch_path(layers: AdapterLayers, on: bool) -> Iterator[None]:
     finally:
         for name, kernel in kernels.items():
             layers[name].bank.kernel = kernel
+
+
+@contextlib.contextmanager
+def half_slots(layers: AdapterLayers, on: bool) -> Iterator[None]:
+    """Run with every bank's slots converted to float16 (what slot_dtype=float16 holds), then restore."""
+    saved = {name: (layer.bank.a, layer.bank.bt) for name, layer in layers.layers.items()}
+    if on:
+        for name, (a, bt) in saved.items():
+            if a is not None and bt is not None:
+                layers[name].bank.a, layers[name].bank.bt = a.half(), bt.half()
+    try:
+        yield
+    finally:
+        for name, (a, bt) in saved.items():
+            layers[name].bank.a, layers[name].bank.bt = a, bt
 
 
 def load_slots(base: BaseModel, layers: AdapterLayers) -> None:
@@ -157,7 +175,7 @@ def run(base: BaseModel, runner: Runner, layers: AdapterLayers, reps: int, promp
             for s, slot in zip(seqs, slots):
                 s.slot = slot
             plan = StepPlan(None, list(seqs), [])
-            with torch_path(layers, name.endswith("_torch")):
+            with torch_path(layers, name.endswith("_torch")), half_slots(layers, name.endswith("_f16")):
                 times[name].append(time_step(runner, plan))
         for name, slots in (("prefill_base", [-1] * 4), ("prefill_lora4", [0, 1, 2, 3])):
             for s, slot in zip(prefill_seqs, slots):

@@ -8,6 +8,7 @@ Wrapping is idempotent and leaves the base weights frozen and uncopied.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from server.adapters.loaded import LoadedAdapter
 from server.adapters.slots import SlotBank
 from server.kernels.cpu import GroupedLoraKernel, load_kernel
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,22 @@ def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
     kernel = _cpu_kernel(model, settings)
+    slot_dtype = slot_dtype_for(model, settings)
+    if kernel is not None and slot_dtype not in kernel.weight_dtypes:
+        log.warning("slot_dtype %s: this CPU's kernel has no such variant, decode takes the (slower) torch path",
+                    slot_dtype)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
-        layers[name] = _wrap(model, name, mod, slots, settings.max_rank)
+        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, slot_dtype)
         layers[name].bank.kernel = None if layers[name].bank.embedding else kernel
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
+
+
+def slot_dtype_for(model: nn.Module, settings: Settings) -> torch.dtype:
+    """The dtype adapter factors are held in on the device: settings.slot_dtype, auto = the model's."""
+    return next(model.parameters()).dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
 
 
 def _cpu_kernel(model: nn.Module, settings: Settings) -> GroupedLoraKernel | None:
@@ -133,14 +145,16 @@ def _cpu_kernel(model: nn.Module, settings: Settings) -> GroupedLoraKernel | Non
     return load_kernel(settings.cache_dir)
 
 
-def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int) -> AdaptedModule:
+def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,
+          slot_dtype: torch.dtype) -> AdaptedModule:
     weight = mod.weight
     if isinstance(mod, nn.Embedding):
         bank = SlotBank(slots, mod.num_embeddings, mod.embedding_dim, max_rank, weight.device, weight.dtype,
-                        embedding=True)
+                        embedding=True, slot_dtype=slot_dtype)
         wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank)
     else:
-        bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype)
+        bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype,
+                        slot_dtype=slot_dtype)
         wrapper = AdaptedLinear(mod, name, bank)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -13,10 +13,14 @@ forward reads the step's AdapterMapping:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.adapters.loaded import ModuleWeights
+from server.adapters.lora import LoraWeights
 from server.adapters.mapping import TRAIN_SLOT, AdapterMapping, current_mapping
 from server.adapters.miss import bat_delta
 from server.adapters.plan import Grouped, StepPlan, step_plan
@@ -78,8 +82,8 @@ class AdaptedModule(nn.Module):
             w = weight
             if mapping.merged_id is not None:
                 w = self.merged_weights.get(mapping.merged_id, weight)
-            elif slot >= 0 and self.bank.weights[slot] is not None:
-                w = weight + self.bank.weights[slot].delta_weight(weight)
+            elif slot >= 0 and (host := self.bank.weights[slot]) is not None:
+                w = weight + _rounded_to_slots(host, self.bank).delta_weight(weight)
             rows.append(self._one_row(x2[t], w))
         out = torch.stack(rows)  # [tokens, out]
         return out.view(*x.shape[: x.dim() - self._input_feature_dims()], -1)
@@ -136,7 +140,7 @@ class AdaptedLinear(AdaptedModule):
             for slot, start, n in plan.long:
                 if bank.ranks[slot]:
                     # addmm_: the rank-r product is added as MKL writes it (no [n, out] temporary)
-                    y2[start:start + n].addmm_(x2[start:start + n] @ a[slot].T, bt[slot])
+                    y2[start:start + n].addmm_(x2[start:start + n] @ _like(a[slot], x2).T, _like(bt[slot], x2))
             if plan.grouped is not None:
                 self._add_grouped(x2, y2, plan, a, bt)
         for slot, block in bank.bat.items():
@@ -159,9 +163,10 @@ class AdaptedLinear(AdaptedModule):
         if g.identity:  # y's rows are the layout: add each run's product in place
             y3 = y2.view(g.num_slots, g.t_max, -1)  # [S, t, out]
             for f, c, b in g.runs:
-                y3[b:b + c].baddbmm_(_shrink(blocks[b:b + c], a[f:f + c]), bt[f:f + c])
+                y3[b:b + c].baddbmm_(_shrink(blocks[b:b + c], _like(a[f:f + c], x2)), _like(bt[f:f + c], x2))
             return
-        outs = [torch.bmm(_shrink(blocks[b:b + c], a[f:f + c]), bt[f:f + c]) for f, c, b in g.runs]  # [c, t, out]
+        outs = [torch.bmm(_shrink(blocks[b:b + c], _like(a[f:f + c], x2)), _like(bt[f:f + c], x2))
+                for f, c, b in g.runs]  # [c, t, out]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, out]
         _add_rows(y2, out, g)
 
@@ -202,15 +207,15 @@ class AdaptedEmbedding(AdaptedModule):
         a, bt = bank.a[:, :, :r], bank.bt[:, :r]  # [slots, num_emb, r], [slots, r, dim]
         for slot, start, n in plan.long:
             if bank.ranks[slot]:
-                y2[start:start + n] += F.embedding(ids[start:start + n], a[slot]) @ bt[slot]
+                y2[start:start + n] += _like(F.embedding(ids[start:start + n], a[slot]), y2) @ _like(bt[slot], y2)
         g = plan.grouped
         if g is None:
             return
         table = bank.a.view(-1, bank.r_cap)  # [slots * num_emb, r_cap]
         ids_g = ids if g.all_tokens else ids.index_select(0, g.tokens)  # [n]
-        h = table.index_select(0, g.slots * bank.in_features + ids_g)[:, :r]  # [n, r]
+        h = _like(table.index_select(0, g.slots * bank.in_features + ids_g)[:, :r], y2)  # [n, r]
         blocks = h.new_zeros(g.num_slots * g.t_max, r).index_copy(0, g.positions, h).view(g.num_slots, g.t_max, r)
-        outs = [torch.bmm(blocks[b:b + c], bt[f:f + c]) for f, c, b in g.runs]  # [c, t, dim]
+        outs = [torch.bmm(blocks[b:b + c], _like(bt[f:f + c], y2)) for f, c, b in g.runs]  # [c, t, dim]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(g.num_slots * g.t_max, -1)  # [S*t, dim]
         _add_rows(y2, out, g)
 
@@ -226,6 +231,23 @@ LEFT_SHRINK_MAX_T = 4
 # torch on consecutive slots (vs 62 ms for scattered ones), 1 slot × 32 tokens 14 vs 21 ms,
 # 1 × 128 34 vs 46 ms. Beyond that, unmeasured: MKL's GEMM.
 KERNEL_MAX_T = 128
+
+
+def _rounded_to_slots(weights: ModuleWeights, bank: SlotBank) -> ModuleWeights:
+    """The host weights as the slots hold them: rounded through `slot_dtype` when it is not the model's
+    (float16 slots), so the reference checks the served math and not the rounding."""
+    if not weights.batched or bank.slot_dtype == bank.dtype:
+        return weights
+    rnd = lambda t: t.to(bank.slot_dtype).to(t.dtype)  # noqa: E731
+    if isinstance(weights, LoraWeights):
+        return dataclasses.replace(weights, a=rnd(weights.a), bt=rnd(weights.bt))
+    return dataclasses.replace(weights, block=rnd(weights.block))
+
+
+def _like(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Slot weights in the activations' dtype: a no-op unless settings.slot_dtype differs from the
+    model's (then the torch paths widen just the slots they read; the CPU kernel reads them as stored)."""
+    return w if w.dtype == x.dtype else w.to(x.dtype)
 
 
 def _shrink(blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

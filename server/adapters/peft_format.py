@@ -22,7 +22,7 @@ import torch
 from server.adapters.inject import ModuleInfo, all_linear_names, module_table
 from server.adapters.arena import Arena
 from server.adapters.loaded import LoadedAdapter, ModuleWeights
-from server.adapters.lora import lora_from_peft, lora_scale
+from server.adapters.lora import LoraWeights, lora_from_peft, lora_scale
 from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
 from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
@@ -66,6 +66,7 @@ def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
     for name, parts in roles.items():
         _check_shapes(spec, model_base.table[name], parts)
     modules = _load(weights_path, spec, roles, model_base, base.dtype)
+    _check_slot_range(modules, settings)
     return LoadedAdapter(
         kind=spec.kind,
         variant=spec.variant,
@@ -253,6 +254,21 @@ def _tensor_at(whole: torch.Tensor, t: TensorInfo) -> torch.Tensor:
     if t.offset % dtype.itemsize:
         data = data.clone()  # safetensors does not promise aligned offsets
     return data.view(dtype).view(t.shape)
+
+
+def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings) -> None:
+    """float16 slots (settings.slot_dtype) hold magnitudes up to 65504: a factor beyond that would
+    become inf in its slot, so the adapter is refused here, at load, with the reason."""
+    if settings.slot_dtype != "float16":
+        return
+    limit = torch.finfo(torch.float16).max
+    for name, weights in modules.items():
+        if weights.batched:  # MiSS: its slot Bᵀ tiles the block, the fold matrix is 0/1
+            tensors = (weights.a, weights.bt) if isinstance(weights, LoraWeights) else (weights.block,)
+            peak = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+            if peak > limit:
+                raise AdapterError(f"{name}: a weight of magnitude {peak:.3g} does not fit the float16 adapter "
+                                   f"slots this server uses (slot_dtype=float16, at most {limit:.0f})")
 
 
 def _check_finite(flat: torch.Tensor, raw: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,9 @@ token's row is one gather) and `bt` is `[slots, r_cap, out]`: B is kept
 transposed (Bᵀ, scale folded in) because `bmm(h, Bᵀ)` with a contiguous
 `[r, out]` operand measured ~2.5× faster on CPU than a transposed `[out, r]`
 view. Ranks are zero-padded, so any mix of ranks and kinds (LoRA, MiSS
-balance/mini) multiplies as one tensor.
+balance/mini) multiplies as one tensor. Their dtype is `settings.slot_dtype`
+(default: the model's); float16 slots on a float32 model are read by the CPU
+kernel at half the bytes, and the torch paths widen them per use.
 
 Allocation is lazy (a module no adapter targets costs nothing) and the rank
 capacity `r_cap` grows in steps of 8 up to `settings.max_rank` only when an
@@ -30,12 +32,14 @@ def _round_up(n: int, step: int = 8) -> int:
 
 class SlotBank:
     def __init__(self, num_slots: int, in_features: int, out_features: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, embedding: bool = False) -> None:
+                 device: torch.device, dtype: torch.dtype, embedding: bool = False,
+                 slot_dtype: torch.dtype | None = None) -> None:
         self.num_slots = num_slots
         self.in_features = in_features  # embedding: num_embeddings
         self.out_features = out_features  # embedding: embedding_dim
         self.max_rank = max_rank
-        self.device, self.dtype, self.embedding = device, dtype, embedding
+        self.device, self.dtype, self.embedding = device, dtype, embedding  # dtype: the model's (bat blocks)
+        self.slot_dtype = slot_dtype or dtype  # a / bt
         self.a: torch.Tensor | None = None  # [slots, r_cap, in] | embedding [slots, num_emb, r_cap]
         self.bt: torch.Tensor | None = None  # [slots, r_cap, out]
         self.ranks = [0] * num_slots  # 0 = nothing batched in this slot
@@ -85,8 +89,8 @@ class SlotBank:
             return
         cap = max(rank, min(_round_up(rank), self.max_rank))
         a_shape = (self.num_slots, self.in_features, cap) if self.embedding else (self.num_slots, cap, self.in_features)
-        a = torch.zeros(a_shape, device=self.device, dtype=self.dtype)
-        bt = torch.zeros(self.num_slots, cap, self.out_features, device=self.device, dtype=self.dtype)
+        a = torch.zeros(a_shape, device=self.device, dtype=self.slot_dtype)
+        bt = torch.zeros(self.num_slots, cap, self.out_features, device=self.device, dtype=self.slot_dtype)
         old = self.r_cap
         if old:
             assert self.a is not None and self.bt is not None

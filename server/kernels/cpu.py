@@ -8,8 +8,10 @@ the compiler's version and the CPU's feature flags, so an upgrade or another
 machine sharing the cache builds its own.
 
 Everything degrades to the pure-torch path: no compiler, a failed build, a
-non-CPU device or a dtype other than float32 leaves `load_kernel()` returning
-None, with one warning in the log.
+non-CPU device or a model dtype other than float32 leaves `load_kernel()`
+returning None, with one warning in the log. Adapter weights may be float32 or
+float16 (settings.slot_dtype); the float16 variant exists where the CPU widens
+halves in hardware (F16C), and elsewhere float16 slots take the torch path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
+SOURCES = (SOURCE, SOURCE.with_name("lora_cpu_impl.h"))  # the build key hashes both
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120.0
 
@@ -64,18 +67,26 @@ class Blocks:
 
 
 class GroupedLoraKernel:
-    """`y[t] += (A[slot] · x[t]) · Bᵀ[slot]` per block, in place; float32 CPU tensors only."""
+    """`y[t] += (A[slot] · x[t]) · Bᵀ[slot]` per block, in place: float32 x and y on CPU, A and Bᵀ
+    float32 or (where built) float16."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fn = lib.lora_grouped_f32
-        self._fn.restype = None
-        self._fn.argtypes = _ARGTYPES
+        self._fns: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        for dtype, name in ((torch.float32, "lora_grouped_f32"), (torch.float16, "lora_grouped_f16")):
+            fn = getattr(lib, name, None)  # the float16 variant is compiled only where the CPU has F16C
+            if fn is not None:
+                fn.restype, fn.argtypes = None, _ARGTYPES
+                self._fns[dtype] = fn
 
-    @staticmethod
-    def supports(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
-        """Row-major rows (stride 1 inside a row) and float32 on CPU; any slot and row strides."""
-        tensors = (x, y, a, bt)
-        return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+    @property
+    def weight_dtypes(self) -> frozenset[torch.dtype]:
+        return frozenset(self._fns)
+
+    def supports(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+        """Row-major rows (stride 1 inside a row) on CPU, float32 x / y, A and Bᵀ of one built weight
+        dtype; any slot and row strides."""
+        return (all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (x, y, a, bt))
+                and x.dtype == y.dtype == torch.float32 and a.dtype == bt.dtype and a.dtype in self._fns
                 and x.dim() == 2 and y.dim() == 2 and a.dim() == 3 and bt.dim() == 3)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks) -> None:
@@ -86,7 +97,7 @@ class GroupedLoraKernel:
         if blocks.max_slot >= min(a.shape[0], bt.shape[0]) or blocks.max_token >= min(x.shape[0], y.shape[0]):
             raise IndexError(f"GroupedLoraKernel: slot {blocks.max_slot} / token {blocks.max_token} out of range "
                              f"for {a.shape[0]} slots / {min(x.shape[0], y.shape[0])} tokens")
-        self._fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+        self._fns[a.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                  a.data_ptr(), a.stride(0), a.stride(1),
                  bt.data_ptr(), bt.stride(0), bt.stride(1),
                  in_features, out_features, r,
@@ -123,7 +134,7 @@ def _build_and_load(cache_dir: Path) -> GroupedLoraKernel | None:
 
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
     for part in (" ".join(FLAGS).encode(), version, _cpu_flags()):
         h.update(b"\0" + part)
     return h.hexdigest()[:16]

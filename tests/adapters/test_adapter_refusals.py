@@ -275,3 +275,23 @@ def test_unaligned_and_mixed_dtype_tensors_load_exactly(fresh):
         w = loaded.modules[module]
         got = w.a if ".lora_A." in name else w.bt.T / 2.0  # lora_qv: scale alpha 16 / r 8 = 2 folded into B
         torch.testing.assert_close(got, tensors[name].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, key", [("lora_qv", "lora_B"), ("miss_balance", "miss_block")])
+def test_weights_beyond_float16_are_refused_only_with_float16_slots(fresh, tmp_path, kind, key):
+    """slot_dtype=float16 holds at most 65504: a larger weight is a 422 at load, not an inf in a slot."""
+    base, settings, copy = fresh
+    path = copy(kind)
+
+    def huge(tensors):
+        name = next(n for n in tensors if key in n)
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[3] = 1e6
+        return tensors
+
+    af.edit_tensors(path, huge)
+    assert read_adapter(path, base, settings).modules  # float32 slots (auto): the value fits
+    f16 = af.adapter_settings(tmp_path, slot_dtype="float16")
+    refused(path, base, f16, r"magnitude [0-9.]+e\+0[5-7] does not fit the float16 adapter slots")
+    af.make_peft(base, kind, tmp_path / "ok")
+    assert read_adapter(tmp_path / "ok", base, f16).modules  # ordinary weights fit

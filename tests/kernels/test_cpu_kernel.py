@@ -100,13 +100,47 @@ def test_out_of_range_slot_or_token_raises_instead_of_reading_past_memory(kernel
     kernel.add(x, y, a, bt, Blocks.build([1], [0, 1], [2]))  # the edges themselves are fine
 
 
-def test_supports_only_float32_cpu_rows():
+def _has_f16c() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " f16c" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def f16_kernel(kernel) -> GroupedLoraKernel:
+    if torch.float16 not in kernel.weight_dtypes:
+        assert not _has_f16c(), "this CPU converts halves in hardware: the float16 variant must be built"
+        pytest.skip("no F16C on this CPU: float16 slots take the torch path")
+    return kernel
+
+
+@pytest.mark.parametrize("in_f, out_f, r", [(576, 1536, 16), (37, 5, 7), (70, 33, 70)])
+@pytest.mark.parametrize("per_slot", [1, 2, 5])
+def test_float16_weights_match_torch_on_the_rounded_weights(f16_kernel, in_f, out_f, r, per_slot):
+    """float16 A / Bᵀ are widened exactly: the result is float32 math on the rounded weights."""
+    g = torch.Generator().manual_seed(in_f + per_slot)
+    a = torch.randn(9, r + 3, in_f, generator=g)[:, :r].half()
+    bt = torch.randn(9, r + 3, out_f, generator=g)[:, :r].half()
+    token_slots = [8, 0, 3] * per_slot + [-1]
+    x = torch.randn(len(token_slots), in_f, generator=g)
+    y = torch.randn(len(token_slots), out_f, generator=g)
+    expected = _reference(x, y, a.float(), bt.float(), token_slots)
+    f16_kernel.add(x, y, a, bt, _blocks(token_slots))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_supports_float32_activations_and_built_weight_dtypes(kernel):
     x, y = torch.zeros(2, 8), torch.zeros(2, 4)
     a, bt = torch.zeros(3, 2, 8), torch.zeros(3, 2, 4)
-    assert GroupedLoraKernel.supports(x, y, a, bt)
-    assert not GroupedLoraKernel.supports(x.bfloat16(), y, a, bt)
-    assert not GroupedLoraKernel.supports(x, y, a.double(), bt)
-    assert not GroupedLoraKernel.supports(x.T, y, a, bt)  # columns, not rows
+    assert kernel.supports(x, y, a, bt)
+    assert kernel.supports(x, y, a.half(), bt.half()) == (torch.float16 in kernel.weight_dtypes)
+    assert not kernel.supports(x.bfloat16(), y, a, bt)
+    assert not kernel.supports(x, y, a.double(), bt.double())
+    assert not kernel.supports(x, y, a.half(), bt)  # A and Bᵀ of one dtype
+    assert not kernel.supports(x, y, a.bfloat16(), bt.bfloat16())
+    assert not kernel.supports(x.T, y, a, bt)  # columns, not rows
 
 
 def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
