@@ -136,28 +136,32 @@ class AdaptedLinear(AdaptedModule):
         r = bank.r_used
         if r:
             assert bank.a is not None and bank.bt is not None
-            a, bt = bank.a[:, :r], bank.bt[:, :r]  # [slots, r, in], [slots, r, out]
             for slot, start, n in plan.long:
                 if bank.ranks[slot]:
+                    a, bt = _like(bank.a[slot, :r], x2), _like(bank.bt[slot, :r], x2)  # [r, in], [r, out]
                     # addmm_: the rank-r product is added as MKL writes it (no [n, out] temporary)
-                    y2[start:start + n].addmm_(x2[start:start + n] @ _like(a[slot], x2).T, _like(bt[slot], x2))
-            if plan.grouped is not None:
-                self._add_grouped(x2, y2, plan, a, bt)
+                    y2[start:start + n].addmm_(x2[start:start + n] @ a.T, bt)
+            g = plan.grouped
+            if g is not None and not self._kernel_added(x2, y2, g, r):  # decode: the kernel, kept lean
+                self._add_grouped(x2, y2, g, bank.a[:, :r], bank.bt[:, :r])  # [slots, r, in], [slots, r, out]
         for slot, block in bank.bat.items():
             if slot in plan.active:
                 rows = plan.rows(slot)  # [k]
                 delta = bat_delta(self.base_layer.weight, block)  # [out, in]: the full extra matmul
                 y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
 
-    def _add_grouped(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan,
+    def _kernel_added(self, x2: torch.Tensor, y2: torch.Tensor, g: Grouped, r: int) -> bool:
+        """The short runs through the CPU kernel, when it is attached and takes these tensors; False = not done.
+        It reads the first r rows of each slot in place: scattered slots cost no extra call, no slicing."""
+        kernel, bank = self.bank.kernel, self.bank
+        if (kernel is None or g.blocks is None or g.t_max > KERNEL_MAX_T
+                or x2.requires_grad or y2.requires_grad):
+            return False
+        return kernel.try_add(x2, y2, bank.a, bank.bt, g.blocks, r)
+
+    def _add_grouped(self, x2: torch.Tensor, y2: torch.Tensor, g: Grouped,
                      a: torch.Tensor, bt: torch.Tensor) -> None:
-        g = plan.grouped
-        assert g is not None
-        kernel = self.bank.kernel
-        if (kernel is not None and g.blocks is not None and g.t_max <= KERNEL_MAX_T
-                and not (x2.requires_grad or y2.requires_grad) and kernel.supports(x2, y2, a, bt)):
-            kernel.add(x2, y2, a, bt, g.blocks)  # reads each slot in place: scattered slots cost no extra call
-            return
+        """The short runs through torch's batched GEMM (GPU, or no kernel): the reference for the kernel."""
         xs = x2 if g.identity else x2.index_select(0, g.source)  # [S*t, in]
         blocks = xs.view(g.num_slots, g.t_max, -1)  # [S, t, in]: block b = the b-th active slot
         if g.identity:  # y's rows are the layout: add each run's product in place

@@ -17,6 +17,7 @@ halves in hardware (F16C), and elsewhere float16 slots take the torch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -56,14 +57,26 @@ class Blocks:
     max_slot: int  # bounds, kept as Python ints so `add` checks them for free:
     max_token: int  # the kernel indexes raw memory with these
 
+    @functools.cached_property
+    def slots_ptr(self) -> int:
+        return self.slots.data_ptr()
+
+    @functools.cached_property
+    def starts_ptr(self) -> int:
+        return self.starts.data_ptr()
+
+    @functools.cached_property
+    def tokens_ptr(self) -> int:
+        return self.tokens.data_ptr()
+
+    @functools.cached_property
+    def count(self) -> int:
+        return int(self.slots.shape[0])
+
     @classmethod
     def build(cls, slots: list[int], starts: list[int], tokens: list[int]) -> Blocks:
         as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
         return cls(as_long(slots), as_long(starts), as_long(tokens), max(slots, default=-1), max(tokens, default=-1))
-
-    @property
-    def count(self) -> int:
-        return int(self.slots.shape[0])
 
 
 class GroupedLoraKernel:
@@ -84,25 +97,39 @@ class GroupedLoraKernel:
 
     def supports(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
         """Row-major rows (stride 1 inside a row) on CPU, float32 x / y, A and Bᵀ of one built weight
-        dtype; any slot and row strides."""
-        return (all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (x, y, a, bt))
-                and x.dtype == y.dtype == torch.float32 and a.dtype == bt.dtype and a.dtype in self._fns
-                and x.dim() == 2 and y.dim() == 2 and a.dim() == 3 and bt.dim() == 3)
+        dtype; any slot and row strides. Written out (no loop): it runs per module per step."""
+        f32 = torch.float32
+        return (x.dtype is f32 and y.dtype is f32 and a.dtype is bt.dtype and a.dtype in self._fns
+                and x.dim() == 2 and y.dim() == 2 and a.dim() == 3 and bt.dim() == 3
+                and x.stride(-1) == 1 and y.stride(-1) == 1 and a.stride(-1) == 1 and bt.stride(-1) == 1
+                and x.is_cpu and y.is_cpu and a.is_cpu and bt.is_cpu)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks) -> None:
-        """x `[tokens, in]`, y `[tokens, out]` (written in place), a `[slots, r, in]`, bt `[slots, r, out]`."""
-        assert self.supports(x, y, a, bt), "GroupedLoraKernel: unsupported tensors"
-        r, in_features, out_features = int(a.shape[1]), int(x.shape[1]), int(y.shape[1])
-        assert a.shape[2] == in_features and bt.shape[2] == out_features and bt.shape[1] == r
+    def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks,
+            r: int | None = None) -> None:
+        """x `[tokens, in]`, y `[tokens, out]` (written in place), a `[slots, r_cap, in]`, bt `[slots, r_cap, out]`;
+        only the first `r` rows of each slot are read (default: all), so a bank's tensors need no slicing."""
+        if not self.try_add(x, y, a, bt, blocks, r):
+            raise ValueError("GroupedLoraKernel: unsupported tensors")
+
+    def try_add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks,
+                r: int | None = None) -> bool:
+        """`add`, or False (nothing written) when `supports` says no: one check on the per-step hot path."""
+        if not self.supports(x, y, a, bt):
+            return False
+        in_features, out_features = x.shape[1], y.shape[1]
+        rows = a.shape[1] if r is None else r
+        if a.shape[2] != in_features or bt.shape[2] != out_features or not 0 <= rows <= min(a.shape[1], bt.shape[1]):
+            raise ValueError(f"GroupedLoraKernel: shapes x {tuple(x.shape)}, y {tuple(y.shape)}, a {tuple(a.shape)}, "
+                             f"bt {tuple(bt.shape)}, r {rows} do not fit")
         if blocks.max_slot >= min(a.shape[0], bt.shape[0]) or blocks.max_token >= min(x.shape[0], y.shape[0]):
             raise IndexError(f"GroupedLoraKernel: slot {blocks.max_slot} / token {blocks.max_token} out of range "
                              f"for {a.shape[0]} slots / {min(x.shape[0], y.shape[0])} tokens")
+        a_strides, bt_strides = a.stride(), bt.stride()
         self._fns[a.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                 a.data_ptr(), a.stride(0), a.stride(1),
-                 bt.data_ptr(), bt.stride(0), bt.stride(1),
-                 in_features, out_features, r,
-                 blocks.slots.data_ptr(), blocks.starts.data_ptr(), blocks.count, blocks.tokens.data_ptr(),
-                 torch.get_num_threads())
+                           a.data_ptr(), a_strides[0], a_strides[1], bt.data_ptr(), bt_strides[0], bt_strides[1],
+                           in_features, out_features, rows, blocks.slots_ptr, blocks.starts_ptr, blocks.count,
+                           blocks.tokens_ptr, torch.get_num_threads())
+        return True
 
 
 _lock = threading.Lock()

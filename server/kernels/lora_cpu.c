@@ -27,6 +27,11 @@
 #define RB 8    /* rows of A per pass over x: eight FMA chains per token hide the FMA latency */
 #define RMAX 64 /* ranks above this are processed in chunks of RMAX rows */
 #define TMAX 4  /* tokens per pass over a slot's weights */
+/* Software prefetch distance along each weight row. The rows are many short streams (a slot's A is
+ * r rows of `in` weights, read 8 at a time; Bᵀ r rows read side by side), which the hardware
+ * prefetcher ramps up on late: 2 lines ahead measured 9 % (float32) and 13 % (float16) less kernel
+ * time for 16 adapters x 210 SmolLM2 modules on the 2-core Xeon; 64 to 1024 bytes were tried. */
+#define PREFETCH_BYTES 128
 
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  /* unaligned loads allowed */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));

@@ -17,6 +17,7 @@ static inline __attribute__((always_inline)) void FN(shrink)(
             vf xv[TMAX];
             for (int j = 0; j < nj; j++) xv[j] = vload(xr[j] + i);
             for (int q = 0; q < RB; q++) {
+                __builtin_prefetch((const char *)(a + (k + q) * ars + i) + PREFETCH_BYTES);
                 const vf av = WLOAD(a + (k + q) * ars + i);
                 for (int j = 0; j < nj; j++) c[q][j] += av * xv[j];
             }
@@ -46,6 +47,7 @@ static inline __attribute__((always_inline)) void FN(expand)(
         vf acc[TMAX];
         for (int j = 0; j < nj; j++) acc[j] = vload(yr[j] + o);
         for (int64_t k = 0; k < r; k++) {
+            __builtin_prefetch((const char *)(bt + k * brs + o) + PREFETCH_BYTES);
             const vf w = WLOAD(bt + k * brs + o);
             for (int j = 0; j < nj; j++) acc[j] += h[k][j] * w;
         }
