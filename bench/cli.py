@@ -25,11 +25,10 @@ from bench.context import Bench
 from bench.hotload import scenario3
 from bench.model import load_bench_model, server_settings
 from bench.prepare import make_all_adapters, make_references
-from bench.process import spawn, wait_host_tier
+from bench.process import spawn
 from bench.report import clean_nans, machine_info, text_table, write_results
 from bench.scale import scenario4
-from bench.scenarios import scenario1, scenario2, scenario5
-from server.settings import Settings
+from bench.scenarios import scenario1, scenario1_half_slots, scenario2, scenario5, wait_for_prefetch
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
@@ -100,16 +99,14 @@ def _main_server(ctx: Bench) -> None:
     ctx.log(f"starting the server: max-batch {cfg.concurrency}, {cfg.max_adapters_needed} device slots")
     with spawn(cfg, ctx.store, ctx.work / "server-main.log", max_batch=cfg.concurrency,
                resident=cfg.max_adapters_needed) as h:
-        served = Settings()  # what the server reads from the environment it inherits (process.spawn)
-        if served.prefetch_adapters:
-            expected = min(len(ctx.lora) + len(ctx.miss) + len(ctx.cold), served.max_adapters_host)
-            waited = wait_host_tier(h.base_url, expected)
-            ctx.log(f"start-up prefetch: {expected} adapters in host memory {waited:.1f} s after /ready")
+        wait_for_prefetch(ctx, h)
         for n, fn in ((1, scenario1), (2, scenario2), (3, scenario3), (5, scenario5)):
             if n in cfg.scenarios:
                 fn(ctx, h)
         if h.proc.poll() is not None:
             ctx.failures.append({"run": "main server", "error": f"server exited with {h.proc.returncode}"})
+    if 1 in cfg.scenarios:
+        scenario1_half_slots(ctx)
 
 
 def _finish(ctx: Bench, elapsed: float) -> int:

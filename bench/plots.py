@@ -32,11 +32,15 @@ def _bar(ax: Any, labels: list[str], values: list[float | None], title: str, yla
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
 
 
-def plot_overhead(s1: dict, out: Path) -> Path:
+def plot_overhead(s1: dict, out: Path, half: dict | None = None) -> Path:
+    """`half`: the float16-slot server's run of the target load (bench.scenarios.scenario1_half_slots)."""
     names = [n for n in s1["ratios"] if n != "base"]
+    labels, values = list(names), [s1["ratios"][n]["decode_tok_per_s"] for n in names]
+    if half is not None:
+        labels.append(f"{half['config']} f16 slots")
+        values.append(half["ratios"]["decode_tok_per_s"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    _bar(axes[0], names, [s1["ratios"][n]["decode_tok_per_s"] for n in names],
-         "Decode throughput / base-only (equal work per step)", "ratio", target=0.90)
+    _bar(axes[0], labels, values, "Decode throughput / base-only (equal work per step)", "ratio", target=0.90)
     x = range(len(names))
     axes[1].plot(x, [s1["ratios"][n]["itl_p50_ms"] for n in names], "o-", label="ITL p50")
     axes[1].plot(x, [s1["ratios"][n]["itl_p99_ms"] for n in names], "s-", label="ITL p99")
@@ -93,7 +97,7 @@ def draw_all(results: dict, out: Path) -> list[Path]:
     sc = results.get("scenarios", {})
     paths = []
     if "s1" in sc:
-        paths.append(plot_overhead(sc["s1"], out))
+        paths.append(plot_overhead(sc["s1"], out, sc.get("s1_half_slots")))
     if "s2" in sc:
         paths.append(plot_vs_peft(sc["s2"], out))
     if "s3" in sc:

@@ -18,9 +18,10 @@ from bench import peft_baseline as pb
 from bench.context import Bench, Check, median, ratio
 from bench.load import GenRequest, LoadRun
 from bench.prepare import mix_ids, s2_requests
-from bench.process import ServerHandle
+from bench.process import ServerHandle, spawn, wait_host_tier
 from bench.report import Row
 from bench.workload import assign, distinct_adapters
+from server.settings import Settings
 
 THROUGHPUT_TARGET_16 = 0.90
 NAIVE_TARGET = 10.0
@@ -89,6 +90,43 @@ def _target_config(ctx: Bench, configs: dict[str, list[str | None]]) -> str:
     lora_counts = [n for n in ctx.cfg.adapter_counts if f"lora x{n}" in configs]
     n = 16 if 16 in lora_counts else max(lora_counts)
     return f"lora x{n}"
+
+
+def scenario1_half_slots(ctx: Bench) -> None:
+    """Scenario 1's target load again on a server holding the adapters in float16 slots
+    (LORAPLEX_SLOT_DTYPE=float16, an opt-in), each round paired with that server's own base run.
+
+    Why a second server: the slot dtype is fixed at start-up. Reported beside the default rows, not
+    instead of them: the targets are judged on the default (the model's dtype).
+    """
+    cfg = ctx.cfg
+    configs = s1_configs(ctx)
+    name = _target_config(ctx, configs)
+    ctx.log(f"scenario 1, float16 slots: base vs {name}, {cfg.repeats} interleaved round(s)")
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], name: []}
+    with spawn(cfg, ctx.store, ctx.work / "server-f16.log", max_batch=cfg.concurrency,
+               resident=cfg.max_adapters_needed, env={"LORAPLEX_SLOT_DTYPE": "float16"}) as h:
+        wait_for_prefetch(ctx, h)
+        ctx.warm_up(h, configs[name])
+        for rnd in range(cfg.repeats):
+            for n in (["base", name] if rnd % 2 == 0 else [name, "base"]):
+                run = ctx.measure(h, assign(configs[n], cfg.requests_per_run, cfg.new_tokens), f"s1 f16 r{rnd} {n}")
+                runs[n].append(run.summary())
+    r = _s1_ratios(runs)[name]
+    dec, base_dec = (median([x["decode_tok_per_s"] for x in runs[n]]) for n in (name, "base"))
+    ctx.data["s1_half_slots"] = {"config": name, "runs": runs, "ratios": r}
+    ctx.rows.append(Row(1, f"decode throughput / base, {name}, float16 slots (opt-in)", r["decode_tok_per_s"],
+                        info=f"{dec:.0f} vs base {base_dec:.0f} tok/s on a server with LORAPLEX_SLOT_DTYPE=float16; "
+                             f"ITL p50 {r['itl_p50_ms']:.2f}x, p99 {r['itl_p99_ms']:.2f}x of base"))
+
+
+def wait_for_prefetch(ctx: Bench, h: ServerHandle) -> None:
+    """Let the start-up prefetch finish before measuring: its disk reads would land in the first runs."""
+    served = Settings()  # what the server reads from the environment it inherits (process.spawn)
+    if served.prefetch_adapters:
+        expected = min(len(ctx.lora) + len(ctx.miss) + len(ctx.cold), served.max_adapters_host)
+        waited = wait_host_tier(h.base_url, expected)
+        ctx.log(f"start-up prefetch: {expected} adapters in host memory {waited:.1f} s after /ready")
 
 
 # --- scenario 2 -----------------------------------------------------------------------------

@@ -58,6 +58,10 @@ def test_every_scenario_reported_with_targets(quick_run) -> None:
             assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
     s1 = data["scenarios"]["s1"]["runs"]
     assert all(run["failed"] == 0 and run["tokens"] > 0 for runs in s1.values() for run in runs)
+    half = data["scenarios"]["s1_half_slots"]  # the float16-slot server's paired runs
+    assert set(half["runs"]) == {"base", half["config"]}
+    assert all(run["failed"] == 0 and run["tokens"] > 0 for runs in half["runs"].values() for run in runs)
+    assert any("float16 slots" in r["metric"] and r["value"] > 0 for r in rows)
 
 
 def test_greedy_outputs_match_peft(quick_run) -> None:
