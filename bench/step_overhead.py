@@ -21,6 +21,11 @@ lora4 0.87 (0.90). With the torch bmm path instead (LORAPLEX_CPU_KERNELS=false, 
 before the kernel): lora16 0.84, lora32 0.79-0.80, mix16 0.81; before the A·xᵀ shrink,
 lora16 0.72-0.87 on a busier box. Busy neighbours move these by ±0.1: compare
 configurations within one run only.
+On the 2-core Intel Xeon (AVX-512, ~14 GB/s one-core streaming; 2026-11-30), 1 thread, 11 reps, median,
+after the row prefetch and leaner call: base 157 ms; lora1 0.93; lora4 0.92; lora16 0.83 (0.80 before);
+lora32 0.74; mix16 0.88; lora16_torch 0.71; float16 slots: lora16_f16 0.83-0.85, lora32_f16 0.80,
+mix16_f16 0.89. Here the base step is faster and memory slower than on the EPYC, so the adapters'
+bytes weigh more: 312 MB for 16 adapters take >= 22 ms to read (a 0.88 ceiling at float32).
 With 2 threads the box is oversubscribed (base step 2.4-2.7 s) and ratios are noise.
 Where the 16-adapter gap comes from (1 thread, all 210 modules' adapter math alone,
 cold weights): reading the 312 MB of 16 resident adapters takes 16-24 ms; the kernel
