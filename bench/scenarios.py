@@ -44,11 +44,11 @@ def scenario1(ctx: Bench, h: ServerHandle) -> None:
     cfg = ctx.cfg
     configs = s1_configs(ctx)
     ctx.log(f"scenario 1: {list(configs)}; {cfg.requests_per_run} requests x {cfg.new_tokens} tokens per run, "
-            f"concurrency {cfg.concurrency}, {cfg.repeats} interleaved round(s)")
+            f"concurrency {cfg.concurrency}, {cfg.s1_repeats} interleaved round(s)")
     ctx.warm_up(h, [a for ids in configs.values() for a in ids])
     names = list(configs)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for rnd in range(cfg.repeats):
+    for rnd in range(cfg.s1_repeats):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             run = ctx.measure(h, assign(configs[name], cfg.requests_per_run, cfg.new_tokens), f"s1 r{rnd} {name}")
@@ -102,13 +102,13 @@ def scenario1_half_slots(ctx: Bench) -> None:
     cfg = ctx.cfg
     configs = s1_configs(ctx)
     name = _target_config(ctx, configs)
-    ctx.log(f"scenario 1, float16 slots: base vs {name}, {cfg.repeats} interleaved round(s)")
+    ctx.log(f"scenario 1, float16 slots: base vs {name}, {cfg.s1_repeats} interleaved round(s)")
     runs: dict[str, list[dict[str, Any]]] = {"base": [], name: []}
     with spawn(cfg, ctx.store, ctx.work / "server-f16.log", max_batch=cfg.concurrency,
                resident=cfg.max_adapters_needed, env={"LORAPLEX_SLOT_DTYPE": "float16"}) as h:
         wait_for_prefetch(ctx, h)
         ctx.warm_up(h, configs[name])
-        for rnd in range(cfg.repeats):
+        for rnd in range(cfg.s1_repeats):
             for n in (["base", name] if rnd % 2 == 0 else [name, "base"]):
                 run = ctx.measure(h, assign(configs[n], cfg.requests_per_run, cfg.new_tokens), f"s1 f16 r{rnd} {n}")
                 runs[n].append(run.summary())
