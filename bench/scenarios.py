@@ -46,16 +46,23 @@ def scenario1(ctx: Bench, h: ServerHandle) -> None:
     ctx.log(f"scenario 1: {list(configs)}; {cfg.requests_per_run} requests x {cfg.new_tokens} tokens per run, "
             f"concurrency {cfg.concurrency}, {cfg.s1_repeats} interleaved round(s)")
     ctx.warm_up(h, [a for ids in configs.values() for a in ids])
-    names = list(configs)
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for rnd in range(cfg.s1_repeats):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
-            run = ctx.measure(h, assign(configs[name], cfg.requests_per_run, cfg.new_tokens), f"s1 r{rnd} {name}")
-            runs[name].append(run.summary())
+    runs = _s1_rounds(ctx, h, configs, "s1")
     ctx.data["s1"] = {"configs": {n: {"adapters": len([a for a in ids if a])} for n, ids in configs.items()},
                       "runs": runs, "ratios": _s1_ratios(runs)}
     _s1_rows(ctx, configs, ctx.data["s1"]["ratios"], runs)
+
+
+def _s1_rounds(ctx: Bench, h: ServerHandle, configs: dict[str, list[str | None]],
+               label: str) -> dict[str, list[dict[str, Any]]]:
+    """`s1_repeats` rounds, each running every config once in a rotated order: summaries by config."""
+    cfg = ctx.cfg
+    names = list(configs)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rnd in range(cfg.s1_repeats):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            run = ctx.measure(h, assign(configs[name], cfg.requests_per_run, cfg.new_tokens), f"{label} r{rnd} {name}")
+            runs[name].append(run.summary())
+    return runs
 
 
 def _s1_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -103,15 +110,11 @@ def scenario1_half_slots(ctx: Bench) -> None:
     configs = s1_configs(ctx)
     name = _target_config(ctx, configs)
     ctx.log(f"scenario 1, float16 slots: base vs {name}, {cfg.s1_repeats} interleaved round(s)")
-    runs: dict[str, list[dict[str, Any]]] = {"base": [], name: []}
     with spawn(cfg, ctx.store, ctx.work / "server-f16.log", max_batch=cfg.concurrency,
                resident=cfg.max_adapters_needed, env={"LORAPLEX_SLOT_DTYPE": "float16"}) as h:
         wait_for_prefetch(ctx, h)
         ctx.warm_up(h, configs[name])
-        for rnd in range(cfg.s1_repeats):
-            for n in (["base", name] if rnd % 2 == 0 else [name, "base"]):
-                run = ctx.measure(h, assign(configs[n], cfg.requests_per_run, cfg.new_tokens), f"s1 f16 r{rnd} {n}")
-                runs[n].append(run.summary())
+        runs = _s1_rounds(ctx, h, {"base": configs["base"], name: configs[name]}, "s1 f16")
     r = _s1_ratios(runs)[name]
     dec, base_dec = (median([x["decode_tok_per_s"] for x in runs[n]]) for n in (name, "base"))
     ctx.data["s1_half_slots"] = {"config": name, "runs": runs, "ratios": r}
