@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,13 +81,13 @@ def _collect_tensors(header: dict, data_start: int) -> tuple[dict[str, TensorInf
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        info, begin, end = _tensor_entry(name, entry)
-        infos[name] = replace(info, offset=data_start + begin)
+        info, begin, end = _tensor_entry(name, entry, data_start)
+        infos[name] = info
         ranges.append((begin, end, name))
     return infos, ranges
 
 
-def _tensor_entry(name: str, entry: object) -> tuple[TensorInfo, int, int]:
+def _tensor_entry(name: str, entry: object, data_start: int) -> tuple[TensorInfo, int, int]:
     if not isinstance(entry, dict):
         raise AdapterError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -103,7 +103,7 @@ def _tensor_entry(name: str, entry: object) -> tuple[TensorInfo, int, int]:
         raise AdapterError(
             f"tensor {name!r}: data_offsets {offsets} do not match {dtype} shape {shape} ({nbytes} bytes)"
         )
-    return TensorInfo(name, dtype, tuple(shape), nbytes), begin, end
+    return TensorInfo(name, dtype, tuple(shape), nbytes, data_start + begin), begin, end
 
 
 def _check_ranges(ranges: list[tuple[int, int, str]], data_len: int) -> None:
