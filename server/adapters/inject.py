@@ -85,13 +85,21 @@ class AdapterLayers:
         return name in self.layers
 
     def load_slot(self, slot: int, adapter: LoadedAdapter) -> None:
-        """Copy an adapter into `slot` of every module it targets (engine thread, between steps)."""
-        self.clear_slot(slot)
+        """Copy an adapter into `slot` of every module it targets (engine thread, between steps), replacing
+        what the slot held: modules both target are overwritten in place, the old adapter's others cleared."""
         missing = [n for n in adapter.modules if n not in self.layers]
         if missing:
             raise KeyError(f"adapter targets modules that were not injected: {missing[:3]}")
-        for name, weights in adapter.modules.items():
-            self.layers[name].bank.write(slot, weights)
+        old = self._slot_modules[slot]
+        try:
+            for name in old.difference(adapter.modules):
+                self.layers[name].bank.clear(slot)
+            for name, weights in adapter.modules.items():
+                self.layers[name].bank.write(slot, weights)
+        except BaseException:
+            self._slot_modules[slot] = old | set(adapter.modules)
+            self.clear_slot(slot)  # never half of one adapter and half of another
+            raise
         self._slot_modules[slot] = set(adapter.modules)
 
     def clear_slot(self, slot: int) -> None:

@@ -193,8 +193,7 @@ class AdapterManager:
         victim = self.slots.victim()
         if victim is None:
             return None  # every slot is pinned by a running request
-        slot = self.slots.remove(victim)
-        self.layers.clear_slot(slot)
+        slot = self.slots.remove(victim)  # its weights stay until load_slot overwrites them (one pass)
         self.evictions += 1
         self._count("adapter_cache_evictions", "device")
         return slot

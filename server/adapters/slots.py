@@ -57,9 +57,14 @@ class SlotBank:
         return self.r_used == 0 and not self.bat
 
     def write(self, slot: int, weights: ModuleWeights) -> None:
-        self.clear(slot)
+        """Put `weights` in `slot`, replacing whatever it held: the new rows are copied over the old
+        ones and only the old rows past the new rank are zeroed (a reload writes each byte once)."""
+        old_rank = self.ranks[slot]
+        self.bat.pop(slot, None)
         self.weights[slot] = weights
         if not weights.batched:
+            self._zero_rows(slot, 0, old_rank)
+            self._set_rank(slot, 0)
             self.bat[slot] = weights.block.to(self.device, self.dtype)  # type: ignore[attr-defined]
             return
         a, bt = weights.factors()  # [r, in], [r, out]
@@ -71,18 +76,30 @@ class SlotBank:
         else:
             self.a[slot, :r].copy_(a)
         self.bt[slot, :r].copy_(bt)
-        self.ranks[slot] = r
-        self.r_used = max(self.ranks)
+        self._zero_rows(slot, r, old_rank)
+        self._set_rank(slot, r)
 
     def clear(self, slot: int) -> None:
-        if self.ranks[slot]:
-            assert self.a is not None and self.bt is not None
-            self.a[slot].zero_()
-            self.bt[slot].zero_()
-            self.ranks[slot] = 0
-            self.r_used = max(self.ranks)
+        self._zero_rows(slot, 0, self.ranks[slot])
+        self._set_rank(slot, 0)
         self.bat.pop(slot, None)
         self.weights[slot] = None
+
+    def _zero_rows(self, slot: int, start: int, stop: int) -> None:
+        """Rows [start, stop) of a slot back to zero. Rows at or past a slot's rank are always zero:
+        every step reads `r_used` rows of each active slot, so a shorter adapter must see zeros there."""
+        if stop <= start:
+            return
+        assert self.a is not None and self.bt is not None
+        if self.embedding:
+            self.a[slot, :, start:stop].zero_()
+        else:
+            self.a[slot, start:stop].zero_()
+        self.bt[slot, start:stop].zero_()
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        self.ranks[slot] = rank
+        self.r_used = max(self.ranks)
 
     def _ensure_rank(self, rank: int) -> None:
         if rank <= self.r_cap:
