@@ -50,19 +50,24 @@ class LoraWeights:
 
 
 def lora_from_peft(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
-                   embedding: bool = False, arena: Arena | None = None) -> LoraWeights:
+                   embedding: bool = False) -> LoraWeights:
     """From PEFT's tensors (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`; the embedding
-    variants `lora_embedding_A [r, num]`, `lora_embedding_B [dim, r]` have the same layout).
-    The result is written once into `arena` (a loader's per-adapter buffer; `dtype` must be its
-    dtype) or into one of its own; B is scaled in float32."""
-    if arena is None:
-        arena = Arena(a.numel() + b.numel(), dtype)
+    variants `lora_embedding_A [r, num]`, `lora_embedding_B [dim, r]` have the same layout), in one
+    arena of `dtype`. The loader does the same for a whole file at once (carve.py)."""
+    arena = Arena(a.numel() + b.numel(), dtype)
     a_out = arena.copy(a)  # [r, in]
     bt_out = arena.take(b.shape[1], b.shape[0])  # [r, out]
-    if bt_out.dtype == torch.float32 and b.dtype == torch.float32:
-        torch.mul(b.T, scale, out=bt_out)  # one pass: the transposing read and the scale (~40 % less than two)
-    elif bt_out.dtype == torch.float32:
-        bt_out.copy_(b.T).mul_(scale)  # widen exactly, then scale in float32
-    else:
-        bt_out.copy_((b.to(torch.float32) * scale).T)
+    write_scaled_bt(b, scale, bt_out)
     return LoraWeights(a_out, bt_out, embedding=embedding)
+
+
+def write_scaled_bt(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out `[..., r, out]` = (B `[..., out, r]` · scale)ᵀ. B is scaled in float32, and only then narrowed
+    when `out` is a 16-bit dtype, so every path (one module, a batch of them) rounds alike."""
+    bt = b.transpose(-1, -2)
+    if out.dtype == torch.float32 and b.dtype == torch.float32:
+        torch.mul(bt, scale, out=out)  # one pass: the transposing read and the scale (~40 % less than two)
+    elif out.dtype == torch.float32:
+        out.copy_(bt).mul_(scale)  # widen exactly, then scale in float32
+    else:
+        out.copy_(bt.to(torch.float32) * scale)

@@ -9,10 +9,9 @@ The same function validates uploads for the store and loads for the cache.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ import torch
 
 from server.adapters.inject import ModuleInfo, all_linear_names, module_table
 from server.adapters.arena import Arena
+from server.adapters.carve import Piece, carve, source
 from server.adapters.loaded import LoadedAdapter, ModuleWeights
-from server.adapters.lora import LoraWeights, lora_from_peft, lora_scale
+from server.adapters.lora import LoraWeights, lora_scale
 from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
 from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
@@ -200,24 +200,30 @@ def _expect_shape(info: ModuleInfo, t: TensorInfo, expected: tuple[int, ...]) ->
 
 def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]], base: _Base,
           dtype: torch.dtype) -> dict[str, ModuleWeights]:
-    modules: dict[str, ModuleWeights] = {}
-    raw: dict[str, torch.Tensor] = {}  # [as stored]: views into the read buffer
     infos = [t for parts in roles.values() for t in parts.values()]
     with _read_buffer(path, max(t.offset + t.nbytes for t in infos)) as whole:
-        def get(t: TensorInfo) -> torch.Tensor:
-            tensor = raw[t.name] = _tensor_at(whole, t)
-            return tensor
-
-        # Own the bytes, in one buffer per adapter: the read buffer is reused by this thread's next load.
-        kept = [t for parts in roles.values() for role, t in parts.items() if role != "BASE"]
-        arena = Arena(sum(math.prod(t.shape) for t in kept), dtype)
-        for name, parts in sorted(roles.items()):
-            info = base.table[name]
+        names = sorted(roles)
+        pieces: list[Piece] = []
+        for name in names:
+            info, parts = base.table[name], roles[name]
             if "BASE" in parts:  # compared, never kept (equal to the base weight implies finite)
-                _check_base_copy(info, _tensor_at(whole, parts["BASE"]))
-            modules[name] = _module_weights(spec, info, parts, get, arena)
-        _check_finite(arena.flat, raw)
+                _check_base_copy(info, source(whole, parts["BASE"]))
+            pieces.extend(_pieces(spec, info, parts))
+        # Own the bytes, in one buffer per adapter: the read buffer is reused by this thread's next load.
+        arena = Arena(sum(p.numel for p in pieces), dtype)
+        views = iter(carve(whole, pieces, arena))
+        modules = {name: _module_weights(spec, base.table[name], views) for name in names}
+        _check_finite(arena.flat, lambda: {p.src.name: source(whole, p.src) for p in pieces})
     return modules
+
+
+def _pieces(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> list[Piece]:
+    """What a module keeps, in the order `_module_weights` takes it back: LoRA A then (B·s)ᵀ, or the block."""
+    if spec.peft_type != "LORA":
+        return [Piece(parts["BLOCK"])]
+    a, b = (parts["EA"], parts["EB"]) if info.kind == "embedding" else (parts["A"], parts["B"])
+    scale = lora_scale(spec.module_alpha(info.name), spec.module_rank(info.name), spec.use_rslora)
+    return [Piece(a), Piece(b, scale)]
 
 
 _buffers = threading.local()
@@ -248,14 +254,6 @@ def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
         view.release()
 
 
-def _tensor_at(whole: torch.Tensor, t: TensorInfo) -> torch.Tensor:
-    dtype = FLOAT_DTYPES[t.dtype]  # only float dtypes get this far (_group refuses the rest)
-    data = whole[t.offset:t.offset + t.nbytes]  # [nbytes] uint8
-    if t.offset % dtype.itemsize:
-        data = data.clone()  # safetensors does not promise aligned offsets
-    return data.view(dtype).view(t.shape)
-
-
 def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings) -> None:
     """float16 slots (settings.slot_dtype) hold magnitudes up to 65504: a factor beyond that would
     become inf in its slot, so the adapter is refused here, at load, with the reason."""
@@ -271,26 +269,24 @@ def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings) -> 
                                    f"slots this server uses (slot_dtype=float16, at most {limit:.0f})")
 
 
-def _check_finite(flat: torch.Tensor, raw: dict[str, torch.Tensor]) -> None:
+def _check_finite(flat: torch.Tensor, stored: Callable[[], dict[str, torch.Tensor]]) -> None:
     """NaN/Inf anywhere makes the sum non-finite: one pass over the packed weights decides
-    the common case; only then are tensors checked one by one, to name the bad one."""
+    the common case; only then are the stored tensors checked one by one, to name the bad one."""
     if bool(torch.isfinite(flat.sum(dtype=torch.float32))):
         return
-    for name, tensor in raw.items():
+    for name, tensor in stored().items():
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {name!r} contains NaN or Inf")
     if not bool(torch.isfinite(flat).all()):  # finite as stored, not once scaled / cast
         raise AdapterError(f"adapter weights overflow the serving dtype {str(flat.dtype).removeprefix('torch.')}")
 
 
-def _module_weights(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo], get: Any,
-                    arena: Arena) -> ModuleWeights:
+def _module_weights(spec: AdapterSpec, info: ModuleInfo, views: Iterator[torch.Tensor]) -> ModuleWeights:
+    """The module's compute form from its carved views (taken in `_pieces`' order)."""
     if spec.peft_type == "LORA":
-        emb = info.kind == "embedding"
-        a, b = (get(parts["EA"]), get(parts["EB"])) if emb else (get(parts["A"]), get(parts["B"]))
-        scale = lora_scale(spec.module_alpha(info.name), spec.module_rank(info.name), spec.use_rslora)
-        return lora_from_peft(a, b, scale, arena.flat.dtype, embedding=emb, arena=arena)
-    block = arena.copy(get(parts["BLOCK"]))
+        a, bt = next(views), next(views)  # [r, in], [r, out]
+        return LoraWeights(a, bt, embedding=info.kind == "embedding")
+    block = next(views)
     if spec.init == "bat":
         return BatWeights(block)
     return MissWeights(block, info.in_features, info.out_features)
