@@ -11,6 +11,7 @@ unaligned offset) gets a run of its own; every path writes the same bits as `lor
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,6 @@ import torch
 from server.adapters.arena import Arena
 from server.adapters.lora import write_scaled_bt
 from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo
-
 
 _INDEX = re.compile(r"\.\d+\.")  # `.layers.12.` -> `.layers.#.`
 
@@ -35,10 +35,7 @@ class Piece:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.src.shape:
-            n *= d
-        return n
+        return math.prod(self.src.shape)
 
 
 def carve(whole: torch.Tensor, pieces: Sequence[Piece], arena: Arena) -> list[torch.Tensor]:
@@ -107,12 +104,8 @@ def _strided_source(whole: torch.Tensor, run: list[Piece]) -> torch.Tensor:
     """The run's stored tensors as one view `[n, *shape]` of the buffer (offsets at a constant stride)."""
     first = run[0].src
     dtype = FLOAT_DTYPES[first.dtype]
-    size = whole.numel() - whole.numel() % dtype.itemsize
-    typed = whole[:size].view(dtype)
-    inner = []
-    step = 1
-    for d in reversed(first.shape):
-        inner.append(step)
-        step *= d
-    stride = (run[1].src.offset - first.offset) // dtype.itemsize if len(run) > 1 else step
-    return typed.as_strided((len(run), *first.shape), (stride, *reversed(inner)), first.offset // dtype.itemsize)
+    typed = whole[:whole.numel() - whole.numel() % dtype.itemsize].view(dtype)
+    numel = math.prod(first.shape)
+    stride = (run[1].src.offset - first.offset) // dtype.itemsize if len(run) > 1 else numel
+    rows = typed.as_strided((len(run), numel), (stride, 1), first.offset // dtype.itemsize)  # [n, numel]
+    return rows.view(len(run), *first.shape)
