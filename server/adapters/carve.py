@@ -6,7 +6,8 @@ each) spent more of a cold load in call overhead than in moving its 18.6 MiB. PE
 tensors sorted by name, so one (module kind, role) of every layer — each layer's
 `q_proj.lora_B`, say — sits at a constant stride in the file: one strided view reads them all
 and one op writes them all, ~14 ops per adapter. Anything irregular (a rank pattern, an
-unaligned offset) gets a run of its own; every path writes the same bits as `lora_from_peft`.
+unaligned offset) gets a run of its own; every path writes the same bits as copying the tensors
+one by one (`lora.write_scaled_bt` scales and transposes B either way).
 """
 
 from __future__ import annotations

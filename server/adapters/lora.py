@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.arena import Arena
-
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
@@ -49,21 +47,10 @@ class LoraWeights:
         return delta.to(base_weight.dtype)
 
 
-def lora_from_peft(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
-                   embedding: bool = False) -> LoraWeights:
-    """From PEFT's tensors (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`; the embedding
-    variants `lora_embedding_A [r, num]`, `lora_embedding_B [dim, r]` have the same layout), in one
-    arena of `dtype`. The loader does the same for a whole file at once (carve.py)."""
-    arena = Arena(a.numel() + b.numel(), dtype)
-    a_out = arena.copy(a)  # [r, in]
-    bt_out = arena.take(b.shape[1], b.shape[0])  # [r, out]
-    write_scaled_bt(b, scale, bt_out)
-    return LoraWeights(a_out, bt_out, embedding=embedding)
-
-
 def write_scaled_bt(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-    """out `[..., r, out]` = (B `[..., out, r]` · scale)ᵀ. B is scaled in float32, and only then narrowed
-    when `out` is a 16-bit dtype, so every path (one module, a batch of them) rounds alike."""
+    """out `[..., r, out]` = (B `[..., out, r]` · scale)ᵀ from PEFT's `lora_B.weight` (or `lora_embedding_B`):
+    B is scaled in float32, and only then narrowed when `out` is a 16-bit dtype (the loader, carve.py,
+    writes a whole role of a file at once with it)."""
     bt = b.transpose(-1, -2)
     if out.dtype == torch.float32 and b.dtype == torch.float32:
         torch.mul(bt, scale, out=out)  # one pass: the transposing read and the scale (~40 % less than two)

@@ -16,7 +16,7 @@ import torch
 
 import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
-from server.adapters.lora import LoraWeights, lora_from_peft
+from server.adapters.lora import LoraWeights, write_scaled_bt
 from server.adapters.merge import MARKER, MergeRegistry
 from server.adapters.merged_copy import UnsafeMerge, build_merged_copy, install, merged_weight
 from server.adapters.peft_format import read_adapter
@@ -87,7 +87,9 @@ def _lora(out_f: int = 64, in_f: int = 48, r: int = 8, scale: float = 2.0, magni
           dtype: torch.dtype = torch.float32) -> LoraWeights:
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(r, in_f, generator=g) * magnitude, torch.randn(out_f, r, generator=g) * magnitude
-    return lora_from_peft(a, b, scale, dtype)
+    bt = torch.empty(r, out_f, dtype=dtype)
+    write_scaled_bt(b, scale, bt)  # as the loader holds PEFT's B: scaled in float32, transposed, then cast
+    return LoraWeights(a.to(dtype), bt)
 
 
 def test_merge_is_computed_in_float32_and_cast_once():
