@@ -128,6 +128,9 @@ class Engine:
             raise Unavailable("the generation engine is not running")
         self._wake.set()
 
+    def is_queued(self, adapter_key: Any) -> bool:
+        return self.scheduler.is_queued(adapter_key)
+
     def cancel(self, request: Request) -> None:
         request.cancel()
         self._wake.set()

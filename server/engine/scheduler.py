@@ -82,6 +82,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def is_queued(self, adapter_key: Any) -> bool:
+        """Whether a waiting request holds this adapter version: it has no device pin yet, but the version's
+        files must outlive it (the store's garbage collector asks, beside the manager's pins)."""
+        with self._lock:
+            return any(r.adapter_key == adapter_key for r in self.waiting)
+
     def discard(self, request: Request) -> bool:
         with self._lock:
             try:

@@ -20,7 +20,7 @@ from server.adapters.types import AdapterKey
 from server.app import create_app
 from server.settings import Settings
 from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import app_of, running_server, wait_until
+from tests.harness import Gate, app_of, running_server, wait_until
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
 SCALE = {"miss_mini": 4.0}  # mini repeats a small block: it needs larger values to move greedy tokens
@@ -170,3 +170,49 @@ def test_reupload_while_requests_queue_keeps_their_version(client: httpx.Client,
     for t in threads:
         t.join()
     assert [r["text"] for r in results] == [ref_v1["text"]] * 5
+
+
+@pytest.fixture
+def tight_server(tiny_model_dir: Path, tmp_path: Path, peft_dirs) -> Iterator[tuple[str, Gate]]:
+    """One batch row and one host-tier entry: a queued request's version can fall out of host memory."""
+    store = tmp_path / "store"
+    dest = store / "alice" / "ref-qv"
+    dest.mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(peft_dirs["lora_qv"] / f, dest / f)
+    settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
+                        api_keys=write_keys(tmp_path / "keys.json"), max_adapters_resident=2, max_batch=1,
+                        max_adapters_host=1)
+    app = create_app(settings)
+    with running_server(app) as url:
+        gate = Gate()  # parks the engine between steps, so a request stays queued without sleeps
+        app.state.services.engine.set_background_worker(gate)
+        yield url, gate
+
+
+def test_reupload_keeps_the_files_of_a_queued_request_that_left_the_host_tier(tight_server, peft_dirs) -> None:
+    """A queued request has no device pin yet; when its version falls out of the host tier, its admission
+    re-reads that version's files, so a re-upload's garbage collection must leave them until it ends."""
+    url, gate = tight_server
+    services = app_of(url).state.services
+    with httpx.Client(base_url=url, timeout=120) as client:
+        ref = generate(client, "ref-qv")["text"]
+        assert upload(client, "q", peft_dirs["lora_qv"]).json()["version"] == 1
+        v1 = services.store.resolve("alice", "q")
+        gate.arm()
+        try:
+            assert gate.entered.wait(30), "the engine never parked"
+            result: list[dict] = []
+            waiter = threading.Thread(
+                target=lambda: result.append(generate(httpx.Client(base_url=url, timeout=120), "q")))
+            waiter.start()
+            assert wait_until(lambda: services.engine.is_queued(v1.key), timeout=30)
+            assert upload(client, "other", peft_dirs["lora_v2"]).status_code == 201  # adopted: evicts q v1
+            assert services.adapters.host.get(v1.key) is None
+            assert upload(client, "q", peft_dirs["lora_v2"]).json()["version"] == 2  # collects old versions
+            assert v1.path.exists(), "the queued request's version was collected"
+        finally:
+            gate.release()
+        waiter.join(timeout=120)
+        assert [r["text"] for r in result] == [ref]
+        assert wait_until(lambda: not v1.path.exists(), timeout=30), "v1 must go once its request ended"

@@ -106,15 +106,18 @@ def after_change(services: Services, tenant: str, adapter_id: str, *, deleted: b
     if deleted and services.merge is not None:  # a deleted adapter keeps no merged copy (issue 5)
         services.merge.forget(tenant, adapter_id)
     if manager is None:  # base model only: no request can hold an adapter version
-        is_pinned: Any = lambda key: False  # noqa: E731
+        in_use: Any = lambda key: False  # noqa: E731
     else:
         if deleted:
             manager.forget(tenant, adapter_id)
-        is_pinned = getattr(manager, "is_pinned", None)
-    if not callable(is_pinned):
-        return  # no pin information: old files wait for the next start-up's sweep
+        pinned, queued = getattr(manager, "is_pinned", None), getattr(services.engine, "is_queued", None)
+        if not callable(pinned) or not callable(queued):
+            return  # no pin information: old files wait for the next start-up's sweep
+        # Running requests pin their version in the manager; a queued one has no pin yet, and if its
+        # version falls out of the host tier meanwhile, its admission re-reads these very files.
+        in_use = lambda key: pinned(key) or queued(key)  # noqa: E731
     try:
-        store_of(services).collect_garbage_soon(is_pinned, only=(tenant, adapter_id))
+        store_of(services).collect_garbage_soon(in_use, only=(tenant, adapter_id))
     except OSError:
         log.exception("adapter store garbage collection failed (retried on the next change)")
 
