@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--scenarios", default=",".join(map(str, ALL_SCENARIOS)), help="comma list, e.g. 1,2")
     p.add_argument("--concurrency", type=int, help="concurrent streams (default 32; quick 8)")
     p.add_argument("--new-tokens", type=int, help="max_new_tokens per request (default 64; quick 16)")
-    p.add_argument("--repeats", type=int, help="interleaved rounds of scenarios 2-5 (default 2; quick 1)")
+    p.add_argument("--repeats", type=int, help="interleaved rounds of scenarios 2-4 (default 2; quick 1)")
     p.add_argument("--s1-repeats", type=int, help="interleaved rounds of scenario 1 (default 3; quick 1)")
+    p.add_argument("--s5-repeats", type=int, help="interleaved rounds of scenario 5 (default 3; quick 1)")
     p.add_argument("--threads", type=int, help="torch threads for the server and PEFT alike "
                    "(default on CPU: cores - 1, leaving one core to the load generator; on GPU: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     kw: dict[str, Any] = {"out": a.out, "model": a.model, "device": a.device, "dtype": a.dtype,
                           "scenarios": scenarios}
     for key, val in (("concurrency", a.concurrency), ("new_tokens", a.new_tokens), ("repeats", a.repeats),
-                     ("s1_repeats", a.s1_repeats), ("threads", a.threads)):
+                     ("s1_repeats", a.s1_repeats), ("s5_repeats", a.s5_repeats), ("threads", a.threads)):
         if val is not None:
             if val < 1:
                 p.error(f"--{key.replace('_', '-')} must be >= 1")

@@ -95,9 +95,14 @@ def _rows(ctx: Bench, rounds: list[dict], memory: dict, n_ref: int) -> None:
     for dist in DISTRIBUTIONS:
         value = median([ratio(r[dist].throughput, r["reference"].throughput) for r in rounds])
         abs_ = median([r[dist].throughput for r in rounds])
+        # Where a whole-run loss comes from: the batch's per-step cost (decode rate) or its start,
+        # where every request of the wave may wait on a cold adapter (disk read + validation).
+        decode = median([ratio(r[dist].decode_throughput, r["reference"].decode_throughput) for r in rounds])
+        ttft, ref_ttft = (median([r[k].summary()["ttft_p50_ms"] for r in rounds]) for k in (dist, "reference"))
         ctx.rows.append(Row(4, f"throughput, {ctx.cfg.scale_registered} adapters {dist} / {n_ref} adapters",
                             value, target=SCALE_TARGET,
-                            info=f"{abs_:.0f} vs {ref_abs:.0f} tok/s, {ctx.cfg.scale_slots} slots"))
+                            info=f"{abs_:.0f} vs {ref_abs:.0f} tok/s, {ctx.cfg.scale_slots} slots; decode rate "
+                                 f"{decode:.2f}x, TTFT p50 {ttft / 1000:.2f} vs {ref_ttft / 1000:.2f} s"))
     ctx.rows.append(Row(4, "host memory per adapter / its tensor bytes", memory.get("ratio"),
                         target=HOST_MEM_TARGET, op="<=", info=memory.get("how", "")))
 

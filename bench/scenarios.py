@@ -220,12 +220,12 @@ def scenario5(ctx: Bench, h: ServerHandle) -> None:
         ctx.rows.append(Row(5, "merged tenant throughput / base", None, target=MERGED_TARGET, available=False,
                             info=f"POST /v1/adapters/{{id}}/merge → {resp.status_code}"))
         return
-    ctx.log(f"scenario 5: {adapter} merged; base vs merged, {cfg.repeats} interleaved round(s)")
+    ctx.log(f"scenario 5: {adapter} merged; base vs merged, {cfg.s5_repeats} interleaved round(s)")
     try:
         base_reqs = assign([None], cfg.requests_per_run, cfg.new_tokens)
         merged_reqs = assign([adapter], cfg.requests_per_run, cfg.new_tokens)
         ctx.warm_up(h, [adapter])
-        pairs = [_pair(ctx, h, base_reqs, merged_reqs, i) for i in range(cfg.repeats)]
+        pairs = [_pair(ctx, h, base_reqs, merged_reqs, i) for i in range(cfg.s5_repeats)]
     finally:
         httpx.delete(f"{h.base_url}/v1/adapters/{adapter}/merge", timeout=300)
     unmerged = ctx.measure(h, merged_reqs, "s5 unmerged (same requests, un-merged)")

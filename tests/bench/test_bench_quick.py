@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def test_every_scenario_reported_with_targets(quick_run) -> None:
     assert set(half["runs"]) == {"base", half["config"]}
     assert all(run["failed"] == 0 and run["tokens"] > 0 for runs in half["runs"].values() for run in runs)
     assert any("float16 slots" in r["metric"] and r["value"] > 0 for r in rows)
+    assert len(data["scenarios"]["s5"]["runs"]) == data["config"]["s5_repeats"]
+    scale = [r for r in rows if r["scenario"] == 4 and "throughput" in r["metric"]]
+    assert len(scale) == 2 and all(re.search(r"decode rate \d+\.\d+x, TTFT p50", r["info"]) for r in scale), scale
 
 
 def test_greedy_outputs_match_peft(quick_run) -> None:
