@@ -40,7 +40,9 @@ class MergedCopy:
 def merged_weight(base: torch.Tensor, weights: ModuleWeights, name: str) -> torch.Tensor:
     """W + ΔW for one module: float32 math, one cast to `base.dtype`, finite or refused."""
     base32 = base.detach().to(torch.float32)  # [out, in] (embedding: [num_embeddings, dim])
-    merged = (base32 + weights.delta_weight(base32)).to(base.dtype).contiguous()  # same layout
+    # empty_like keeps the base's strides (column-major on CPU, model/load.py): the merged lane's
+    # matmuls then run exactly as fast as the base's.
+    merged = torch.empty_like(base).copy_(base32 + weights.delta_weight(base32))
     if not bool(torch.isfinite(merged).all()):
         raise UnsafeMerge(
             f"safe merge refused: merging the adapter into {name} gives NaN/Inf weights in "

@@ -101,12 +101,32 @@ def resolve_model_path(settings: Settings) -> tuple[str, str]:
     return settings.model, settings.model
 
 
+def column_major_linears(model: torch.nn.Module) -> int:
+    """Store each Linear weight `[out, in]` as the transpose of a contiguous `[in, out]`; returns how many.
+
+    Why: `F.linear(x, W)` multiplies `x · Wᵀ`, and this CPU's float32 GEMM runs the decoder's matmuls
+    1.24-1.40x faster for 4-64 tokens (a decode step's batch, a prefill chunk) when `Wᵀ` is the
+    contiguous operand; 1 and 256 tokens measured the same, bfloat16 the same. Values, shapes and
+    every caller stay as they were: only the strides change. A tied lm_head shares its Parameter with
+    the input embedding, whose row gathers then read strided (+0.2 ms per 32 ids, against -4 ms for
+    lm_head's matmul per decode step). Merged copies keep the base's layout (merged_copy.py).
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            module.weight.data = module.weight.data.t().contiguous().t()  # [out, in], strides (1, out)
+    return len(seen)
+
+
 def load_base(settings: Settings) -> BaseModel:
     path, model_id = resolve_model_path(settings)
     device, dtype = settings.torch_device, settings.torch_dtype
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
+    if settings.cpu_column_major and device.type == "cpu" and dtype == torch.float32:
+        log.info("%d linear weights stored column-major", column_major_linears(model))
     max_context = int(getattr(model.config, "max_position_embeddings", settings.max_seq_len))
     log.info("loaded %s on %s/%s", model_id, device, dtype)
     return BaseModel(

@@ -102,6 +102,18 @@ def test_merge_is_computed_in_float32_and_cast_once():
     assert (got.float() - truth).abs().sum() < (naive.float() - truth).abs().sum()
 
 
+@pytest.mark.parametrize("column_major", [False, True])
+def test_merged_weight_keeps_the_base_layout(column_major: bool):
+    """On CPU the base's Linear weights are column-major (model/load.py); a row-major merged copy would run
+    the merged lane's matmuls slower than the base's, which is what a dedicated tenant pays to avoid."""
+    base = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+    if column_major:
+        base = base.t().contiguous().t()
+    got = merged_weight(base, _lora(), "m")
+    assert got.stride() == base.stride()
+    assert torch.equal(got, base.contiguous() + _lora().delta_weight(base.contiguous()))
+
+
 def test_nan_or_inf_merge_is_refused():
     with pytest.raises(UnsafeMerge, match="safe merge"):
         merged_weight(torch.zeros(64, 48), _lora(magnitude=1e25), "layers.0.q_proj")  # ΔW overflows float32
