@@ -26,7 +26,10 @@ after the row prefetch and leaner call: base 157 ms; lora1 0.93; lora4 0.90-0.92
 before); lora32 0.73-0.74; mix16 0.82; lora16_torch 0.71-0.72; float16 slots: lora16_f16 0.83-0.86,
 lora32_f16 0.80, mix16_f16 0.86. (mix16 read 0.88 / 0.89 before its slot list was fixed: it reached
 only 4 LoRA + 4 MiSS slots. MiSS rides the LoRA slot layout, fold matrix included, so at equal counts it
-costs what LoRA does, as over HTTP.) Here the base step is faster and memory slower than on the EPYC, so the adapters'
+costs what LoRA does, as over HTTP.) With the base's Linear weights column-major (settings.cpu_column_major, the default since; 7 reps): base
+133 ms (152 before: only the GEMM layout changed); lora1 0.91; lora4 0.89; lora16 0.80; lora32 0.71;
+mix16 0.80; lora16_f16 0.83; the adapters' ~33 ms per step for 16 did not move, so their ratio to a faster
+base fell. Here the base step is faster and memory slower than on the EPYC, so the adapters'
 bytes weigh more: 312 MB for 16 adapters take >= 22 ms to read (a 0.88 ceiling at float32).
 With 2 threads the box is oversubscribed (base step 2.4-2.7 s) and ratios are noise.
 Where the 16-adapter gap comes from (1 thread, all 210 modules' adapter math alone,
