@@ -106,7 +106,8 @@ def column_major_linears(model: torch.nn.Module) -> int:
 
     Why: `F.linear(x, W)` multiplies `x · Wᵀ`, and this CPU's float32 GEMM runs the decoder's matmuls
     1.24-1.40x faster for 4-64 tokens (a decode step's batch, a prefill chunk) when `Wᵀ` is the
-    contiguous operand; 1 and 256 tokens measured the same, bfloat16 the same. Values, shapes and
+    contiguous operand; 1 and 256 tokens measured the same, bfloat16 the same. The trainer's backward
+    (`grad_out · W`) reads the other way: 1-2 % slower at 256-1024 tokens per batch. Values, shapes and
     every caller stay as they were: only the strides change. A tied lm_head shares its Parameter with
     the input embedding, whose row gathers then read strided (+0.2 ms per 32 ids, against -4 ms for
     lm_head's matmul per decode step). Merged copies keep the base's layout (merged_copy.py).
