@@ -51,6 +51,9 @@ class AdapterManager:
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
         self._refs: dict[AdapterKey, AdapterRef] = {}
         self._errors: dict[AdapterKey, AdapterError] = {}  # versions are immutable: a bad file stays bad
+        # The last re-read of a version failed on the file system (gone, unreadable): a request waiting on
+        # it fails instead of retrying every step; a later successful read clears it.
+        self._read_failures: dict[AdapterKey, AdapterError] = {}
         self._inflight: dict[AdapterKey, Future] = {}
         self._pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
@@ -94,12 +97,16 @@ class AdapterManager:
         try:
             adapter = self._loader(ref.path, self.base, self.settings)
             evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
+            with self._lock:
+                self._read_failures.pop(key, None)
         except AdapterError as e:
+            if not ref.path.exists():  # gone from the store (deleted, collected), not a bad file
+                raise self._read_failed(key, f"version {key.version} is no longer in the store") from None
             with self._lock:
                 self._errors[key] = e
             raise
-        except OSError as e:  # vanished / unreadable file: not cached, a retry may succeed
-            raise AdapterError(f"adapter {key.adapter_id!r} could not be read: {e.strerror or e}") from None
+        except OSError as e:  # vanished / unreadable file: not cached as bad, a later prepare may read it
+            raise self._read_failed(key, f"could not be read: {e.strerror or e}") from None
         except Exception as e:  # a file our checks missed must still be a clean refusal, never a 5xx
             log.exception("unexpected failure loading adapter %s", key)
             with self._lock:
@@ -113,6 +120,12 @@ class AdapterManager:
         self._observe_load("host", time.perf_counter() - started)
         self._count_host_evictions(evicted)
         return adapter
+
+    def _read_failed(self, key: AdapterKey, why: str) -> AdapterError:
+        error = AdapterError(f"adapter {key.adapter_id!r} {why}")
+        with self._lock:
+            self._read_failures[key] = error
+        return error
 
     # -- host-tier warm-up (any thread) --------------------------------------
     def adopt(self, ref: AdapterRef, adapter: LoadedAdapter) -> None:
@@ -180,6 +193,8 @@ class AdapterManager:
             return adapter
         if key in self._errors:
             raise self._errors[key]
+        if key in self._read_failures:  # e.g. deleted while this request queued and its host copy aged out
+            raise self._read_failures[key]
         ref = self._refs.get(key)
         if ref is None:
             raise AdapterError(f"adapter {key} was not prepared (or was deleted)")

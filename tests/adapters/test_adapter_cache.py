@@ -190,6 +190,37 @@ async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
         manager.close()
 
 
+async def test_a_reread_that_fails_on_the_file_system_fails_the_waiting_request(files, tmp_path):
+    """Fell out of the host tier, then its files became unreadable: acquire must raise once the re-read
+    failed, not submit a new read every step while the request waits forever."""
+    base, store, _ = _small_host_tier(files, tmp_path, adapters=3)
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=2)
+    broken: set[str] = set()
+    reads: list[str] = []
+
+    def loader(path, base_, settings_):
+        reads.append(path.parent.name)
+        if path.parent.name in broken:
+            raise PermissionError(13, "Permission denied")
+        return read_adapter(path, base_, settings_)
+
+    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings, loader=loader)
+    try:
+        keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]  # a0 falls out of the host tier
+        broken.add("a0")
+        reads.clear()
+        with pytest.raises(AdapterError, match="could not be read: Permission denied"):
+            for _ in range(200):
+                assert manager.acquire(keys[0]) is None
+                await asyncio.sleep(0.01)
+        assert reads == ["a0"], "one re-read, then the request fails"
+        broken.clear()
+        assert await manager.prepare("t1", "a0") == keys[0]  # readable again: a new request reads it
+        assert manager.acquire(keys[0]) is not None
+    finally:
+        manager.close()
+
+
 async def test_metrics_are_counted(env):
     _, manager, _, _, _, metrics = env
     keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]

@@ -216,3 +216,32 @@ def test_reupload_keeps_the_files_of_a_queued_request_that_left_the_host_tier(ti
         waiter.join(timeout=120)
         assert [r["text"] for r in result] == [ref]
         assert wait_until(lambda: not v1.path.exists(), timeout=30), "v1 must go once its request ended"
+
+
+def test_queued_request_whose_files_are_gone_fails_cleanly(tight_server, peft_dirs) -> None:
+    """Deleted while queued, and its host copy aged out: admission cannot re-read the files. The request
+    gets an error that says so (not a bad-file verdict about the version dir); the server goes on."""
+    url, gate = tight_server
+    services = app_of(url).state.services
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert upload(client, "doomed", peft_dirs["lora_qv"]).status_code == 201
+        key = services.store.resolve("alice", "doomed").key
+        gate.arm()
+        try:
+            assert gate.entered.wait(30), "the engine never parked"
+            answer: list[httpx.Response] = []
+            body = {"prompt": PROMPT, "adapter_id": "doomed", "temperature": 0, "max_new_tokens": 8}
+            waiter = threading.Thread(target=lambda: answer.append(
+                httpx.post(f"{url}/generate", json=body, headers=auth(ALICE), timeout=60)))
+            waiter.start()
+            assert wait_until(lambda: services.engine.is_queued(key), timeout=30)
+            assert upload(client, "other", peft_dirs["lora_v2"]).status_code == 201  # evicts it from the host tier
+            assert client.delete("/v1/adapters/doomed", headers=auth(ALICE)).status_code == 204
+        finally:
+            gate.release()
+        waiter.join(timeout=60)
+        assert answer, "the queued request never got an answer"
+        r = answer[0]
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["error"]["message"] == "adapter 'doomed' version 1 is no longer in the store"
+        assert generate(client, "other")["text"]  # still serving
