@@ -102,6 +102,16 @@ class AdapterLayers:
             raise
         self._slot_modules[slot] = set(adapter.modules)
 
+    def needs_growth(self, adapter: LoadedAdapter) -> bool:
+        return any(w.batched and name in self.layers and self.layers[name].bank.needs(w.rank)
+                   for name, w in adapter.modules.items())
+
+    def reserve(self, adapter: LoadedAdapter) -> None:
+        """Any thread: allocate the larger slot tensors `load_slot(…, adapter)` will need (SlotBank.reserve)."""
+        for name, weights in adapter.modules.items():
+            if weights.batched and name in self.layers:
+                self.layers[name].bank.reserve(weights.rank)
+
     def clear_slot(self, slot: int) -> None:
         for name in self._slot_modules[slot]:
             self.layers[name].bank.clear(slot)

@@ -75,9 +75,20 @@ class AdapterManager:
         if ready:
             self.host_hits += 1
             self._count("adapter_cache_hits", "host")
-            return key
-        await asyncio.wrap_future(self._load_async(ref))
+        else:
+            await asyncio.wrap_future(self._load_async(ref))
+        await self._reserve_slots(key)
         return key
+
+    async def _reserve_slots(self, key: AdapterKey) -> None:
+        """Grow the slot banks this adapter needs on a loader thread, not on the engine thread at its
+        placement, where every running stream would wait for the allocation (slots.py)."""
+        with self._lock:
+            if key in self.slots.slot_of:
+                return
+        adapter = self.host.get(key)
+        if adapter is not None and self.layers.needs_growth(adapter):
+            await asyncio.wrap_future(self._pool.submit(self.layers.reserve, adapter))
 
     def _load_async(self, ref: AdapterRef) -> Future:
         with self._lock:

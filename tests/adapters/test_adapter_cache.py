@@ -221,6 +221,29 @@ async def test_a_reread_that_fails_on_the_file_system_fails_the_waiting_request(
         manager.close()
 
 
+async def test_prepare_grows_the_slot_banks_so_placement_does_not(files, tmp_path):
+    """The banks' first allocation (or a growth) happens in prepare, on a loader thread: placing the adapter
+    on the engine thread then only swaps the reserved tensors in and copies the factors."""
+    dirs, expected = files
+    base, store, manager = _small_host_tier(files, tmp_path, adapters=1)
+    try:
+        key = await manager.prepare("t1", "a0")
+        adapter = manager.host.get(key)
+        banks = {name: manager.layers[name].bank for name in adapter.modules}
+        reserved = {name: bank._pending for name, bank in banks.items()}
+        assert all(r is not None for r in reserved.values()) and all(b.a is None for b in banks.values())
+        assert not manager.layers.needs_growth(adapter), "reserved: a second prepare would not allocate again"
+        slot = manager.acquire(key)
+        assert slot is not None
+        assert all(bank.a is reserved[name][0] and bank.bt is reserved[name][1] for name, bank in banks.items())
+        torch.testing.assert_close(_logits(base.model, slot), expected["a0"], atol=1e-5, rtol=1e-5)
+        manager.release(key)
+        await manager.prepare("t1", "a0")  # resident: nothing to reserve
+        assert all(bank._pending is None for bank in banks.values())
+    finally:
+        manager.close()
+
+
 async def test_metrics_are_counted(env):
     _, manager, _, _, _, metrics = env
     keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]

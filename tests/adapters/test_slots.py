@@ -109,3 +109,48 @@ def test_a_failed_load_leaves_the_slot_empty_not_half_replaced(layers, monkeypat
     for name in (Q, V):
         bank = layers[name].bank
         assert bank.ranks[0] == 0 and not bank.a[0].any() and not bank.bt[0].any(), name
+
+
+# --- growth off the engine thread ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name, embedding", [(Q, False), (EMB, True)])
+def test_a_reservation_is_what_the_write_uses(layers, name, embedding):
+    """reserve() (a loader thread) allocates; write() (the engine thread) only swaps the tensors in."""
+    bank = layers[name].bank
+    bank.reserve(12)
+    assert bank.r_cap == 0 and bank.a is None, "nothing visible to steps before the engine thread swaps"
+    pending_a, pending_bt = bank._pending
+    w = _lora(layers, name, 12, seed=1, embedding=embedding)
+    bank.write(2, w)
+    assert bank.a is pending_a and bank.bt is pending_bt and bank._pending is None
+    assert bank.r_cap == 16  # rounded up to a multiple of 8 (max_rank 16)
+    _assert_slot_is(bank, 2, w)
+
+
+def test_growth_keeps_resident_slots_and_too_small_a_reservation_is_not_used(layers):
+    bank = layers[Q].bank
+    small = _lora(layers, Q, 4, seed=1)
+    bank.write(0, small)  # r_cap 8, allocated on this thread (no reservation)
+    bank.reserve(4)
+    assert bank._pending is None, "enough capacity already: nothing to reserve"
+    bank.reserve(12)
+    reserved = bank._pending
+    assert reserved is not None and reserved[1].shape[1] == 16
+    bank.reserve(10)
+    assert bank._pending is reserved, "a smaller need keeps the larger reservation"
+    big = _lora(layers, Q, 12, seed=2)
+    bank.write(1, big)
+    assert bank.bt is reserved[1]
+    _assert_slot_is(bank, 0, small)  # copied across the growth
+    _assert_slot_is(bank, 1, big)
+
+
+def test_a_reservation_smaller_than_the_write_is_replaced(layers, tmp_path):
+    wide = inject_adapter_layers(af.tiny_base(seed=0).model,
+                                 af.adapter_settings(tmp_path, max_adapters_resident=2, max_rank=32))
+    bank = wide[V].bank
+    bank.reserve(8)
+    w = _lora(wide, V, 24, seed=3)
+    bank.write(0, w)
+    assert bank.r_cap == 24 and bank._pending is None
+    _assert_slot_is(bank, 0, w)
