@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from server.errors import AdapterError
@@ -264,3 +265,23 @@ def _bool(v: Any, what: str) -> bool:
     if not isinstance(v, bool):
         raise AdapterError(f"{what} must be true or false, got {v!r}")
     return v
+
+
+def summary_from_config(config_path: Path) -> dict[str, Any]:
+    """A best-effort record summary straight from adapter_config.json (no validation)."""
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    peft_type = str(cfg.get("peft_type", "")).lower() or "unknown"
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if peft_type == "lora":
+        variant = "rslora" if cfg.get("use_rslora") else "lora"
+    elif peft_type == "miss":
+        init = cfg.get("init_weights", True)
+        variant = init if isinstance(init, str) else "balance"
+    else:
+        variant = peft_type
+    return {"type": peft_type, "variant": variant, "rank": cfg.get("r"), "target_modules": sorted(targets)}

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
+from server.adapters.peft_config import summary_from_config
 from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
 from server.errors import InvalidRequest, NotFound
 
@@ -366,26 +367,6 @@ def _mtime(path: Path) -> float:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def summary_from_config(config_path: Path) -> dict[str, Any]:
-    """A best-effort record summary straight from adapter_config.json (no validation)."""
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    peft_type = str(cfg.get("peft_type", "")).lower() or "unknown"
-    targets = cfg.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    if peft_type == "lora":
-        variant = "rslora" if cfg.get("use_rslora") else "lora"
-    elif peft_type == "miss":
-        init = cfg.get("init_weights", True)
-        variant = init if isinstance(init, str) else "balance"
-    else:
-        variant = peft_type
-    return {"type": peft_type, "variant": variant, "rank": cfg.get("r"), "target_modules": sorted(targets)}
 
 
 def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterStore:
