@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.helpers import train_body, wait_job
+from tests.hardening.helpers import metric_value, train_body, wait_job
 from tests.harness import read_log, spawn_server, wait_until
 
 
@@ -53,6 +53,12 @@ def _stream(url: str, out: dict, max_new_tokens: int) -> None:
         out["started"].set()
 
 
+def _admitted(url: str) -> float:
+    """Generation requests the engine holds: running in the batch plus waiting in its queue."""
+    text = httpx.get(f"{url}/metrics").text
+    return metric_value(text, "loraplex_running_requests") + metric_value(text, "loraplex_queue_depth")
+
+
 def test_sigterm_under_load_finishes_queued_work_refuses_new_and_persists_jobs(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     args = _args(tiny_model_dir, store, drain=60)
@@ -67,6 +73,9 @@ def test_sigterm_under_load_finishes_queued_work_refuses_new_and_persists_jobs(t
         for t in threads:
             t.start()
         assert wait_until(lambda: sum(r["started"].is_set() for r in results) >= 2, 60)
+        # The other two must be admitted (queued in the engine) before the signal, not merely sent: a
+        # request still in its HTTP handler when draining starts is refused (503), as it should be.
+        assert wait_until(lambda: _admitted(url) == 4, 60), httpx.get(f"{url}/metrics").text[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert wait_until(lambda: httpx.get(f"{url}/ready").status_code == 503, 5)
         assert httpx.get(f"{url}/health").status_code == 200
