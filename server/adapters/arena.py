@@ -40,10 +40,6 @@ class Arena:
         self._used += n
         return view
 
-    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` cast to the arena's dtype, in the arena."""
-        return self.take(*tensor.shape).copy_(tensor)
-
 
 class SpareBuffer:
     """One buffer of the size the last arena asked for, allocated and faulted in ahead of need.

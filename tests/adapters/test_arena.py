@@ -77,7 +77,7 @@ def test_arenas_carve_exactly_their_tensors_from_spare_or_fresh_memory() -> None
     hits = arena._spare.hits
     for _ in range(3):  # fresh or spare memory first, then the spare: the same contents either way
         a = Arena(sum(t.numel() for t in tensors), torch.float32)
-        views = [a.copy(t) for t in tensors]
+        views = [a.take(*t.shape).copy_(t) for t in tensors]
         for v, t in zip(views, tensors):
             torch.testing.assert_close(v, t, rtol=0, atol=0)
         with pytest.raises(ValueError, match="full"):
