@@ -9,6 +9,7 @@ Wrapping is idempotent and leaves the base weights frozen and uncopied.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,14 +104,18 @@ class AdapterLayers:
         self._slot_modules[slot] = set(adapter.modules)
 
     def needs_growth(self, adapter: LoadedAdapter) -> bool:
-        return any(w.batched and name in self.layers and self.layers[name].bank.needs(w.rank)
-                   for name, w in adapter.modules.items())
+        return any(bank.needs(rank) for bank, rank in self._slotted(adapter))
 
     def reserve(self, adapter: LoadedAdapter) -> None:
         """Any thread: allocate the larger slot tensors `load_slot(…, adapter)` will need (SlotBank.reserve)."""
+        for bank, rank in self._slotted(adapter):
+            bank.reserve(rank)
+
+    def _slotted(self, adapter: LoadedAdapter) -> Iterator[tuple[SlotBank, int]]:
+        """(bank, rank) of each module whose factors the adapter puts in slot rows (not bat blocks)."""
         for name, weights in adapter.modules.items():
             if weights.batched and name in self.layers:
-                self.layers[name].bank.reserve(weights.rank)
+                yield self.layers[name].bank, weights.rank
 
     def clear_slot(self, slot: int) -> None:
         for name in self._slot_modules[slot]:

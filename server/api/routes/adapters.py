@@ -110,12 +110,9 @@ def after_change(services: Services, tenant: str, adapter_id: str, *, deleted: b
     else:
         if deleted:
             manager.forget(tenant, adapter_id)
-        pinned, queued = getattr(manager, "is_pinned", None), getattr(services.engine, "is_queued", None)
-        if not callable(pinned) or not callable(queued):
-            return  # no pin information: old files wait for the next start-up's sweep
         # Running requests pin their version in the manager; a queued one has no pin yet, and if its
         # version falls out of the host tier meanwhile, its admission re-reads these very files.
-        in_use = lambda key: pinned(key) or queued(key)  # noqa: E731
+        in_use = lambda key: manager.is_pinned(key) or services.engine.is_queued(key)  # noqa: E731
     try:
         store_of(services).collect_garbage_soon(in_use, only=(tenant, adapter_id))
     except OSError:
