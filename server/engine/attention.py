@@ -11,8 +11,14 @@ first `num_decode` single-token decode rows, then prefill chunks. Decode rows
 are attended in one batched SDPA over the cache; each prefill chunk attends
 over its own row's cache (a short loop over the few sequences prefilling).
 
+Sliding-window layers (the modeling code passes `sliding_window`) attend over
+the keys in each query's window only; soft-capped layers (`softcap`) take a
+float32 matmul path (attention_math.py). Any other keyword the modeling code
+passes with a value is refused, never dropped.
+
 Without a context (e.g. the trainer's ordinary forward with gradients) both
-functions defer to transformers' SDPA path, padding masks included.
+functions defer to transformers' SDPA path, padding and window masks included
+(soft-capped layers: the matmul path under the same mask).
 """
 
 from __future__ import annotations
@@ -20,15 +26,16 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.engine.attention_math import attend, capped_attention, decode_window_mask, span_mask
 from server.engine.kv_cache import KVCache
+from server.model.families import UnsupportedModel
 
 ATTN_IMPL = "loraplex_engine"
 
@@ -55,6 +62,11 @@ class AttentionContext:
     decode_mask: torch.Tensor | None  # [decode rows or slice rows, 1, 1, decode_len] bool: key position < length
     decode_len: int  # keys each decode row attends over (longest decode length this step)
     prefills: tuple[PrefillSpan, ...]
+    # [decode rows or slice rows] long: each attending row's length (a hole counts decode_len); None without decode
+    decode_lengths: torch.Tensor | None = None
+    decode_min_len: int = 0  # shortest of decode_lengths
+    # Sliding-window masks built this step, shared by every layer with the same window.
+    window_masks: dict[tuple, tuple[int, torch.Tensor | None]] = field(default_factory=dict, compare=False)
 
 
 _state = threading.local()
@@ -74,13 +86,23 @@ def use_context(context: AttentionContext | None) -> Iterator[None]:
         _state.context = previous
 
 
+# Keywords the modeling code passes that the engine has no use for: positions come from the
+# context (engine step) or the mask (no context), and the engine keeps its own cache.
+_UNUSED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache"})
+
+
 def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
+    _check_kwargs(module, kwargs)
     ctx = current_context()
     if ctx is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return _without_context(module, query, key, value, attention_mask, scaling, dropout, sliding_window,
+                                softcap, kwargs)
+    if dropout:
+        raise UnsupportedModel(f"{type(module).__name__} asks for attention dropout {dropout} while serving "
+                               "(the model is in training mode?)")
     layer = module.layer_idx
     k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # [rows, kv_heads, seq, head_dim]
     # query: [1, heads, tokens, head_dim]; key/value: [1, kv_heads, tokens, head_dim]
@@ -89,15 +111,43 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
     out = query.new_empty(tokens, heads, head_dim)  # [tokens, heads, head_dim]
     if ctx.num_decode:
-        out[:ctx.num_decode] = _decode(ctx, query, k_cache, v_cache, scaling)
-    for span in ctx.prefills:
-        out[span.start:span.start + span.length] = _prefill(span, query, k_cache, v_cache, scaling)
+        out[:ctx.num_decode] = _decode(ctx, query, k_cache, v_cache, scaling, sliding_window, softcap)
+    for i, span in enumerate(ctx.prefills):
+        out[span.start:span.start + span.length] = _prefill(ctx, i, span, query, k_cache, v_cache, scaling,
+                                                            sliding_window, softcap)
     return out.unsqueeze(0), None  # [1, tokens, heads, head_dim]
 
 
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse any keyword the engine would otherwise drop: a silently ignored argument is wrong text."""
+    for name, value in kwargs.items():
+        if name in _UNUSED_KWARGS or value is None or value is False or (name == "is_causal" and value is True):
+            continue
+        raise UnsupportedModel(f"{type(module).__name__} passes `{name}={value!r}` to its attention, which "
+                               "loraplex's engine attention does not implement")
+
+
+def _without_context(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+                     sliding_window: int | None, softcap: float | None, kwargs: dict) -> tuple[torch.Tensor, None]:
+    """An ordinary forward (the trainer): transformers' SDPA, or the capped matmul path for soft-capped layers.
+
+    The sliding window is in `attention_mask` (engine_mask hands transformers' window mask function to
+    sdpa_mask); transformers leaves the mask out only when no key is farther back than the window.
+    """
+    if sliding_window is not None and attention_mask is None and key.shape[2] > sliding_window:
+        raise UnsupportedModel(f"{type(module).__name__}: a sliding-window layer came without its window mask")
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    is_causal = attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal") is not False
+    out = capped_attention(query, key, value, attention_mask, is_causal, scaling, softcap, dropout)
+    return out.transpose(1, 2).contiguous(), None  # [B, n, heads, head_dim]
+
+
 def _decode(ctx: AttentionContext, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            scaling: float | None) -> torch.Tensor:
-    """One batched SDPA for every decode token, over a view of the cache rows when possible.
+            scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """One batched attention for every decode token, over a view of the cache rows when possible.
 
     Why a slice with holes: indexing the cache with a row tensor copies every
     row's keys and values (per layer, per step: ~7 % of a 32-sequence step), and
@@ -105,6 +155,7 @@ def _decode(ctx: AttentionContext, query: torch.Tensor, k_cache: torch.Tensor, v
     batch-mates. Attending over the whole slice instead costs the holes'
     attention (zero queries, outputs dropped; rows are independent in SDPA, so
     whatever a hole's cache row holds cannot reach the others).
+    A windowed layer reads only the keys some row's window reaches, under a per-row window mask.
     """
     d, length = ctx.num_decode, ctx.decode_len
     q = query[0, :, :d].transpose(0, 1).unsqueeze(2)  # [d, heads, 1, head_dim]
@@ -112,22 +163,42 @@ def _decode(ctx: AttentionContext, query: torch.Tensor, k_cache: torch.Tensor, v
         assert isinstance(ctx.decode_rows, slice)
         span = ctx.decode_rows.stop - ctx.decode_rows.start
         q = q.new_zeros(span, *q.shape[1:]).index_copy_(0, ctx.decode_index, q)  # [span, heads, 1, head_dim]
-    k = k_cache[ctx.decode_rows, :, :length]  # [d or span, kv_heads, length, head_dim]
-    v = v_cache[ctx.decode_rows, :, :length]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_mask, scale=scaling, enable_gqa=True)
+    start, mask = _decode_window(ctx, window) if window is not None and length > window else (0, ctx.decode_mask)
+    k = k_cache[ctx.decode_rows, :, start:length]  # [d or span, kv_heads, keys, head_dim]
+    v = v_cache[ctx.decode_rows, :, start:length]
+    o = attend(q, k, v, mask, False, scaling, softcap)
     if ctx.decode_index is not None:
         o = o.index_select(0, ctx.decode_index)  # [d, heads, 1, head_dim]
     return o.squeeze(2)  # [d, heads, head_dim]
 
 
-def _prefill(span: PrefillSpan, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             scaling: float | None) -> torch.Tensor:
+def _decode_window(ctx: AttentionContext, window: int) -> tuple[int, torch.Tensor]:
+    """(first key any decode row's window reaches, [rows, 1, 1, keys] mask), once per step and window."""
+    memo = ctx.window_masks.get(("decode", window))
+    if memo is None:
+        assert ctx.decode_lengths is not None
+        start = max(0, ctx.decode_min_len - window)
+        memo = (start, decode_window_mask(ctx.decode_lengths, start, ctx.decode_len, window))
+        ctx.window_masks[("decode", window)] = memo
+    return memo
+
+
+def _prefill(ctx: AttentionContext, index: int, span: PrefillSpan, query: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, scaling: float | None, window: int | None,
+             softcap: float | None) -> torch.Tensor:
     end = span.position + span.length
+    start, mask = 0, span.mask
+    if window is not None and end > window:  # some query's window leaves out the first keys
+        memo = ctx.window_masks.get(("prefill", index, window))
+        if memo is None:
+            first = max(0, span.position - window + 1)
+            memo = (first, span_mask(span.position, span.length, first, window, query.device))
+            ctx.window_masks[("prefill", index, window)] = memo
+        start, mask = memo
     q = query[:, :, span.start:span.start + span.length]  # [1, heads, n, head_dim]
-    k = k_cache[span.row:span.row + 1, :, :end]  # [1, kv_heads, end, head_dim]
-    v = v_cache[span.row:span.row + 1, :, :end]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=span.mask is None,
-                                       scale=scaling, enable_gqa=True)
+    k = k_cache[span.row:span.row + 1, :, start:end]  # [1, kv_heads, keys, head_dim]
+    v = v_cache[span.row:span.row + 1, :, start:end]
+    o = attend(q, k, v, mask, mask is None, scaling, softcap)
     return o[0].transpose(0, 1)  # [n, heads, head_dim]
 
 

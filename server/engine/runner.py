@@ -14,8 +14,10 @@ import torch
 
 from server.adapters.mapping import AdapterMapping, use_mapping
 from server.engine.attention import AttentionContext, PrefillSpan, register, use_context
+from server.engine.attention_math import span_mask
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import StepPlan
+from server.model.families import check_model
 from server.model.load import BaseModel
 
 # Decode attends over a slice of cache rows (holes included) while it spans at most this
@@ -29,6 +31,7 @@ class Runner:
         self.model = base.model
         self.cache = cache
         self.device = base.device
+        check_model(base.model.config, base.max_context)  # a model built elsewhere than load_base is checked too
         base.model.config._attn_implementation = register()
         # Decoder stack and LM head are called separately: the head runs only on
         # the rows that sample, under a mapping of exactly those rows.
@@ -95,6 +98,7 @@ class Runner:
         decode_rows: torch.Tensor | slice | None = None
         decode_index = decode_mask = None
         decode_len = 0
+        decode_lengths = None
         if d:
             lengths = [s.position + 1 for s in plan.decode]
             decode_len = max(lengths)
@@ -111,22 +115,18 @@ class Runner:
                 lengths = by_row
             else:
                 decode_rows = rows[:d]
+            decode_lengths = torch.tensor(lengths, device=self.device)  # [d or span]
             if min(lengths) < decode_len:
                 arange = torch.arange(decode_len, device=self.device)
-                lens = torch.tensor(lengths, device=self.device).unsqueeze(1)  # [d or span, 1]
-                decode_mask = (arange.unsqueeze(0) < lens).view(len(lengths), 1, 1, decode_len)
+                decode_mask = (arange.unsqueeze(0) < decode_lengths.unsqueeze(1)).view(len(lengths), 1, 1, decode_len)
         spans = []
         start = d
         for s, n in plan.prefill:
             spans.append(PrefillSpan(s.row, start, n, s.prefilled, self._chunk_mask(s.prefilled, n)))
             start += n
         return AttentionContext(self.cache, rows, positions, d, decode_rows, decode_index, decode_mask, decode_len,
-                                tuple(spans))
+                                tuple(spans), decode_lengths, min(lengths) if d else 0)
 
     def _chunk_mask(self, position: int, n: int) -> torch.Tensor | None:
-        """[n, position + n] bool: query j (at position + j) sees keys 0..position + j."""
-        if position == 0:
-            return None
-        keys = torch.arange(position + n, device=self.device).unsqueeze(0)  # [1, keys]
-        queries = torch.arange(position, position + n, device=self.device).unsqueeze(1)  # [n, 1]
-        return keys <= queries
+        """[n, position + n] bool: query j (at position + j) sees keys 0..position + j (None at position 0)."""
+        return None if position == 0 else span_mask(position, n, 0, None, self.device)

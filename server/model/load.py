@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from server.model.families import check_model
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,18 +124,20 @@ def column_major_linears(model: torch.nn.Module) -> int:
 def load_base(settings: Settings) -> BaseModel:
     path, model_id = resolve_model_path(settings)
     device, dtype = settings.torch_device, settings.torch_dtype
+    config = AutoConfig.from_pretrained(path)
+    max_context = min(int(getattr(config, "max_position_embeddings", settings.max_seq_len)), settings.max_seq_len)
+    family = check_model(config, max_context)  # before the weights: refuse an unsupported model at once
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     if settings.cpu_column_major and device.type == "cpu" and dtype == torch.float32:
         log.info("%d linear weights stored column-major", column_major_linears(model))
-    max_context = int(getattr(model.config, "max_position_embeddings", settings.max_seq_len))
-    log.info("loaded %s on %s/%s", model_id, device, dtype)
+    log.info("loaded %s (%s) on %s/%s, context %d", model_id, family.name, device, dtype, max_context)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,
         model_id=model_id,
         device=device,
         dtype=dtype,
-        max_context=min(max_context, settings.max_seq_len),
+        max_context=max_context,
     )
