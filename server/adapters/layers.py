@@ -238,9 +238,9 @@ KERNEL_MAX_T = 128
 
 
 def _rounded_to_slots(weights: ModuleWeights, bank: SlotBank) -> ModuleWeights:
-    """The host weights as the slots hold them: rounded through `slot_dtype` when it is not the model's
-    (float16 slots), so the reference checks the served math and not the rounding."""
-    if not weights.batched or bank.slot_dtype == bank.dtype:
+    """The host weights (float32) as the slots hold them: rounded through `slot_dtype` when it is narrower
+    (16-bit slots), so the reference checks the served math and not the rounding."""
+    if not weights.batched or bank.slot_dtype == torch.float32:
         return weights
     rnd = lambda t: t.to(bank.slot_dtype).to(t.dtype)  # noqa: E731
     if isinstance(weights, LoraWeights):

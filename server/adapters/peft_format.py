@@ -65,8 +65,10 @@ def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
     _check_targets(spec, roles, model_base)
     for name, parts in roles.items():
         _check_shapes(spec, model_base.table[name], parts)
-    modules = _load(weights_path, spec, roles, model_base, base.dtype)
-    _check_slot_range(modules, settings)
+    # float32 host copy whatever the model's dtype: the slots round it once, and a merge (float32 math)
+    # starts from the file's unrounded factors; a 16-bit model's adapters cost 2x the host bytes.
+    modules = _load(weights_path, spec, roles, model_base, torch.float32)
+    _check_slot_range(modules, settings, base.dtype)
     return LoadedAdapter(
         kind=spec.kind,
         variant=spec.variant,
@@ -254,10 +256,11 @@ def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
         view.release()
 
 
-def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings) -> None:
-    """float16 slots (settings.slot_dtype) hold magnitudes up to 65504: a factor beyond that would
-    become inf in its slot, so the adapter is refused here, at load, with the reason."""
-    if settings.slot_dtype != "float16":
+def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings, model_dtype: torch.dtype) -> None:
+    """float16 slots (settings.slot_dtype, or auto on a float16 model) hold magnitudes up to 65504: a
+    factor beyond that would become inf in its slot, so the adapter is refused here, at load, with the reason."""
+    slot_dtype = model_dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
+    if slot_dtype != torch.float16:
         return
     limit = torch.finfo(torch.float16).max
     for name, weights in modules.items():
@@ -266,7 +269,7 @@ def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings) -> 
             peak = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
             if peak > limit:
                 raise AdapterError(f"{name}: a weight of magnitude {peak:.3g} does not fit the float16 adapter "
-                                   f"slots this server uses (slot_dtype=float16, at most {limit:.0f})")
+                                   f"slots this server uses (float16, at most {limit:.0f})")
 
 
 def _check_finite(flat: torch.Tensor, stored: Callable[[], dict[str, torch.Tensor]]) -> None:

@@ -237,3 +237,24 @@ async def test_dedication_survives_a_restart(registry, sources, tmp_path):
         again.close()
     reg.forget("acme", "bat")  # a delete un-dedicates for good
     assert not (store.adapter_dir("acme", "bat") / MARKER).exists() and not reg.is_merged("acme", "bat")
+
+
+def test_bf16_model_merges_the_files_unrounded_float32_factors(tmp_path):
+    """A bfloat16 base: the host copy keeps the file's float32 factors (B·s scaled in float32), the slots
+    round once to bf16, and the merged weight is round(W + ΔW) of the unrounded factors."""
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=1)
+    af.make_peft(af.tiny_base(seed=0), "lora_all", tmp_path / "a", seed=3)
+    ours = af.tiny_base(seed=0)
+    ours.model.to(torch.bfloat16)
+    ours.dtype = torch.bfloat16
+    layers = inject_adapter_layers(ours.model, settings)
+    adapter = read_adapter(tmp_path / "a", ours, settings)
+    name = "model.layers.0.self_attn.q_proj"
+    lora = adapter.modules[name]
+    assert isinstance(lora, LoraWeights) and lora.a.dtype == torch.float32 and lora.bt.dtype == torch.float32
+    layers.load_slot(0, adapter)
+    bank = layers[name].bank
+    assert bank.a.dtype == torch.bfloat16 and torch.equal(bank.a[0, :lora.rank], lora.a.to(torch.bfloat16))
+    weight = layers[name].weight
+    got = build_merged_copy(layers, adapter, AdapterKey("t", "a", 1), LANE0).weights[name]
+    assert torch.equal(got, (weight.float() + lora.bt.T @ lora.a).to(torch.bfloat16))
