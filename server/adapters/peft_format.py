@@ -138,7 +138,8 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
     """Config, tensors and base model must agree: config first, then every tensor, then every target."""
     targeted = sorted(n for n in base.table if n and spec.targets(n, base.all_linear))
     if not targeted:
-        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model")
+        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model; its "
+                           f"adaptable modules are named {_names(base)}")
     supported = ("linear", "embedding") if spec.peft_type == "LORA" else ("linear",)
     for name in targeted:
         kind = base.table[name].kind
@@ -152,7 +153,13 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
             raise AdapterError(f"tensors for module {name!r}, which target_modules does not select")
     for name in targeted:
         if name not in roles or set(roles[name]) <= {"BASE"}:
-            raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE}")
+            raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE} (target_modules "
+                               f"{_show(spec.target_modules)} select {len(targeted)} modules of this model)")
+
+
+def _names(base: _Base) -> str:
+    """This model's Linear/Embedding module names, by last component (Phi-3: qkv_proj, gate_up_proj, ...)."""
+    return ", ".join(sorted({n.rpartition(".")[2] for n, i in base.table.items() if n and i.kind != "other"}))
 
 
 def _check_shapes(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> None:

@@ -125,3 +125,17 @@ def test_unknown_attention_feature_is_refused_at_start(tmp_path, embedded_model_
     ff.save_family("llama", tmp_path, embedded_model_dir, attention_chunk_size=8)
     with pytest.raises(UnsupportedModel, match="attention_chunk_size=8"):
         load_base(Settings(model=str(tmp_path), device="cpu", dtype="float32"))
+
+
+def test_adapter_for_another_family_names_this_models_modules(tmp_path, embedded_model_dir):
+    """A Llama-style adapter (q_proj, v_proj) on Phi-3, whose attention is one fused qkv_proj."""
+    from peft import LoraConfig, get_peft_model
+
+    from server.errors import AdapterError
+
+    get_peft_model(ff.build_family("llama"), LoraConfig(target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "a")
+    settings = Settings(model=str(ff.save_family("phi3", tmp_path / "phi3", embedded_model_dir)), device="cpu",
+                        dtype="float32", store=tmp_path / "store")
+    with pytest.raises(AdapterError, match="adaptable modules are named .*gate_up_proj.*qkv_proj"):
+        read_adapter(tmp_path / "a", load_base(settings), settings)
