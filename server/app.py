@@ -79,9 +79,14 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     engine = Engine(base, settings, metrics)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    services.store = open_store(settings.store, base, settings)
-    attach_adapters(services)
-    attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+    store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
+    try:
+        attach_adapters(services)
+        attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+    except BaseException:
+        store.close()
+        raise
+    services.add_shutdown_hook(store.close)  # last: every other hook may still write to the store
     return services
 
 
