@@ -23,7 +23,7 @@ from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
-from server.api.errors import install_error_handlers
+from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, merge, openai, training
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
     install_auth(app, settings)  # no byte of an unauthenticated request is read
+    app.add_middleware(CatchAllMiddleware)  # inside the request id: a 500 names it, the connection lives on
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
     for module in (health, generate, openai, adapters, merge, training):
         app.include_router(module.router)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
@@ -129,6 +129,9 @@ def multipart_boundary(request: Request) -> bytes:
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidRequest("an adapter upload must be multipart/form-data with parts 'config' "
                              f"({CONFIG_NAME}) and 'weights' ({WEIGHTS_NAME})")
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        raise InvalidRequest(f"the multipart boundary is {len(boundary)} bytes; at most {MAX_BOUNDARY_LENGTH} "
+                             "are accepted (RFC 2046 allows 70)")
     return boundary
 
 
@@ -164,7 +167,7 @@ async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -
         while not body.done:
             parser.write(await body.next_chunk())
         parser.finalize()
-    except MultipartParseError as e:
+    except FormParserError as e:  # every parser refusal (framing, header sizes, counts) is the client's
         await body.discard()
         raise InvalidRequest(f"malformed multipart body: {e}") from None
     except ClientDisconnect:
