@@ -26,6 +26,7 @@ from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
+from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
 from server.logging import RequestIdMiddleware
@@ -78,7 +79,9 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     base = base or load_base(settings)
     metrics = Metrics(settings.metrics_max_adapter_series)
     engine = Engine(base, settings, metrics)
-    services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts)
+    services.add_shutdown_hook(prompts.close)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
     try:

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     # --- HTTP limits -------------------------------------------------------
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="JSON bodies (uploads use max_adapter_bytes)")
     max_header_bytes: int = Field(16 * 1024, ge=1024)
+    tokenize_workers: int = Field(2, ge=1, le=64, description="Prompts tokenized at once (others wait their "
+                                  "turn); each prompt is also cut at the context + 1 tokens")
 
     # --- training ----------------------------------------------------------
     max_train_examples: int = Field(10_000, ge=1)
