@@ -43,7 +43,7 @@ from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_jso
 from server.adapters.peft_config import summary_from_config
 from server.adapters.store_lock import acquire_store_lock
 from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
-from server.errors import InvalidRequest, NotFound
+from server.errors import ClientGone, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +217,21 @@ class AdapterStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any]) -> StoredVersion:
+    def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any],
+                abandoned: Callable[[], bool] = lambda: False) -> StoredVersion:
         """Make a fully validated staging dir the newest version, atomically.
 
         `summary` holds {type, variant, rank, target_modules}; size and sha256
-        are computed here from the bytes that are actually published.
+        are computed here from the bytes that are actually published. An upload whose client left
+        (`abandoned()`, asked under the lock just before the rename) is never published (ClientGone).
         """
         adir = self.adapter_dir(tenant, adapter_id)
         if not (staged / CONFIG_NAME).is_file() or not (staged / WEIGHTS_NAME).is_file():
             raise InvalidRequest(f"an adapter needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         sha, size = file_digest(staged / WEIGHTS_NAME)
         with self.lock(tenant, adapter_id):
+            if abandoned():
+                raise ClientGone("the client disconnected before the upload was published; nothing was stored")
             adir.mkdir(parents=True, exist_ok=True)
             fsync_dir(adir.parent)
             version = max([self._deleted_through(adir), *self._versions(adir)], default=0) + 1

@@ -9,8 +9,11 @@ counted, and the upload is cut with 413 the moment the weights pass
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -186,6 +189,26 @@ async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -
         if name not in receiver.seen:
             raise InvalidRequest(f"missing multipart part {name!r} ({filename})")
     check_config(dest / CONFIG_NAME)
+
+
+@contextlib.asynccontextmanager
+async def client_left(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set once the client disconnects (after its body was read): work for it can stop.
+
+    A threading.Event, because the work it stops (validation, publishing) runs on worker threads.
+    """
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
 
 
 def check_config(path: Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -34,4 +36,32 @@ def test_multipart_parser_refusals_are_json_4xx(server, case):
     message = r.json()["error"]["message"]
     assert ("boundary" if case == "boundary_over_parser_limit" else "multipart") in message
     assert store_files(store) == before
+    assert httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 1}, timeout=30).status_code == 200
+
+
+def test_an_upload_whose_client_left_is_not_published(tiny_model_dir, server, tmp_path):
+    """The store's lock holds the upload just before publishing; the client leaves meanwhile."""
+    from tests.api.adapter_http import adapter_files, build_adapter, load_tiny
+    from tests.api.raw_http import connect
+    from tests.harness import app_of, wait_until
+
+    url, store_root = server
+    adapter = build_adapter(load_tiny(tiny_model_dir), "lora_qv", tmp_path / "lora")
+    store = app_of(url).state.services.store
+    before = store_files(store_root)
+    request = httpx.Request("PUT", f"{url}/v1/adapters/left", files=adapter_files(adapter))
+    body = request.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
+    weights = (adapter / "adapter_model.safetensors").stat().st_size
+    staged = lambda: [p for p in (store_root / ".tmp").glob("*/adapter_model.safetensors")]  # noqa: E731
+    lock = store.lock("default", "left")
+    with lock:
+        with connect(url) as sock:
+            sock.sendall(f"PUT /v1/adapters/left HTTP/1.1\r\nHost: t\r\n{head}\r\n".encode() + body)
+            assert wait_until(lambda: any(p.stat().st_size == weights for p in staged()), 30)
+            time.sleep(0.5)  # the rest of the body is read and validation runs up to the held lock
+        time.sleep(0.5)  # the server sees the disconnect
+    assert wait_until(lambda: not staged(), 30)
+    assert not store.exists("default", "left")
+    assert store_files(store_root) == before
     assert httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 1}, timeout=30).status_code == 200
