@@ -24,6 +24,7 @@ from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
+from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.prompts import PromptEncoder
@@ -130,8 +131,11 @@ async def shutdown(services: Services) -> None:
 
 
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:
-    """uvicorn options matching our limits: h11 must let headers through to the 431 check."""
+    """uvicorn options matching our limits: h11 must let headers through to the 431 check; our h11
+    protocol answers malformed HTTP in JSON and gives each request head a deadline."""
     return {
+        "http": json_h11_protocol(settings.header_timeout_s),
         "h11_max_incomplete_event_size": max(4 * settings.max_header_bytes, 64 * 1024),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
     }

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
@@ -156,7 +157,7 @@ class BodyReader:
     async def discard(self, budget: int = DISCARD_MAX) -> None:
         """Drop what is left of a refused body (bounded), so the client reads our answer."""
         seen = 0
-        with contextlib.suppress(ClientDisconnect, OSError, ApiError):
+        with contextlib.suppress(ClientDisconnect, OSError, ApiError, HTTPException):  # e.g. a 408: stop
             while not self.done and seen <= budget:
                 seen += len(await self.next_chunk())
 
