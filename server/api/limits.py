@@ -1,4 +1,4 @@
-"""Request limits as a tiny ASGI middleware: 413 for bodies, 431 for headers, 408 for slow bodies.
+"""Request limits as a tiny ASGI middleware: 413 for bodies, 414 / 431 for targets / headers, 408 for slow bodies.
 
 Why not rely on uvicorn alone: h11 answers oversized headers with a bare 400,
 and nothing in uvicorn bounds a body, in size or in time. This checks
@@ -54,6 +54,11 @@ class SizeLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if target > self.max_header_bytes:
+            await discard_unread(scope, receive)
+            await _reject(send, 414, "uri_too_long", f"the request target exceeds {self.max_header_bytes} bytes")
             return
         header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
         if header_bytes > self.max_header_bytes:
