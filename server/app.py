@@ -23,9 +23,11 @@ from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
-from server.api.errors import install_error_handlers
+from server.api.errors import CatchAllMiddleware, install_error_handlers
+from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
+from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
 from server.logging import RequestIdMiddleware
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
     install_auth(app, settings)  # no byte of an unauthenticated request is read
+    app.add_middleware(CatchAllMiddleware)  # inside the request id: a 500 names it, the connection lives on
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
     for module in (health, generate, openai, adapters, merge, training):
         app.include_router(module.router)
@@ -77,11 +80,18 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     base = base or load_base(settings)
     metrics = Metrics(settings.metrics_max_adapter_series)
     engine = Engine(base, settings, metrics)
-    services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts)
+    services.add_shutdown_hook(prompts.close)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    services.store = open_store(settings.store, base, settings)
-    attach_adapters(services)
-    attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+    store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
+    try:
+        attach_adapters(services)
+        attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+    except BaseException:
+        store.close()
+        raise
+    services.add_shutdown_hook(store.close)  # last: every other hook may still write to the store
     return services
 
 
@@ -121,8 +131,11 @@ async def shutdown(services: Services) -> None:
 
 
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:
-    """uvicorn options matching our limits: h11 must let headers through to the 431 check."""
+    """uvicorn options matching our limits: h11 must let headers through to the 431 check; our h11
+    protocol answers malformed HTTP in JSON and gives each request head a deadline."""
     return {
+        "http": json_h11_protocol(settings.header_timeout_s),
         "h11_max_incomplete_event_size": max(4 * settings.max_header_bytes, 64 * 1024),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
     }

@@ -116,8 +116,21 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    from server.app import create_app, uvicorn_limits
+    from server.adapters.store_lock import StoreInUse, acquire_store_lock
 
+    try:  # before the model loads: a second server on this store is refused at once, in one line
+        release_store = acquire_store_lock(settings.store)
+    except StoreInUse as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _serve_locked(settings)
+    finally:
+        release_store()
+
+
+def _serve_locked(settings: Settings) -> int:
+    from server.app import create_app, uvicorn_limits
     from server.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)

@@ -44,6 +44,12 @@ class Conflict(ApiError):
     type = "conflict"
 
 
+class ClientGone(ApiError):
+    """The client disconnected before its request took effect; nothing was done (nginx's 499: nobody reads it)."""
+    status = 499
+    type = "client_closed_request"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     type = "payload_too_large"

@@ -7,6 +7,11 @@ exist (adapter ids are tenant-chosen: unbounded labels would let one tenant
 grow every scrape and the server's memory without limit). State that already
 lives elsewhere (KV rows, pins, training jobs, process memory) is read at
 scrape time by `LiveCollector` instead of being mirrored into gauges.
+
+Who sees what: an admin (or dev mode, one tenant) scrapes everything; any other
+tenant gets `render(tenant=...)`, only the series labelled with its own tenant
+plus the gauges in `PUBLIC_GAUGES`, which say nothing about other tenants (not
+even how busy the server is): adapter ids and traffic are tenants' secrets.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ BASE_LABEL = "_base"  # requests on the base model (no adapter)
 OTHER_LABEL = "_other"  # pairs past the cardinality cap
 DEFAULT_MAX_ADAPTER_SERIES = 256
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+PUBLIC_GAUGES = frozenset({"loraplex_engine_alive", "loraplex_accepting"})  # tenant-free, load-free
 
 
 class AdapterLabels:
@@ -124,8 +130,33 @@ class Metrics:
             self._live = LiveCollector(services)
             self.registry.register(self._live)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, tenant: str | None = None) -> bytes:
+        """Prometheus text: everything (tenant None, for admins) or one tenant's own view."""
+        if tenant is None:
+            return generate_latest(self.registry)
+        return generate_latest(TenantView(self.registry, tenant))  # type: ignore[arg-type]
+
+
+class TenantView:
+    """The registry as one tenant may see it: its own `tenant`-labelled samples and `PUBLIC_GAUGES`.
+
+    Samples past the cardinality cap (`_other`) mix tenants, so no tenant sees them.
+    """
+
+    def __init__(self, registry: CollectorRegistry, tenant: str) -> None:
+        self.registry = registry
+        self.tenant = tenant
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.name in PUBLIC_GAUGES:
+                yield family
+                continue
+            own = [s for s in family.samples if s.labels.get("tenant") == self.tenant]
+            if own:
+                view = Metric(family.name, family.documentation, family.type, family.unit)
+                view.samples = own
+                yield view
 
 
 class LiveCollector:

@@ -26,6 +26,7 @@ class Services:
     base: Any  # server.model.load.BaseModel
     engine: Any  # server.engine.engine.Engine
     metrics: Any  # server.metrics.Metrics
+    prompts: Any  # server.api.prompts.PromptEncoder (bounded tokenization)
     adapters: Any = None  # AdapterManager (adapter work); None = base model only
     store: Any = None  # AdapterStore
     merge: Any = None  # MergeRegistry (merge path for dedicated tenants)

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     # --- HTTP limits -------------------------------------------------------
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="JSON bodies (uploads use max_adapter_bytes)")
     max_header_bytes: int = Field(16 * 1024, ge=1024)
+    header_timeout_s: float = Field(15.0, gt=0, description="A request's head (request line + headers) must "
+                                    "arrive within this of the connection opening or the previous response (408)")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next piece of a request "
+                                       "body (408)")
+    body_read_timeout_s: float = Field(600.0, gt=0, description="A whole request body must arrive within this "
+                                       "(408); 256 MiB at 0.5 MB/s fits")
+    tokenize_workers: int = Field(2, ge=1, le=64, description="Prompts tokenized at once (others wait their "
+                                  "turn); each prompt is also cut at the context + 1 tokens")
 
     # --- training ----------------------------------------------------------
     max_train_examples: int = Field(10_000, ge=1)

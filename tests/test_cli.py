@@ -104,3 +104,27 @@ def test_client_subcommands_are_delegated():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr
     assert "usage: loraplex jobs" in done.stdout  # the client's own parser answered
+
+
+def test_a_second_server_on_one_store_is_refused_and_kill_9_leaves_no_stale_lock(tiny_model_dir, tmp_path):
+    """Two servers on one store would sweep each other's uploads and re-claim each other's jobs.
+
+    The lock is an flock: the kernel drops it when its process dies, so after kill -9 of the holder
+    a new server starts at once, with no stale-lock clean-up.
+    """
+    store = tmp_path / "store"
+    args = ["--model", str(tiny_model_dir), "--store", str(store), "--device", "cpu", "--dtype", "float32"]
+    with spawn_server(args) as (first, url):
+        inflight = store / ".tmp" / "upload-in-flight"
+        inflight.mkdir()  # what a second server's start-up sweep would have deleted
+        second = subprocess.run(serve_command([*args, "--port", "0"]), cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "in use" in lines[0], second.stderr
+        assert inflight.is_dir() and httpx.get(f"{url}/ready").status_code == 200
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with spawn_server(args) as (third, url):
+        assert httpx.get(f"{url}/ready").status_code == 200
+        assert (store / ".lock").read_text().strip() == str(third.pid)

@@ -38,7 +38,7 @@ from server.adapters.inject import AdapterLayers
 from server.adapters.merged_copy import MergedCopy, build_merged_copy, install, uninstall
 from server.adapters.peft_format import read_adapter
 from server.adapters.types import AdapterKey, AdapterRef
-from server.errors import AdapterError, ApiError, Conflict, Unavailable
+from server.errors import AdapterError, ApiError, Conflict, NotFound, Unavailable
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,10 @@ class MergeRegistry:
                 ref = self.store.resolve(*pair)
                 with self._lock:
                     build.key = max(build.key, ref.key)
-            adapter = read_adapter(ref.path, self.base, self.settings)
+            try:
+                adapter = read_adapter(ref.path, self.base, self.settings)
+            except (AdapterError, OSError) as e:
+                raise self._superseded(pair, ref) or e from None
             copy = build_merged_copy(self.layers, adapter, ref.key, build.lane)
         except Exception as e:  # noqa: BLE001 - every refusal reaches the caller as a clean 4xx
             self._refused(pair, build, e)
@@ -264,6 +267,20 @@ class MergeRegistry:
         with self._lock:
             self._events.append(("install", pair, build, copy))
         self._kick()
+
+    def _superseded(self, pair: Pair, ref: AdapterRef) -> ApiError | None:
+        """Why a version could not be read when a re-upload or delete won the race (None: it is still there).
+
+        Its files leaving the store mid-read said "adapter_model.safetensors is missing" (422), a lie.
+        """
+        try:
+            now = self.store.resolve(*pair)
+        except NotFound as gone:
+            return gone
+        if now.key.version == ref.key.version:
+            return None
+        return Conflict(f"adapter {pair[1]!r} was replaced (version {now.key.version}) while version "
+                        f"{ref.key.version} was being merged; retry to merge the new version")
 
     def _refused(self, pair: Pair, build: _Build, error: Exception) -> None:
         if isinstance(error, OSError):

@@ -41,8 +41,9 @@ from typing import Any
 
 from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
 from server.adapters.peft_config import summary_from_config
+from server.adapters.store_lock import acquire_store_lock
 from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
-from server.errors import InvalidRequest, NotFound
+from server.errors import ClientGone, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class AdapterStore:
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
         self._described: dict[tuple[str, int, int], dict[str, Any]] = {}
         self._gc_timer: threading.Timer | None = None
+        self._release_lock: Callable[[], None] = lambda: None
+
+    def close(self) -> None:
+        """Release the store's process lock (taken by `open_store`), so another server may open it."""
+        self._release_lock()
 
     # ------------------------------------------------------------------ paths
     def adapter_dir(self, tenant: str, adapter_id: str) -> Path:
@@ -211,17 +217,21 @@ class AdapterStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any]) -> StoredVersion:
+    def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any],
+                abandoned: Callable[[], bool] = lambda: False) -> StoredVersion:
         """Make a fully validated staging dir the newest version, atomically.
 
         `summary` holds {type, variant, rank, target_modules}; size and sha256
-        are computed here from the bytes that are actually published.
+        are computed here from the bytes that are actually published. An upload whose client left
+        (`abandoned()`, asked under the lock just before the rename) is never published (ClientGone).
         """
         adir = self.adapter_dir(tenant, adapter_id)
         if not (staged / CONFIG_NAME).is_file() or not (staged / WEIGHTS_NAME).is_file():
             raise InvalidRequest(f"an adapter needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         sha, size = file_digest(staged / WEIGHTS_NAME)
         with self.lock(tenant, adapter_id):
+            if abandoned():
+                raise ClientGone("the client disconnected before the upload was published; nothing was stored")
             adir.mkdir(parents=True, exist_ok=True)
             fsync_dir(adir.parent)
             version = max([self._deleted_through(adir), *self._versions(adir)], default=0) + 1
@@ -373,8 +383,11 @@ def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterSto
     """The store as the server opens it at start-up: described by the engine's validator, then swept.
 
     Sweeping is safe only here, before any request runs: staging dirs of
-    uploads cut by a crash, trashed and superseded versions all go.
+    uploads cut by a crash, trashed and superseded versions all go. It is safe
+    only for the one server on this store, so the store's lock comes first
+    (StoreInUse while another process holds it).
     """
+    release = acquire_store_lock(root)
     describe: Describer | None = None
     if base is not None and settings is not None:
         def describe(path: Path) -> dict[str, Any]:
@@ -383,6 +396,11 @@ def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterSto
             summary = dict(read_adapter(path, base, settings).summary())
             summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary["target_modules"]})
             return summary
-    store = AdapterStore(root, describe=describe)
-    store.sweep()
+    try:
+        store = AdapterStore(root, describe=describe)
+        store.sweep()
+    except BaseException:
+        release()
+        raise
+    store._release_lock = release
     return store

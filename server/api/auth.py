@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.adapters.store import TENANT_RE
 from server.api.deps import DEFAULT_TENANT, Principal
 from server.api.errors import error_response
+from server.api.limits import discard_unread
 from server.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -128,22 +129,14 @@ class AuthMiddleware:
         if principal is None:
             missing = bearer_token(scope.get("headers", [])) is None
             message = "missing API key: send 'Authorization: Bearer <key>'" if missing else "invalid API key"
+            # Connection: close: what is left of the body is never read (nor 100 Continue sent for it)
             response = error_response(Request(scope), 401, "unauthorized", message,
-                                      headers={"WWW-Authenticate": "Bearer"})
-            await _discard(receive, DISCARD_UNAUTHENTICATED)
+                                      headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+            await discard_unread(scope, receive, DISCARD_UNAUTHENTICATED)
             await response(scope, receive, send)
             return
         scope[PRINCIPAL_SCOPE_KEY] = principal
         await self.app(scope, receive, send)
-
-
-async def _discard(receive: Receive, budget: int) -> None:
-    seen = 0
-    while seen <= budget:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        seen += len(message.get("body", b""))
 
 
 def install_auth(app: FastAPI, settings: Settings) -> None:

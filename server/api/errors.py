@@ -3,6 +3,10 @@
 Native routes answer validation errors with 422; the OpenAI-compatible routes
 (`/v1/models`, `/v1/completions`, `/v1/chat/completions`) with 400 and OpenAI's
 error shape (`message`, `type`, `param`, `code`).
+
+Anything unexpected is caught by `CatchAllMiddleware`, inside the request-id
+layer: a JSON 500 naming the request id, and the connection stays open (an
+exception that reached uvicorn made it log a traceback and drop the connection).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError, InsufficientStorage, is_out_of_space
+from server.logging import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +34,16 @@ def is_openai_route(path: str) -> bool:
 
 
 def error_response(request: Request, status: int, type_: str, message: str,
-                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, param: str | None = None,
+                   request_id: str | None = None) -> JSONResponse:
     openai = is_openai_route(request.url.path)
     if openai and status == 422:
         status = 400
     body: dict = {"type": type_, "message": message}
     if openai:
         body.update(param=param, code=type_)
+    if request_id is not None:
+        body["request_id"] = request_id
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -118,18 +127,52 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI/Starlette could not parse the body: a client error like any other
             return error_response(request, 422, "invalid_request_error", _unparsable_body(exc), param="body")
-        types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+        types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 408: "request_timeout",
+                 413: "payload_too_large"}
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(request, exc.status_code, types.get(exc.status_code, "http_error"),
                               str(exc.detail), headers or None)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if is_out_of_space(exc):  # e.g. publishing or the job queue's database hit a full disk
-            log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
-            full = InsufficientStorage()
-            return error_response(request, full.status, full.type, full.message, full.headers)
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, "internal_error", "internal server error")
+
+def unexpected_error_response(request: Request, exc: BaseException) -> JSONResponse:
+    """A JSON 5xx for an exception no handler knew: 507 for a full disk, else 500 with the request id."""
+    if is_out_of_space(exc):  # e.g. publishing or the job queue's database hit a full disk
+        log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
+        full = InsufficientStorage()
+        return error_response(request, full.status, full.type, full.message, full.headers)
+    rid = request_id_var.get()
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(request, 500, "internal_error",
+                          f"internal server error; quote request id {rid} when reporting it", request_id=rid)
+
+
+class CatchAllMiddleware:
+    """Turn any exception that escaped the app into a JSON 500 (no traceback) on a connection that stays open.
+
+    Once a response has started nothing can be sent in its place: the exception
+    goes on to uvicorn, which ends that connection (the client sees a cut stream).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: nothing unexpected reaches uvicorn
+            if started:
+                raise
+            await unexpected_error_response(Request(scope), exc)(scope, receive, send)

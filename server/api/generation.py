@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
-from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
@@ -45,28 +44,11 @@ async def resolve_adapter(services: Services, principal: Principal, adapter_id: 
 
 
 async def encode_prompt(services: Services, prompt: str) -> list[int]:
-    tokenizer = services.base.tokenizer
-    ids = await run_in_threadpool(lambda: tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if not ids:
-        raise InvalidRequest("prompt: the prompt encodes to zero tokens")
-    return list(ids)
+    return await services.prompts.encode(prompt)
 
 
 async def encode_chat(services: Services, messages: list[dict]) -> list[int]:
-    tokenizer = services.base.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequest("messages: the base model's tokenizer has no chat template")
-
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    try:
-        return await run_in_threadpool(render)
-    except ApiError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
-        raise InvalidRequest(f"messages: the chat template rejected them: {exc}") from None
+    return await services.prompts.encode_chat(messages)
 
 
 def check_request(services: Services, prompt_ids: list[int], params: SamplingParams,
@@ -78,8 +60,10 @@ def check_request(services: Services, prompt_ids: list[int], params: SamplingPar
                     max_stop_chars=s.max_stop_chars)
     context = services.base.max_context
     if len(prompt_ids) + params.max_new_tokens > context:
+        # the encoder stops at context + 1 tokens: a prompt that long may be longer still
+        size = f"over {context}" if len(prompt_ids) > context else str(len(prompt_ids))
         raise InvalidRequest(
-            f"prompt ({len(prompt_ids)} tokens) + {length_field} ({params.max_new_tokens}) exceeds the "
+            f"prompt ({size} tokens) + {length_field} ({params.max_new_tokens}) exceeds the "
             f"model's context of {context} tokens")
 
 

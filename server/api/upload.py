@@ -9,14 +9,18 @@ counted, and the upload is cut with 413 the moment the weights pass
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
@@ -129,6 +133,9 @@ def multipart_boundary(request: Request) -> bytes:
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidRequest("an adapter upload must be multipart/form-data with parts 'config' "
                              f"({CONFIG_NAME}) and 'weights' ({WEIGHTS_NAME})")
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        raise InvalidRequest(f"the multipart boundary is {len(boundary)} bytes; at most {MAX_BOUNDARY_LENGTH} "
+                             "are accepted (RFC 2046 allows 70)")
     return boundary
 
 
@@ -150,7 +157,7 @@ class BodyReader:
     async def discard(self, budget: int = DISCARD_MAX) -> None:
         """Drop what is left of a refused body (bounded), so the client reads our answer."""
         seen = 0
-        with contextlib.suppress(ClientDisconnect, OSError, ApiError):
+        with contextlib.suppress(ClientDisconnect, OSError, ApiError, HTTPException):  # e.g. a 408: stop
             while not self.done and seen <= budget:
                 seen += len(await self.next_chunk())
 
@@ -164,7 +171,7 @@ async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -
         while not body.done:
             parser.write(await body.next_chunk())
         parser.finalize()
-    except MultipartParseError as e:
+    except FormParserError as e:  # every parser refusal (framing, header sizes, counts) is the client's
         await body.discard()
         raise InvalidRequest(f"malformed multipart body: {e}") from None
     except ClientDisconnect:
@@ -183,6 +190,26 @@ async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -
         if name not in receiver.seen:
             raise InvalidRequest(f"missing multipart part {name!r} ({filename})")
     check_config(dest / CONFIG_NAME)
+
+
+@contextlib.asynccontextmanager
+async def client_left(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set once the client disconnects (after its body was read): work for it can stop.
+
+    A threading.Event, because the work it stops (validation, publishing) runs on worker threads.
+    """
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
 
 
 def check_config(path: Path) -> dict[str, Any]:

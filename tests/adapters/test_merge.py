@@ -22,7 +22,7 @@ from server.adapters.merged_copy import UnsafeMerge, build_merged_copy, install,
 from server.adapters.peft_format import read_adapter
 from server.adapters.store import AdapterStore
 from server.adapters.types import AdapterKey
-from server.errors import AdapterError, Conflict
+from server.errors import AdapterError, ApiError, Conflict
 from server.metrics import Metrics
 
 LANE0 = 100
@@ -258,3 +258,43 @@ def test_bf16_model_merges_the_files_unrounded_float32_factors(tmp_path):
     weight = layers[name].weight
     got = build_merged_copy(layers, adapter, AdapterKey("t", "a", 1), LANE0).weights[name]
     assert torch.equal(got, (weight.float() + lora.bt.T @ lora.a).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("race", ["reupload", "delete"])
+async def test_a_merge_racing_a_reupload_or_delete_says_what_happened(sources, tmp_path, race):
+    """The version's files leave the store between resolving and reading it: 409 / 404, not a 422 lie."""
+
+    class RacingStore(AdapterStore):
+        """A real store where the other request lands right after the merge resolved its version."""
+
+        armed = True
+
+        def resolve(self, tenant, adapter_id):
+            ref = super().resolve(tenant, adapter_id)
+            if self.armed:
+                self.armed = False
+                if race == "reupload":
+                    self.add_from_dir(tenant, adapter_id, sources["qv2"], {})
+                else:
+                    self.delete(tenant, adapter_id)
+                self.collect_garbage(lambda key: False)
+            return ref
+
+    settings = af.adapter_settings(tmp_path, max_merged=2)
+    base = af.tiny_base(seed=0)
+    store = RacingStore(tmp_path / "store")
+    store.armed = False
+    store.add_from_dir("acme", "qv", sources["qv"], {})
+    store.armed = True
+    reg = MergeRegistry(base, inject_adapter_layers(base.model, settings), store, settings, Metrics())
+    try:
+        with pytest.raises(ApiError) as caught:
+            await reg.dedicate("acme", "qv")
+    finally:
+        reg.close()
+    error = caught.value
+    if race == "reupload":
+        assert error.status == 409 and "replaced (version 2)" in error.message, error.message
+    else:
+        assert error.status == 404 and error.message == "adapter 'qv' not found", error.message
+    assert not reg.is_merged("acme", "qv")

@@ -19,7 +19,7 @@ import pytest
 from server.adapters.types import AdapterKey
 from server.app import create_app
 from server.settings import Settings
-from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
+from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
 from tests.harness import Gate, app_of, running_server, wait_until
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
@@ -106,7 +106,7 @@ def stream_events(response: httpx.Response) -> Iterator[dict]:
 
 
 def running_requests(client: httpx.Client) -> float:
-    text = client.get("/metrics", headers=auth(ALICE)).text
+    text = client.get("/metrics", headers=auth(ADMIN)).text
     m = re.search(r"^loraplex_running_requests\s+([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 

@@ -81,3 +81,29 @@ def test_ready_is_false_when_the_engine_thread_is_dead(settings):
         assert r.status_code == 503 and r.json()["ready"] is False
         gen = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
         assert gen.status_code == 503 and gen.json()["error"]["message"]
+
+
+def test_metrics_show_a_tenant_only_its_own_series(tiny_model_dir, tmp_path):
+    """Adapter ids and traffic are tenants' secrets: bob's scrape names nothing of alice, the admin's all."""
+    from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
+
+    adapter = build_adapter(load_tiny(tiny_model_dir), "lora_qv", tmp_path / "lora")
+    settings = Settings(model=str(tiny_model_dir), store=tmp_path / "store", device="cpu", dtype="float32",
+                        api_keys=write_keys(tmp_path / "keys.json"))
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert upload(client, "alice-secret-project", adapter).status_code == 201
+        for key, adapter_id in ((ALICE, "alice-secret-project"), (BOB, None)):
+            r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "adapter_id": adapter_id},
+                            headers=auth(key))
+            assert r.status_code == 200, r.text
+        bob, alice, admin = (client.get("/metrics", headers=auth(k)) for k in (BOB, ALICE, ADMIN))
+    assert bob.status_code == alice.status_code == admin.status_code == 200
+    assert "alice" not in bob.text and 'tenant="bob"' in bob.text
+    assert "alice-secret-project" in alice.text and "bob" not in alice.text
+    for tenant_view in (bob.text, alice.text):  # nothing tenant-free that measures others' traffic or load
+        names = set(_families(tenant_view))
+        assert names <= {"loraplex_engine_alive", "loraplex_accepting"} | {n for n in names if "adapter_" in n}
+        assert "loraplex_requests" not in names and "loraplex_queue_depth" not in names
+        assert samples(tenant_view)["loraplex_engine_alive"] == 1
+    assert "alice-secret-project" in admin.text and 'tenant="bob"' in admin.text
+    assert "loraplex_queue_depth" in admin.text

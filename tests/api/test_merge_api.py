@@ -21,7 +21,7 @@ import pytest
 from server.adapters.types import AdapterKey
 from server.app import create_app
 from server.settings import Settings
-from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
+from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
 from tests.api.test_adapters_serving import stream_events
 from tests.harness import Gate, running_server, wait_until
 
@@ -77,7 +77,7 @@ def merge(client: httpx.Client, adapter_id: str, key: str = ALICE, method: str =
 
 
 def metric(client: httpx.Client, name: str) -> float:
-    m = re.search(rf"^{name}\s+([0-9.e+-]+)$", client.get("/metrics", headers=auth(ALICE)).text, re.M)
+    m = re.search(rf"^{name}\s+([0-9.e+-]+)$", client.get("/metrics", headers=auth(ADMIN)).text, re.M)
     assert m, name
     return float(m.group(1))
 

@@ -22,7 +22,7 @@ from server.adapters.types import AdapterKey, check_adapter_id
 from server.api.deps import Principal, get_principal
 from server.api.errors import allowed_methods
 from server.api.responses import AdapterList, AdapterRecord, ok
-from server.api.upload import BodyReader, receive_upload
+from server.api.upload import BodyReader, client_left, receive_upload
 from server.errors import AdapterError, ApiError, InvalidRequest, Unavailable
 from server.services import Services, get_services
 
@@ -132,8 +132,10 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         raise
     with store.staging() as staged:
         await receive_upload(request, staged, services.settings.max_adapter_bytes)
-        loaded = await run_in_threadpool(validate_adapter, services, staged)
-        stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summarize(loaded))
+        async with client_left(request) as gone:  # a client that left gets nothing published
+            loaded = await run_in_threadpool(validate_adapter, services, staged)
+            stored = await run_in_threadpool(store.publish, owner, adapter_id, staged, summarize(loaded),
+                                             gone.is_set)
     after_change(services, owner, adapter_id, deleted=False)
     if services.adapters is not None and services.settings.prefetch_adapters:
         services.adapters.adopt(stored.ref, loaded)  # validation loaded it: the first request skips the read

@@ -35,7 +35,10 @@ def _not_ready(reason: str) -> JSONResponse:
 
 @router.get("/metrics", responses=PROMETHEUS)
 async def metrics(request: Request, principal: Principal = Depends(get_principal)) -> Response:
+    """Admins (and dev mode, a single tenant) see every series; other keys only their own tenant's."""
     services = get_services(request)
     services.metrics.queue_depth.set(services.engine.scheduler.num_waiting)
     services.metrics.running.set(len(services.engine.scheduler.running))
-    return Response(services.metrics.render(), media_type=services.metrics.content_type)
+    everything = principal.admin or services.settings.api_keys is None
+    body = services.metrics.render(None if everything else principal.tenant)
+    return Response(body, media_type=services.metrics.content_type)
