@@ -230,6 +230,8 @@ RAW_CASES = {
     "trailing bytes": (dict(header={K: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, data=b"\0" * 9),
                        "size is inconsistent"),
     "bad metadata": (dict(header={"__metadata__": {"a": 1}}), "__metadata__ must map strings"),
+    "deep nesting": (dict(header={K: {"dtype": "F32", "shape": [[[1]]], "data_offsets": [0, 4]}}, data=b"\0" * 4),
+                     "corrupt header: nested deeper than 3 levels"),
 }
 
 
@@ -243,6 +245,23 @@ def test_hostile_safetensors_layouts(fresh, case):
     else:
         _raw(path, **spec)
     refused(path, base, settings, message)
+
+
+def test_nesting_past_the_json_recursion_limit(fresh):
+    """json raises RecursionError (not a ValueError) here: both files must still be a clean 422."""
+    base, settings, copy = fresh
+    path = copy()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    refused(path, base, settings, "corrupt header: nested deeper than 3 levels")
+    (path / "adapter_config.json").write_bytes(deep)
+    refused(path, base, settings, "adapter_config.json is not valid JSON: nested deeper than 32 levels")
+    cfg = json.loads((copy("miss_mini") / "adapter_config.json").read_text())
+    nested: list = []
+    for _ in range(31):  # the config object + 32 lists: 33 levels
+        nested = [nested]
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "extra": nested}))
+    refused(path, base, settings, "nested deeper than 32 levels")
 
 
 def test_truncated_file(fresh):
