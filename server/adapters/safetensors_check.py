@@ -93,7 +93,7 @@ def _tensor_entry(name: str, entry: object, data_start: int) -> tuple[TensorInfo
     if not isinstance(entry, dict):
         raise AdapterError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in KNOWN_DTYPES:
+    if not isinstance(dtype, str) or dtype not in KNOWN_DTYPES:  # a list or object is unhashable
         raise AdapterError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_nat(d) for d in shape):
         raise AdapterError(f"tensor {name!r}: invalid shape {shape!r}")

@@ -1,4 +1,5 @@
-"""Hostile inputs to the server's own parsers, through real HTTP: adapter-config regexes and JSONL lines.
+"""Hostile inputs to the server's own parsers, through real HTTP: adapter-config regexes, fuzzed
+uploads (config and safetensors header) and JSONL lines.
 
 The regex test runs the server as a subprocess: a backtracking regex holds
 the GIL, so an in-process server would freeze the test itself rather than
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
+from tests.adapters.adapter_fuzz import EDITS, HEADER_EDITS, mutate_header
 from tests.api.adapter_http import ALICE, adapter_files, auth, store_files, write_keys
 from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import assert_error, assert_serving, train_body
@@ -67,10 +70,41 @@ def test_backtracking_regexes_in_configs_never_stall_the_server(tiny_model_dir: 
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir: Path, tmp_path_factory) -> Iterator[str]:
+def server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     store = tmp_path_factory.mktemp("hostile-parsers") / "store"
     with running_server(hardening_settings(tiny_model_dir, store)) as base_url:
-        yield base_url
+        yield base_url, store
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[0]
+
+
+@hsettings(max_examples=40, derandomize=True, deadline=10_000, database=None,
+           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                  HealthCheck.data_too_large])
+@given(kind=st.sampled_from(["lora_qv", "miss_balance"]), config_edits=EDITS, header=st.none() | st.fixed_dictionaries(
+    HEADER_EDITS))
+def test_fuzzed_uploads_are_201_or_a_clean_4xx_and_refusals_leave_the_store(server, peft_adapters, kind,
+                                                                             config_edits, header):
+    url, store = server
+    files = adapter_files(peft_adapters[kind])
+    cfg = {**json.loads(files["config"][1]), **config_edits}
+    files["config"] = ("adapter_config.json", json.dumps({k: v for k, v in cfg.items() if v is not None}).encode(),
+                       "application/json")
+    if header is not None:
+        files["weights"] = ("adapter_model.safetensors", mutate_header(files["weights"][1], **header),
+                            "application/octet-stream")
+    before = store_files(store)
+    r = httpx.put(f"{url}/v1/adapters/fuzzed", files=files, timeout=30)
+    if r.status_code in (200, 201):
+        event("published")
+        return
+    event(f"refused {r.status_code}")
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert_error(r, r.status_code)
+    assert store_files(store) == before
 
 
 @pytest.mark.parametrize("line", [
