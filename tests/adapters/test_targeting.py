@@ -90,7 +90,7 @@ def test_fixed_configs_select_like_peft(cfg):
 
 ATOMS = ["q", "proj", "_", "layers", "self_attn", "mlp", "up", "0", "1", "12", r"\.", ".", r"\d", r"\w", "[a-z]",
          "[^.]", "(q|v)", "(?:k|o)_proj", r"(\.\d+)", "^", "$", "|", r"\b", "[.]", "(", ")", "{", "(?i)", "(?=q)",
-         r"\1", "{,2}", "[[:digit:]]", "(?P<idx>1)", "[", "]"]
+         r"\1", "{,2}", "[[:digit:]]", "(?P<idx>1)", "[", "]", "\\", "{"]
 QUANTS = ["", "", "", "*", "+", "?", "*?", "{1,2}", "{2}"]
 PATTERN = st.lists(st.tuples(st.sampled_from(ATOMS), st.sampled_from(QUANTS)), max_size=5).map(
     lambda parts: "".join(a + q for a, q in parts))
