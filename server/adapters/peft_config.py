@@ -16,7 +16,7 @@ from typing import Any
 
 from server import json_input
 from server.adapters.targeting import ALL_LINEAR, PatternMap, Targeting, layers_patterns, pattern_map
-from server.adapters.user_regex import user_regex
+from server.adapters.user_regex import UserRegex, user_regex
 from server.errors import AdapterError
 from server.settings import Settings
 
@@ -162,7 +162,7 @@ def _miss_spec(cfg: dict, peft_type: str) -> AdapterSpec:
 def _targeting(cfg: dict) -> Targeting:
     tm = cfg.get("target_modules")
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        target: frozenset[str] | Any = ALL_LINEAR
+        target: frozenset[str] | UserRegex | str = ALL_LINEAR
     elif isinstance(tm, str):
         target = user_regex("target_modules", tm)
         if cfg.get("layers_to_transform") is not None:

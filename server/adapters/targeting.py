@@ -3,9 +3,9 @@
 Reproduces PEFT 0.21's `check_target_module_exists` and `get_pattern_key`
 (rank/alpha patterns), so a module is adapted here exactly when PEFT would
 adapt it. Each regex is compiled once per config inside the same template PEFT
-formats it into, and matched in linear time (user_regex); the pattern-key
-lookup is remembered per module name, so work is bounded by keys + modules
-rather than growing with their product on every call.
+formats it into, and matched in linear time (user_regex); a module's pattern
+key is looked up once and remembered, as the validator asks for it repeatedly.
+Work is at most keys x modules matches, with keys bounded (max_pattern_keys).
 """
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ MAX_PATTERN_CHARS = 4096
 MAX_PATTERN_MEMORY = 1024 * 1024
 # Both engines accept these, with different meanings: `re` reads `{,n}` as 0..n repeats, RE2 literally;
 # RE2 reads `[:alpha:]` in a class as a POSIX class, `re` as the characters themselves.
-_DIVERGENT = ((re.compile(r"(?<!\\)(?:\\\\)*\{,"), "'{,n}' repeats mean different things to re and RE2: write '{0,n}'"),
-              (re.compile(r"\[:\^?[A-Za-z]+:\]"), "POSIX classes like '[:alpha:]' are not supported"))
+_DIVERGENT = (
+    (re.compile(r"(?<!\\)(?:\\\\)*\{,"), "'{,n}' repeats mean different things to re and RE2: write '{0,n}'"),
+    (re.compile(r"\[:\^?[A-Za-z]+:\]"), "POSIX classes like '[:alpha:]' are not supported"),
+)
 
 
 def _options(capture: bool) -> re2.Options:
