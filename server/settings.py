@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         "rank-16 adapters' share of a decode step -30 % (bench/step_overhead.py)")
     max_adapter_bytes: int = Field(256 * MiB, ge=1)
     max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")
+    max_pattern_keys: int = Field(1024, ge=1, description="Regexes in one adapter config (rank_pattern and "
+                                  "alpha_pattern keys, layers_pattern entries); each is matched against "
+                                  "every targeted module")
+    max_config_list_items: int = Field(4096, ge=1, description="Entries of target_modules, exclude_modules, "
+                                       "layers_to_transform or layers_pattern in one adapter config")
 
     # --- HTTP limits -------------------------------------------------------
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="JSON bodies (uploads use max_adapter_bytes)")
@@ -84,6 +89,8 @@ class Settings(BaseSettings):
                                        "(408); 256 MiB at 0.5 MB/s fits")
     tokenize_workers: int = Field(2, ge=1, le=64, description="Prompts tokenized at once (others wait their "
                                   "turn); each prompt is also cut at the context + 1 tokens")
+    max_json_depth: int = Field(32, ge=4, le=200, description="Nesting depth of client JSON parsed outside "
+                                "the request body: adapter configs, safetensors headers, training JSONL lines")
 
     # --- training ----------------------------------------------------------
     max_train_examples: int = Field(10_000, ge=1)

@@ -1,25 +1,26 @@
-"""`adapter_config.json`: parsing, refusals, and PEFT's module targeting.
+"""`adapter_config.json`: parsing, bounds, and refusals.
 
-Targeting reproduces PEFT 0.21's `check_target_module_exists` and
-`get_pattern_key` (rank/alpha patterns), so a module is adapted here exactly
-when PEFT would adapt it. Everything we cannot serve faithfully is refused with
-a message that names the field, rather than silently served differently.
+Targeting follows PEFT exactly (targeting.py). Everything we cannot serve
+faithfully is refused with a message that names the field, rather than
+silently served differently; so is a config whose size, nesting, lists or
+regex count would make checking it cost more than a bounded amount of CPU.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server import json_input
+from server.adapters.targeting import ALL_LINEAR, PatternMap, Targeting, layers_patterns, pattern_map
+from server.adapters.user_regex import UserRegex, user_regex
 from server.errors import AdapterError
 from server.settings import Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_PATTERN_CHARS = 4096
 SUPPORTED_TYPES = ("LORA", "MISS", "BONE")
 # LoRA options that change the math or need pieces we do not serve: refused when set.
 LORA_UNSUPPORTED = (
@@ -29,22 +30,18 @@ LORA_UNSUPPORTED = (
 )
 # init_lora_weights values that rewrite the base weights: the adapter is meaningless on ours.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-# A group that holds a quantifier and is itself quantified: the shape of catastrophic backtracking.
-_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)\s*[+*{]")
+LIST_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     peft_type: str  # LORA | MISS | BONE
     r: int
-    target_modules: tuple[str, ...] | str  # names/suffixes, or one regex, or "all-linear"
-    exclude_modules: tuple[str, ...] | str | None = None
-    layers_to_transform: tuple[int, ...] | int | None = None
-    layers_pattern: tuple[str, ...] | None = None
+    targeting: Targeting
     alpha: float = 8.0
     use_rslora: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rank_pattern: PatternMap[int] = field(default_factory=lambda: PatternMap({}, ()))
+    alpha_pattern: PatternMap[float] = field(default_factory=lambda: PatternMap({}, ()))
     init: str = "balance"  # MiSS/Bone: balance | mini | bat
     mini_r: int = 1
 
@@ -59,20 +56,20 @@ class AdapterSpec:
         return self.init
 
     def module_rank(self, name: str) -> int:
-        return self.rank_pattern.get(pattern_key(self.rank_pattern, name), self.r)
+        return self.rank_pattern.get(name, self.r)
 
     def module_alpha(self, name: str) -> float:
-        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, name), self.alpha)
+        return self.alpha_pattern.get(name, self.alpha)
 
-    def targets(self, name: str, all_linear: Iterable[str]) -> bool:
-        return targets_module(self, name, all_linear)
+    def targets(self, name: str, all_linear: Set[str]) -> bool:
+        return self.targeting.selects(name, all_linear)
 
 
 def parse_config(raw: bytes, settings: Settings) -> AdapterSpec:
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
     try:
-        cfg = json.loads(raw.decode("utf-8"))
+        cfg = json_input.loads(raw.decode("utf-8"), settings.max_json_depth)
     except (UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
@@ -82,23 +79,40 @@ def parse_config(raw: bytes, settings: Settings) -> AdapterSpec:
     if peft_type not in SUPPORTED_TYPES:
         raise AdapterError(f"unsupported peft_type {peft_type!r}: supported are {', '.join(SUPPORTED_TYPES)}")
     _refuse_common(cfg)
+    _check_bounds(cfg, settings)
     spec = _lora_spec(cfg) if peft_type == "LORA" else _miss_spec(cfg, peft_type)
     _check_ranks(spec, settings)
     return spec
 
 
-def _refuse_remote_code(obj: Any, depth: int = 0) -> None:
-    """Configs never get to run code: `auto_map` / `trust_remote_code` anywhere are refused."""
-    if depth > 32:
-        raise AdapterError("adapter_config.json is nested too deeply")
+def _refuse_remote_code(obj: Any) -> None:
+    """Configs never get to run code: `auto_map` / `trust_remote_code` anywhere are refused.
+
+    Recursive, but the parse already bounded the depth (max_json_depth)."""
     if isinstance(obj, dict):
         for key, value in obj.items():
             if key == "auto_map" or (key == "trust_remote_code" and value):
                 raise AdapterError(f"adapter_config.json asks for remote code ({key!r}), which is never run")
-            _refuse_remote_code(value, depth + 1)
+            _refuse_remote_code(value)
     elif isinstance(obj, list):
         for value in obj:
-            _refuse_remote_code(value, depth + 1)
+            _refuse_remote_code(value)
+
+
+def _check_bounds(cfg: dict, settings: Settings) -> None:
+    """Bound the work the config asks for before any regex is compiled."""
+    for key in LIST_FIELDS:
+        value = cfg.get(key)
+        if isinstance(value, list) and len(value) > settings.max_config_list_items:
+            raise AdapterError(f"{key} has {len(value)} entries; the limit is {settings.max_config_list_items} "
+                               "(max_config_list_items)")
+    patterns = cfg.get("layers_pattern")
+    count = len(patterns) if isinstance(patterns, list) else 1 if patterns else 0
+    for key in ("rank_pattern", "alpha_pattern"):
+        count += len(cfg[key]) if isinstance(cfg.get(key), dict) else 0
+    if count > settings.max_pattern_keys:
+        raise AdapterError(f"the config holds {count} patterns (rank_pattern, alpha_pattern, layers_pattern); "
+                           f"the limit is {settings.max_pattern_keys} (max_pattern_keys)")
 
 
 def _refuse_common(cfg: dict) -> None:
@@ -124,10 +138,11 @@ def _lora_spec(cfg: dict) -> AdapterSpec:
         r=_int(cfg.get("r", 8), "r"),
         alpha=_number(cfg.get("lora_alpha", 8), "lora_alpha"),
         use_rslora=_bool(cfg.get("use_rslora", False), "use_rslora"),
-        rank_pattern={_pattern(k): _int(v, f"rank_pattern[{k!r}]") for k, v in _dict(cfg, "rank_pattern").items()},
-        alpha_pattern={_pattern(k): _number(v, f"alpha_pattern[{k!r}]")
-                       for k, v in _dict(cfg, "alpha_pattern").items()},
-        **_targeting(cfg),
+        rank_pattern=pattern_map("rank_pattern", {k: _int(v, f"rank_pattern[{k!r}]")
+                                                  for k, v in _dict(cfg, "rank_pattern").items()}),
+        alpha_pattern=pattern_map("alpha_pattern", {k: _number(v, f"alpha_pattern[{k!r}]")
+                                                    for k, v in _dict(cfg, "alpha_pattern").items()}),
+        targeting=_targeting(cfg),
     )
 
 
@@ -141,23 +156,25 @@ def _miss_spec(cfg: dict, peft_type: str) -> AdapterSpec:
     if mini_r < 1:
         raise AdapterError(f"mini_r must be >= 1, got {mini_r}")
     return AdapterSpec(peft_type=peft_type, r=_int(cfg.get("r", 64), "r"), init=variant, mini_r=mini_r,
-                       **_targeting(cfg))
+                       targeting=_targeting(cfg))
 
 
-def _targeting(cfg: dict) -> dict:
+def _targeting(cfg: dict) -> Targeting:
     tm = cfg.get("target_modules")
-    if isinstance(tm, str):
-        target: tuple[str, ...] | str = _pattern(tm)
-        if tm.lower() != "all-linear" and cfg.get("layers_to_transform") is not None:
+    if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+        target: frozenset[str] | UserRegex | str = ALL_LINEAR
+    elif isinstance(tm, str):
+        target = user_regex("target_modules", tm)
+        if cfg.get("layers_to_transform") is not None:
             raise AdapterError("layers_to_transform cannot be combined with a regex target_modules")
     elif isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm):
-        target = tuple(sorted(tm))
+        target = frozenset(tm)
     else:
         raise AdapterError(f"target_modules must be a non-empty list of names or a regex string, got {tm!r}")
     ex = cfg.get("exclude_modules")
     if ex is not None and not (isinstance(ex, str) or isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
         raise AdapterError(f"exclude_modules must be a list of names or a regex string, got {ex!r}")
-    exclude = _pattern(ex) if isinstance(ex, str) else tuple(ex) if ex else None
+    exclude = None if not ex else user_regex("exclude_modules", ex) if isinstance(ex, str) else frozenset(ex)
     layers = cfg.get("layers_to_transform")
     if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)
                                    or isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
@@ -166,80 +183,24 @@ def _targeting(cfg: dict) -> dict:
     if pattern is not None and not (isinstance(pattern, str) or isinstance(pattern, list)
                                     and all(isinstance(p, str) for p in pattern)):
         raise AdapterError(f"layers_pattern must be a string or list of strings, got {pattern!r}")
-    return dict(
-        target_modules=target,
-        exclude_modules=exclude,
-        layers_to_transform=tuple(layers) if isinstance(layers, list) else layers,
-        layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern) if pattern else None,
+    return Targeting(
+        target=target,
+        exclude=exclude,
+        layers_to_transform=frozenset(layers) if isinstance(layers, list) else layers,
+        layers_pattern=layers_patterns([pattern] if isinstance(pattern, str) and pattern else pattern or []),
     )
 
 
 def _check_ranks(spec: AdapterSpec, settings: Settings) -> None:
-    for where, r in [("r", spec.r), *((f"rank_pattern[{k!r}]", v) for k, v in spec.rank_pattern.items())]:
+    for where, r in [("r", spec.r), *((f"rank_pattern[{k!r}]", v) for k, v in spec.rank_pattern.values.items())]:
         if r < 1:
             raise AdapterError(f"rank {where}={r} is invalid: must be >= 1")
         if r > settings.max_rank:
             raise AdapterError(f"rank {where}={r} is over the configured maximum rank {settings.max_rank}")
-    for where, a in [("lora_alpha", spec.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in spec.alpha_pattern.items())]:
+    alphas = spec.alpha_pattern.values.items()
+    for where, a in [("lora_alpha", spec.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alphas)]:
         if a < 0:
             raise AdapterError(f"{where}={a} is negative")
-
-
-def targets_module(spec: AdapterSpec, name: str, all_linear: Iterable[str]) -> bool:
-    """PEFT's `check_target_module_exists` (with `all-linear` resolved to `all_linear`)."""
-    ex = spec.exclude_modules
-    if ex is not None:
-        if isinstance(ex, str) and re.fullmatch(ex, name):
-            return False
-        if not isinstance(ex, str) and (name in ex or any(name.endswith(f".{e}") for e in ex)):
-            return False
-    tm = spec.target_modules
-    if isinstance(tm, str) and tm.lower() == "all-linear":
-        tm = tuple(all_linear)
-    if isinstance(tm, str):
-        return re.fullmatch(tm, name) is not None
-    if name in tm:
-        return True
-    return any(name.endswith(f".{t}") for t in tm) and _layer_selected(spec, name)
-
-
-def _layer_selected(spec: AdapterSpec, name: str) -> bool:
-    wanted = spec.layers_to_transform
-    if wanted is None or wanted == ():
-        return True
-    match = None
-    if not spec.layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        for pattern in spec.layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == wanted if isinstance(wanted, int) else idx in wanted
-
-
-def pattern_key(patterns: dict, name: str) -> str:
-    """PEFT's `get_pattern_key`: the first pattern matching a dotted suffix of `name`."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return name
-
-
-def _pattern(p: str) -> str:
-    """A config regex, refused when it is too long, invalid, or shaped for catastrophic backtracking."""
-    if len(p) > MAX_PATTERN_CHARS:
-        raise AdapterError(f"pattern {p[:40]!r}... is over {MAX_PATTERN_CHARS} characters")
-    if _NESTED_QUANTIFIER.search(p):
-        raise AdapterError(f"pattern {p!r} has nested quantifiers and is refused")
-    try:
-        re.compile(p)
-    except re.error as e:
-        raise AdapterError(f"pattern {p!r} is not a valid regex: {e}") from None
-    return p
 
 
 def _dict(cfg: dict, key: str) -> dict:
@@ -271,7 +232,7 @@ def summary_from_config(config_path: Path) -> dict[str, Any]:
     """A best-effort record summary straight from adapter_config.json (no validation)."""
     try:
         cfg = json.loads(config_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cfg = {}
     peft_type = str(cfg.get("peft_type", "")).lower() or "unknown"
     targets = cfg.get("target_modules") or []

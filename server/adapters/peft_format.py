@@ -138,7 +138,7 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
     """Config, tensors and base model must agree: config first, then every tensor, then every target."""
     targeted = sorted(n for n in base.table if n and spec.targets(n, base.all_linear))
     if not targeted:
-        raise AdapterError(f"target_modules {_show(spec.target_modules)} match no module of the base model; its "
+        raise AdapterError(f"target_modules {spec.targeting.shown} match no module of the base model; its "
                            f"adaptable modules are named {_names(base)}")
     supported = ("linear", "embedding") if spec.peft_type == "LORA" else ("linear",)
     for name in targeted:
@@ -154,7 +154,7 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
     for name in targeted:
         if name not in roles or set(roles[name]) <= {"BASE"}:
             raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE} (target_modules "
-                               f"{_show(spec.target_modules)} select {len(targeted)} modules of this model)")
+                               f"{spec.targeting.shown} select {len(targeted)} modules of this model)")
 
 
 def _names(base: _Base) -> str:
@@ -308,7 +308,3 @@ def _check_base_copy(info: ModuleInfo, saved: torch.Tensor) -> None:
     if not torch.equal(saved.to(info.weight.dtype), info.weight.detach().cpu()):
         raise AdapterError(f"{info.name}.base_layer.weight differs from the base model's weight: adapters may "
                            "not replace base weights")
-
-
-def _show(target: Any) -> str:
-    return repr(target if isinstance(target, str) else list(target))

@@ -9,7 +9,6 @@ declared dtype and shape; only then does the real loader touch the file.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -17,10 +16,13 @@ from pathlib import Path
 
 import torch
 
+from server import json_input
 from server.errors import AdapterError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 100_000
+# The format nests 3 deep ({name: {"shape": [...]}}); json would recurse until RecursionError.
+MAX_HEADER_DEPTH = 3
 
 # The floating dtypes an adapter may carry (safetensors dtype name -> torch dtype).
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -62,7 +64,7 @@ def check_safetensors(path: Path, max_bytes: int) -> dict[str, TensorInfo]:
 
 def _parse_header(raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json_input.loads(raw.decode("utf-8"), MAX_HEADER_DEPTH)
     except (UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"adapter_model.safetensors has a corrupt header: {e}") from None
     if not isinstance(header, dict):
@@ -91,7 +93,7 @@ def _tensor_entry(name: str, entry: object, data_start: int) -> tuple[TensorInfo
     if not isinstance(entry, dict):
         raise AdapterError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in KNOWN_DTYPES:
+    if not isinstance(dtype, str) or dtype not in KNOWN_DTYPES:  # a list or object is unhashable
         raise AdapterError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_nat(d) for d in shape):
         raise AdapterError(f"tensor {name!r}: invalid shape {shape!r}")

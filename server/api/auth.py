@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import logging
+import re
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.adapters.store import TENANT_RE
 from server.api.deps import DEFAULT_TENANT, Principal
+from server import json_input
 from server.api.errors import error_response
 from server.api.limits import discard_unread
 from server.settings import Settings
@@ -30,6 +33,12 @@ from server.settings import Settings
 OPEN_PATHS = frozenset({"/health", "/ready"})
 PRINCIPAL_SCOPE_KEY = "loraplex.principal"
 MAX_KEYS_FILE_BYTES = 16 * 1024 * 1024
+MAX_KEYS_FILE_DEPTH = 8  # a valid file nests 2 deep: {key: {tenant, admin}}
+ENTRY_FIELDS = frozenset({"tenant", "admin"})
+# What a client can send after "Bearer ": visible ASCII, no whitespace or control characters.
+KEY_RE = re.compile(r"[\x21-\x7e]{8,}")
+
+log = logging.getLogger(__name__)
 # A refused request's body is read (and dropped) up to this much so the client
 # sees the 401 instead of a connection reset; an unauthenticated caller gets no more.
 DISCARD_UNAUTHENTICATED = 1024 * 1024
@@ -66,9 +75,13 @@ def load_api_keys(path: Path) -> ApiKeys:
     try:
         if Path(path).stat().st_size > MAX_KEYS_FILE_BYTES:
             raise ApiKeysError(f"--api-keys file {path} is larger than {MAX_KEYS_FILE_BYTES} bytes")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json_input.loads(Path(path).read_text(encoding="utf-8"), MAX_KEYS_FILE_DEPTH,
+                                object_pairs_hook=_refuse_duplicates)
     except OSError as e:
         raise ApiKeysError(f"cannot read --api-keys file {path}: {e.strerror or e}") from None
+    except _Duplicate as e:
+        what = f"field {e.name!r}" if e.name in ENTRY_FIELDS else f"key #{_fingerprint(e.name)}"
+        raise ApiKeysError(f"--api-keys file {path}: {what} is listed twice; each may appear once") from None
     except ValueError as e:
         raise ApiKeysError(f"--api-keys file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not data:
@@ -76,13 +89,30 @@ def load_api_keys(path: Path) -> ApiKeys:
     return ApiKeys({key: _parse_entry(path, key, entry) for key, entry in data.items()})
 
 
+class _Duplicate(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json keeps the last of two equal names: one key silently taking another tenant's entry."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _Duplicate(name)
+        out[name] = value
+    return out
+
+
 def _parse_entry(path: Path, key: str, entry: object) -> Principal:
     where = f"--api-keys file {path}, key #{_fingerprint(key)}"
-    if len(key) < 8 or any(c.isspace() for c in key) or not key.isprintable():
-        raise ApiKeysError(f"{where}: keys must be at least 8 printable characters without spaces")
+    if not KEY_RE.fullmatch(key):
+        raise ApiKeysError(f"{where}: keys must be at least 8 visible ASCII characters (no spaces or control "
+                           "characters), as an HTTP header carries them")
     if not isinstance(entry, dict):
         raise ApiKeysError(f"{where}: value must be an object {{\"tenant\": str, \"admin\": bool}}")
-    unknown = set(entry) - {"tenant", "admin"}
+    unknown = set(entry) - ENTRY_FIELDS
     if unknown:
         raise ApiKeysError(f"{where}: unknown fields {sorted(unknown)}")
     tenant, admin = entry.get("tenant"), entry.get("admin", False)
@@ -139,8 +169,17 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+def warn_if_exposed(path: Path) -> None:
+    """Keys are secrets: say so when other users of the machine can read (or write) the file."""
+    mode = Path(path).stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("--api-keys file %s is accessible to group or others (mode %04o): chmod 600 it", path, mode)
+
+
 def install_auth(app: FastAPI, settings: Settings) -> None:
     """Load the key table (raising ApiKeysError on a bad file) and guard every route."""
     keys = load_api_keys(settings.api_keys) if settings.api_keys is not None else None
+    if settings.api_keys is not None:
+        warn_if_exposed(settings.api_keys)
     app.state.api_keys = keys
     app.add_middleware(AuthMiddleware, keys=keys)

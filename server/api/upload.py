@@ -217,6 +217,8 @@ def check_config(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"config ({CONFIG_NAME}) is not valid JSON: {e}") from None
+    except RecursionError:  # the depth bound itself is the config parser's (parse_config)
+        raise AdapterError(f"config ({CONFIG_NAME}) is nested too deeply") from None
     if not isinstance(config, dict):
         raise AdapterError(f"config ({CONFIG_NAME}) must be a JSON object")
     return config

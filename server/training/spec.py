@@ -16,6 +16,7 @@ from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
 
 from server.adapters.types import check_adapter_id
+from server import json_input
 from server.errors import InvalidRequest
 from server.settings import Settings
 
@@ -116,8 +117,10 @@ def check_spec(spec: TrainingJobSpec, settings: Settings) -> None:
         raise InvalidRequest(f"steps {spec.steps} exceeds the server's maximum {settings.max_train_steps}")
 
 
-def parse_jsonl(text: str, limit: int) -> list[dict[str, Any]]:
-    """Lines of a JSONL upload as dicts (validated as `Example` by the caller); blank lines skipped."""
+def parse_jsonl(text: str, limit: int, max_depth: int) -> list[dict[str, Any]]:
+    """Lines of a JSONL upload as dicts (validated as `Example` by the caller); blank lines skipped.
+
+    Each line's nesting is bounded (json_input): a line of `[` * 100000 is a 422, not a RecursionError."""
     rows: list[dict[str, Any]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -125,7 +128,7 @@ def parse_jsonl(text: str, limit: int) -> list[dict[str, Any]]:
         if len(rows) >= limit:
             raise InvalidRequest(f"too many examples: more than {limit}")
         try:
-            row = json.loads(line)
+            row = json_input.loads(line, max_depth)
         except ValueError as exc:
             raise InvalidRequest(f"data line {lineno} is not valid JSON: {exc}") from None
         if not isinstance(row, dict):

@@ -73,8 +73,15 @@ CONFIG_CASES = [
     ({"alpha_pattern": {"v_proj": -1}}, r"alpha_pattern\['v_proj'\]=-1.0 is negative"),
     ({"auto_map": {"AutoModel": "evil.Model"}}, r"remote code \('auto_map'\)"),
     ({"extra": {"nested": [{"trust_remote_code": True}]}}, r"remote code \('trust_remote_code'\)"),
-    ({"target_modules": "(a+)+q_proj"}, "nested quantifiers"),
-    ({"target_modules": "[unclosed"}, "not a valid regex"),
+    ({"target_modules": "(a+)+q_proj"}, "match no module"),  # backtracking shapes run in linear time on RE2
+    ({"target_modules": "(?=q)q_proj"}, r"target_modules: pattern '\(\?=q\)q_proj' is not supported .*RE2"),
+    ({"exclude_modules": "(?<!k)v_proj"}, r"exclude_modules: pattern .* is not supported"),
+    ({"layers_pattern": r"(l)\1ayers", "layers_to_transform": [0]}, r"layers_pattern: pattern .* not supported"),
+    ({"rank_pattern": {"q_pr(?#x)oj": 4}}, r"rank_pattern\['q_pr\(\?#x\)oj'\]: pattern .* not supported"),
+    ({"alpha_pattern": {"q_proj{,2}": 4}}, r"alpha_pattern\[.*'\{,n\}' repeats mean different things"),
+    ({"layers_pattern": "[[:alpha:]]+", "layers_to_transform": [0]}, "POSIX classes"),
+    ({"target_modules": "[unclosed"}, "target_modules: pattern '\\[unclosed' is not a valid regex"),
+    ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern\['q_proj\('\]: pattern 'q_proj\(' is not a valid regex"),
     ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
     ({"use_qalora": True}, "use_qalora is not supported"),
     ({"target_parameters": ["x"]}, "target_parameters is not supported"),
@@ -223,6 +230,8 @@ RAW_CASES = {
     "trailing bytes": (dict(header={K: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, data=b"\0" * 9),
                        "size is inconsistent"),
     "bad metadata": (dict(header={"__metadata__": {"a": 1}}), "__metadata__ must map strings"),
+    "deep nesting": (dict(header={K: {"dtype": "F32", "shape": [[[1]]], "data_offsets": [0, 4]}}, data=b"\0" * 4),
+                     "corrupt header: nested deeper than 3 levels"),
 }
 
 
@@ -236,6 +245,23 @@ def test_hostile_safetensors_layouts(fresh, case):
     else:
         _raw(path, **spec)
     refused(path, base, settings, message)
+
+
+def test_nesting_past_the_json_recursion_limit(fresh):
+    """json raises RecursionError (not a ValueError) here: both files must still be a clean 422."""
+    base, settings, copy = fresh
+    path = copy()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    refused(path, base, settings, "corrupt header: nested deeper than 3 levels")
+    (path / "adapter_config.json").write_bytes(deep)
+    refused(path, base, settings, "adapter_config.json is not valid JSON: nested deeper than 32 levels")
+    cfg = json.loads((copy("miss_mini") / "adapter_config.json").read_text())
+    nested: list = []
+    for _ in range(31):  # the config object + 32 lists: 33 levels
+        nested = [nested]
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "extra": nested}))
+    refused(path, base, settings, "nested deeper than 32 levels")
 
 
 def test_truncated_file(fresh):

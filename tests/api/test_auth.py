@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from server.api.auth import ApiKeysError, load_api_keys
 from server.app import create_app
 from server.settings import Settings
-from tests.harness import running_server
+from tests.harness import REPO_ROOT, running_server, serve_command
 
 KEYS = {
     "alice-key-0001": {"tenant": "alice", "admin": False},
@@ -135,6 +137,17 @@ def test_dev_mode_is_tenant_default(tiny_settings: Settings) -> None:
     ({"long-enough-key": {"tenant": "Acme"}}, "tenant"),
     ({"long-enough-key": {"tenant": "acme", "admin": "yes"}}, "admin"),
     ({"long-enough-key": {"tenant": "acme", "role": "x"}}, "unknown fields"),
+    # json would keep the last entry: the key silently becomes the ops admin
+    ('{"long-enough-key": {"tenant": "acme"}, "long-enough-key": {"tenant": "ops", "admin": true}}',
+     "key #[0-9a-f]{8} is listed twice"),
+    ('{"long-enough-key": {"tenant": "acme", "tenant": "ops"}}', "field 'tenant' is listed twice"),
+    ({"cl\u00e9-long-enough": {"tenant": "acme"}}, "visible ASCII"),  # not sendable in an HTTP header
+    ({"long-enough-key\u0085": {"tenant": "acme"}}, "visible ASCII"),
+    ({"long-enough\x7fkey": {"tenant": "acme"}}, "visible ASCII"),
+    ({"long-enough\tkey": {"tenant": "acme"}}, "visible ASCII"),
+    ({"long-enough\u00a0key": {"tenant": "acme"}}, "visible ASCII"),
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 8 levels"),  # RecursionError in json
+    ({"long-enough-key": {"tenant": [[[[[[[["acme"]]]]]]]]}}, "nested deeper than 8 levels"),
 ])
 def test_bad_keys_file_is_a_clear_startup_error(tmp_path: Path, content: object, reason: str) -> None:
     path = write_keys(tmp_path / "keys.json", content)
@@ -143,6 +156,35 @@ def test_bad_keys_file_is_a_clear_startup_error(tmp_path: Path, content: object,
     with pytest.raises(ValidationError, match=reason) as info:
         Settings(api_keys=path, store=tmp_path / "s")
     assert "long-enough-key" not in str(info.value)  # a secret is never echoed
+
+
+def test_bad_keys_file_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """`loraplex serve --api-keys FILE`: exit 2 and one line naming the problem, never a traceback."""
+    path = write_keys(tmp_path / "keys.json", "[" * 100_000 + "]" * 100_000)
+    done = subprocess.run(serve_command(["--api-keys", str(path), "--store", str(tmp_path / "s")]),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "api_keys" in lines[0] and "nested deeper than 8 levels" in lines[0], lines
+
+
+@pytest.mark.parametrize("mode, warned", [(0o600, False), (0o400, False), (0o640, True), (0o644, True),
+                                          (0o602, True)])
+def test_keys_file_readable_by_others_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int,
+                                                warned: bool) -> None:
+    from fastapi import FastAPI
+
+    from server.api.auth import install_auth
+
+    path = write_keys(tmp_path / "keys.json", KEYS)
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="server.api.auth"):
+        install_auth(FastAPI(), Settings(api_keys=path, store=tmp_path / "s"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "server.api.auth"]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert f"mode {mode:04o}" in messages[0] and "chmod 600" in messages[0]
 
 
 def test_missing_keys_file_is_a_clear_startup_error(tmp_path: Path) -> None:

@@ -90,8 +90,16 @@ def test_idempotency_hash_ignores_key_order():
 
 
 def test_jsonl_parsing():
-    assert parse_jsonl('{"a": 1}\n\n{"b": 2}\n', 10) == [{"a": 1}, {"b": 2}]
+    assert parse_jsonl('{"a": 1}\n\n{"b": 2}\n', 10, 8) == [{"a": 1}, {"b": 2}]
     with pytest.raises(InvalidRequest, match="line 2"):
-        parse_jsonl('{"a": 1}\nnot json', 10)
+        parse_jsonl('{"a": 1}\nnot json', 10, 8)
     with pytest.raises(InvalidRequest, match="too many"):
-        parse_jsonl('{}\n{}\n{}', 2)
+        parse_jsonl('{}\n{}\n{}', 2, 8)
+
+
+def test_jsonl_nesting_is_bounded():
+    """Past CPython's json recursion limit, and under it but past max_depth: a 422 naming the line."""
+    for line in ("[" * 100_000 + "]" * 100_000, '{"a": ' + "[" * 9 + "]" * 9 + "}"):
+        with pytest.raises(InvalidRequest, match="data line 2 is not valid JSON: nested deeper than 8 levels"):
+            parse_jsonl('{"a": 1}\n' + line, 10, 8)
+    assert parse_jsonl('{"a": ' + "[" * 7 + "]" * 7 + "}", 10, 8)  # depth 8: accepted

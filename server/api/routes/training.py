@@ -74,17 +74,18 @@ async def create_job_upload(request: Request, principal: Principal = Depends(get
         raise InvalidRequest("multipart body needs a 'spec' field (JSON) and a 'data' file (JSONL)")
     spec_text = spec_part if isinstance(spec_part, str) else (await spec_part.read()).decode("utf-8", "replace")
     raw = data_part.encode() if isinstance(data_part, str) else await data_part.read()
-    spec = await run_in_threadpool(_build_spec, spec_text, raw, settings.max_train_examples)
+    spec = await run_in_threadpool(_build_spec, spec_text, raw, settings.max_train_examples,
+                                   settings.max_json_depth)
     return await run_in_threadpool(_submit, request, spec, principal, idempotency_key)
 
 
-def _build_spec(spec_text: str, raw: bytes, limit: int) -> TrainingJobSpec:
+def _build_spec(spec_text: str, raw: bytes, limit: int, max_depth: int) -> TrainingJobSpec:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("data: the JSONL file is not UTF-8") from None
     try:
-        examples = EXAMPLES.validate_python(parse_jsonl(text, limit))
+        examples = EXAMPLES.validate_python(parse_jsonl(text, limit, max_depth))
         spec = TrainingJobSpec.model_validate_json(spec_text)
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
