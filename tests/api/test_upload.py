@@ -65,3 +65,15 @@ def test_an_upload_whose_client_left_is_not_published(tiny_model_dir, server, tm
     assert not store.exists("default", "left")
     assert store_files(store_root) == before
     assert httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 1}, timeout=30).status_code == 200
+
+
+def test_a_deeply_nested_config_is_a_422(server):
+    """CPython's json raises RecursionError (not a ValueError) past ~1000 levels: it must not escape as a 500."""
+    url, store = server
+    before = store_files(store)
+    files = {"config": ("adapter_config.json", b"[" * 100_000 + b"]" * 100_000),
+             "weights": ("adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")}
+    r = httpx.put(f"{url}/v1/adapters/nested", files=files, timeout=30)
+    assert r.status_code == 422, (r.status_code, r.text[:300])
+    assert "nested too deeply" in r.json()["error"]["message"]
+    assert store_files(store) == before
