@@ -28,6 +28,7 @@ from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
@@ -78,6 +79,11 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     metrics = Metrics(settings.metrics_max_adapter_series)
     engine = Engine(base, settings, metrics)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics)
+    services.grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids,
+                                        cache_size=settings.grammar_cache_size,
+                                        timeout_s=settings.grammar_compile_timeout_s,
+                                        max_source_chars=settings.max_grammar_chars)
+    services.add_shutdown_hook(services.grammars.close)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     services.store = open_store(settings.store, base, settings)
     attach_adapters(services)
