@@ -38,12 +38,13 @@ class Sequence:
     forks: list["Sequence"] = field(default_factory=list)
     awaiting_fork: bool = False
     matcher: Any = None  # grammar matcher (server.engine.grammar) when the output is constrained
+    # Sampling this row needs more than the plain path (penalties, logprobs, a grammar); fixed for its life,
+    # so a plain step costs one flag read per row.
+    special: bool = field(init=False, default=False)
 
-    @property
-    def special(self) -> bool:
-        """Whether sampling this row needs more than the plain path (penalties, logprobs, a grammar)."""
+    def __post_init__(self) -> None:
         p = self.request.params
-        return self.matcher is not None or p.logprobs is not None or p.penalized
+        self.special = self.matcher is not None or p.logprobs is not None or p.penalized
 
     @property
     def prompt_len(self) -> int:
