@@ -87,3 +87,18 @@ def test_cancelling_an_n_request_frees_every_row(server):
                                                  "temperature": 1.0, "stream": True, "ignore_eos": True}) as r:
             next(r.iter_lines())
     assert wait_until(lambda: engine.cache.free_rows == engine.cache.max_batch and engine.idle(), timeout=30)
+
+
+def test_forked_rows_continue_exactly_like_the_prefilled_one(varied_model_dir, tmp_path):
+    """Greedy n = 3 gives three copies of the n = 1 text: the copied KV rows hold the prompt exactly
+    (a model whose output depends on its context, so a wrong copy shows)."""
+    long_prompt = PROMPT + " then walked to the window, looked outside, and said that the weather was"
+    for url in serve(varied_model_dir, tmp_path / "store", max_batch=4):
+        _check_fork(url, long_prompt)
+
+
+def _check_fork(server: str, long_prompt: str) -> None:
+    with httpx.Client(base_url=server, timeout=60) as c:
+        one = c.post("/generate", json={"prompt": long_prompt, "max_new_tokens": 12}).json()
+        three = c.post("/generate", json={"prompt": long_prompt, "max_new_tokens": 12, "n": 3}).json()
+    assert [x["text"] for x in three["choices"]] == [one["text"]] * 3
