@@ -29,14 +29,14 @@ from client.errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from client.models import Adapter, Generation, ModelInfo, TrainingJob, Usage
+from client.models import Adapter, Choice, Generation, ModelInfo, TokenLogprob, TrainingJob, Usage
 from client.retry import RetryPolicy
 from client.streaming import AsyncGenerateStream, GenerateStream
 from client.sync_client import Client
 
 __all__ = [
-    "Adapter", "ApiError", "AsyncClient", "AsyncGenerateStream", "AuthError", "Client", "ConflictError",
+    "Adapter", "ApiError", "AsyncClient", "AsyncGenerateStream", "AuthError", "Choice", "Client", "ConflictError",
     "ConnectionFailedError", "GenerateStream", "Generation", "InvalidInputError", "LoraplexError", "ModelInfo",
-    "NotFoundError", "PayloadTooLargeError", "RateLimitError", "RetryPolicy", "ServerError", "TrainingJob",
+    "NotFoundError", "PayloadTooLargeError", "RateLimitError", "RetryPolicy", "ServerError", "TokenLogprob", "TrainingJob",
     "UnavailableError", "Usage", "ValidationError", "WaitTimeoutError", "__version__",
 ]

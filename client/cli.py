@@ -58,7 +58,27 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    _add_decoding(p)
     p.set_defaults(handler=commands.generate)
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    """Decoding options of `generate` (docs/API.md, Generation); each maps to the API field of its name."""
+    p.add_argument("-n", "--n", type=int, metavar="N", help="sequences to sample from the prompt")
+    p.add_argument("--logprobs", type=int, metavar="K", help="report each token's logprob and the top K")
+    p.add_argument("--frequency-penalty", type=float, metavar="F")
+    p.add_argument("--presence-penalty", type=float, metavar="P")
+    p.add_argument("--repetition-penalty", type=float, metavar="R")
+    p.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=BIAS", help="repeatable")
+    p.add_argument("--min-tokens", type=int, metavar="N")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=int, metavar="ID",
+                   help="repeatable")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="JSON|@FILE", help="the output is JSON valid against it")
+    constraint.add_argument("--regex", metavar="RE", help="the output matches this regular expression")
+    constraint.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these "
+                            "(repeatable)")
 
 
 def _add_adapters(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -8,8 +8,10 @@ exceptions; `cli.main` turns them into a message on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from client.cli_output import (
@@ -24,6 +26,7 @@ from client.cli_output import (
     job_row,
     print_json,
 )
+from client.errors import InvalidInputError
 from client.models import Adapter, TrainingJob
 from client.sync_client import Client
 
@@ -48,11 +51,13 @@ def generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options: dict[str, Any] = dict(adapter_id=args.adapter_id, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                   seed=args.seed, stop=args.stop)
+                                   seed=args.seed, stop=args.stop, **decoding_options(args))
     with make_client(args) as client:
         if not args.stream:
             result = client.generate(prompt, **options)
-            emit(args, result.to_dict(), result.text)
+            human = result.text if len(result.choices) < 2 else "\n".join(
+                f"[{c.index}] {c.text}" for c in result.choices)
+            emit(args, result.to_dict(), human)
             return 0
         with client.generate_stream(prompt, **options) as stream:
             for delta in stream:
@@ -63,6 +68,34 @@ def generate(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
             emit(args, stream.result().to_dict(), "")  # human: end the streamed line
     return 0
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags given, as API fields (flags left out are left to the server's defaults)."""
+    out: dict[str, Any] = {}
+    for name in ("n", "logprobs", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_tokens",
+                 "stop_token_ids", "ignore_eos", "regex", "choice"):
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
+    if args.logit_bias:
+        out["logit_bias"] = dict(_bias(item) for item in args.logit_bias)
+    if args.json_schema:
+        source = Path(args.json_schema[1:]).read_text() if args.json_schema.startswith("@") else args.json_schema
+        try:
+            out["json_schema"] = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"--json-schema is not JSON: {exc}") from None
+    return out
+
+
+def _bias(item: str) -> tuple[str, float]:
+    token, sep, bias = item.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return str(int(token)), float(bias)
+    except ValueError:
+        raise InvalidInputError(f"--logit-bias wants TOKEN_ID=BIAS, got {item!r}") from None
 
 
 # --- adapters -----------------------------------------------------------------------------------

@@ -54,8 +54,60 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (and, for chosen tokens, the top alternatives)."""
+
+    token_id: int | None
+    token: str
+    logprob: float
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenLogprob":
+        return cls(_int(d.get("token_id")), str(d.get("token") or ""), _float(d.get("logprob")) or 0.0,
+                   [cls.from_dict(t) for t in d.get("top_logprobs") or [] if isinstance(t, dict)])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"token_id": self.token_id, "token": self.token, "logprob": self.logprob}
+        if self.top_logprobs:
+            out["top_logprobs"] = [t.to_dict() for t in self.top_logprobs]
+        return out
+
+
+def logprobs_of(value: Any) -> list[TokenLogprob]:
+    return [TokenLogprob.from_dict(e) for e in value or [] if isinstance(e, dict)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the n sequences of a generation (`n` > 1)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Choice":
+        return cls(_int(d.get("index")) or 0, str(d.get("text") or ""), d.get("finish_reason"),
+                   _int(d.get("completion_tokens")) or 0, logprobs_of(d.get("logprobs")))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
+                               "completion_tokens": self.completion_tokens}
+        if self.logprobs:
+            out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        return out
+
+
+@dataclass(frozen=True)
 class Generation:
-    """The answer of `POST /generate` (or the summary of a finished stream)."""
+    """The answer of `POST /generate` (or the summary of a finished stream).
+
+    `text`, `finish_reason` and `logprobs` are the first choice's; `choices` holds every one
+    (a single choice unless the request asked for n > 1); `usage` covers them all.
+    """
 
     id: str | None
     adapter_id: str | None
@@ -63,17 +115,29 @@ class Generation:
     finish_reason: str | None
     usage: Usage
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Generation":
-        return cls(id=d.get("id"), adapter_id=d.get("adapter_id"), text=str(d.get("text") or ""),
-                   finish_reason=d.get("finish_reason"), usage=Usage.from_dict(d.get("usage")), raw=d)
+        text, logprobs = str(d.get("text") or ""), logprobs_of(d.get("logprobs"))
+        usage = Usage.from_dict(d.get("usage"))
+        choices = [Choice.from_dict(c) for c in d.get("choices") or [] if isinstance(c, dict)]
+        if not choices:
+            choices = [Choice(0, text, d.get("finish_reason"), usage.completion_tokens, logprobs)]
+        return cls(id=d.get("id"), adapter_id=d.get("adapter_id"), text=text, finish_reason=d.get("finish_reason"),
+                   usage=usage, raw=d, logprobs=logprobs, choices=choices)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "adapter_id": self.adapter_id, "text": self.text,
-                "finish_reason": self.finish_reason,
-                "usage": {"prompt_tokens": self.usage.prompt_tokens,
-                          "completion_tokens": self.usage.completion_tokens}}
+        out: dict[str, Any] = {"id": self.id, "adapter_id": self.adapter_id, "text": self.text,
+                               "finish_reason": self.finish_reason,
+                               "usage": {"prompt_tokens": self.usage.prompt_tokens,
+                                         "completion_tokens": self.usage.completion_tokens}}
+        if self.logprobs:
+            out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        if len(self.choices) > 1:
+            out["choices"] = [c.to_dict() for c in self.choices]
+        return out
 
 
 @dataclass(frozen=True)

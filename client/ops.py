@@ -39,11 +39,22 @@ def _json(response: httpx.Response) -> Any:
     return response.json() if response.content else None
 
 
+DECODING_OPTIONS = ("n", "logprobs", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias",
+                    "min_tokens", "stop_token_ids", "ignore_eos", "json_schema", "regex", "choice")
+
+
 def generation_payload(prompt: str, *, adapter_id: str | None = None, max_new_tokens: int | None = None,
                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                        seed: int | None = None, stop: list[str] | None = None,
                        **extra: Any) -> dict[str, Any]:
-    """The `POST /generate` body; None means "the server's default" and is left out."""
+    """The `POST /generate` body; None means "the server's default" and is left out.
+
+    `extra` carries the decoding options by their API names (DECODING_OPTIONS: n, logprobs,
+    penalties, logit_bias as {token id: bias}, min_tokens, stop_token_ids, ignore_eos,
+    json_schema / regex / choice); the server refuses a name it does not know.
+    """
+    if isinstance(extra.get("logit_bias"), dict):
+        extra["logit_bias"] = {str(k): v for k, v in extra["logit_bias"].items()}
     body = dict(prompt=prompt, adapter_id=adapter_id, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, stop=stop, **extra)
     return {k: v for k, v in body.items() if v is not None or k == "adapter_id"}

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from client.errors import ConnectionFailedError, LoraplexError, error_class
-from client.models import Generation, Usage
+from client.models import Choice, Generation, TokenLogprob, Usage, logprobs_of
 
 
 class StreamDecoder:
@@ -28,6 +28,11 @@ class StreamDecoder:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.done = False
+        self.logprobs: list[TokenLogprob] = []  # the first choice's
+        # n > 1: events carry `index`; deltas yielded and `parts` are choice 0's, the rest are kept per index
+        self.texts: dict[int, list[str]] = {}
+        self.finishes: dict[int, str] = {}
+        self.choice_logprobs: dict[int, list[TokenLogprob]] = {}
 
     def feed(self, line: str) -> list[str]:
         """One line of the body (without its newline); returns the deltas it completes."""
@@ -67,14 +72,20 @@ class StreamDecoder:
                                       type=str(err.get("type") or "error"), body=event)
         self.id = event.get("id", self.id)
         self.adapter_id = event.get("adapter_id", self.adapter_id)
+        index = event.get("index") if isinstance(event.get("index"), int) else 0
         if event.get("finish_reason") is not None:
-            self.finish_reason = event["finish_reason"]
+            self.finishes[index] = event["finish_reason"]
+            if index == 0:
+                self.finish_reason = event["finish_reason"]
         if isinstance(event.get("usage"), dict):
             self.usage = Usage.from_dict(event["usage"])
+        self.choice_logprobs.setdefault(index, []).extend(logprobs_of(event.get("logprobs")))
         text = event.get("text")
         if isinstance(text, str) and text:
-            self.parts.append(text)
-            return [text]
+            self.texts.setdefault(index, []).append(text)
+            if index == 0:
+                self.parts.append(text)
+                return [text]
         return []
 
     def check_complete(self) -> None:
@@ -82,8 +93,12 @@ class StreamDecoder:
             raise ConnectionFailedError("the stream ended before the server finished the generation")
 
     def result(self) -> Generation:
+        indices = sorted({0, *self.texts, *self.finishes})
+        choices = [Choice(i, "".join(self.texts.get(i, [])), self.finishes.get(i), 0,
+                          self.choice_logprobs.get(i, [])) for i in indices]
         return Generation(id=self.id, adapter_id=self.adapter_id, text="".join(self.parts),
-                          finish_reason=self.finish_reason, usage=self.usage)
+                          finish_reason=self.finish_reason, usage=self.usage,
+                          logprobs=self.choice_logprobs.get(0, []), choices=choices)
 
 
 class _StreamBase:

@@ -30,6 +30,7 @@ from server.api.limits import SizeLimitMiddleware
 from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
@@ -83,6 +84,11 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts)
     services.add_shutdown_hook(prompts.close)
+    services.grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids,
+                                        cache_size=settings.grammar_cache_size,
+                                        timeout_s=settings.grammar_compile_timeout_s,
+                                        max_source_chars=settings.max_grammar_chars)
+    services.add_shutdown_hook(services.grammars.close)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
     try:

@@ -31,6 +31,7 @@ class Services:
     store: Any = None  # AdapterStore
     merge: Any = None  # MergeRegistry (merge path for dedicated tenants)
     jobs: Any = None  # training queue
+    grammars: Any = None  # server.engine.grammar.GrammarCompiler (structured output)
     shutdown_hooks: list[Callable[[], Any]] = field(default_factory=list)
     accepting: bool = True  # False once draining (SIGTERM): new requests get 503
 

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(4096, ge=1)
     max_stop_strings: int = Field(16, ge=0)
     max_stop_chars: int = Field(256, ge=1)
+    max_logit_bias: int = Field(300, ge=0, description="logit_bias entries per request")
+    max_top_logprobs: int = Field(20, ge=0, description="Alternatives per token with logprobs")
+    grammar_cache_size: int = Field(64, ge=1, description="Compiled grammars kept (LRU by schema hash)")
+    grammar_compile_timeout_s: float = Field(10.0, gt=0, description="A schema/regex slower to compile is a 4xx")
+    max_grammar_chars: int = Field(65536, ge=16, description="Size of a JSON schema / regex / choice list")
     drain_timeout_s: float = Field(30.0, ge=0)
     train_interleave_steps: int = Field(4, ge=1, description="When busy, a training step at least every N serving steps")
 

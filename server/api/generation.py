@@ -57,7 +57,8 @@ def check_request(services: Services, prompt_ids: list[int], params: SamplingPar
     if params.max_new_tokens > s.max_new_tokens_limit:
         raise InvalidRequest(f"{length_field} must be at most {s.max_new_tokens_limit}, got {params.max_new_tokens}")
     params.validate(limit=s.max_new_tokens_limit, max_stop_strings=s.max_stop_strings,
-                    max_stop_chars=s.max_stop_chars)
+                    max_stop_chars=s.max_stop_chars, vocab=services.engine.vocab, max_n=s.max_batch,
+                    max_logit_bias=s.max_logit_bias, max_top_logprobs=s.max_top_logprobs)
     context = services.base.max_context
     if len(prompt_ids) + params.max_new_tokens > context:
         # the encoder stops at context + 1 tokens: a prompt that long may be longer still
@@ -91,6 +92,7 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
     engine = services.engine
     watcher = asyncio.create_task(_watch_disconnect(http, engine, request))
     finished = False
+    remaining = request.params.n  # one finish event per sequence
     outcome = Outcome(time.perf_counter())
     try:
         while True:
@@ -106,8 +108,10 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
                 finished = True
                 raise _as_api_error(event.error)
             if isinstance(event, FinishEvent):
-                finished = True
-                services.metrics.requests.labels(request.label, event.finish_reason).inc()
+                remaining -= 1
+                finished = remaining == 0
+                if finished:
+                    services.metrics.requests.labels(request.label, event.finish_reason).inc()
             yield event
             if finished:
                 return

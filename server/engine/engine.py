@@ -27,9 +27,10 @@ import torch
 
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
-from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
+from server.engine.decoding import StepSampler
+from server.engine.grammar import GrammarMasks
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
 from server.engine.runner import Runner
-from server.engine.sampling import SamplingBatch, sample
 from server.engine.scheduler import Admission, Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.errors import ApiError, Unavailable
@@ -63,6 +64,8 @@ class Engine:
                                    settings.max_tokens_per_step, self._new_sequence)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
+        self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
+        self.forks = 0  # prefills shared by n > 1 sequences (KV rows copied instead of recomputed)
         self.background_every = settings.train_interleave_steps
         self._worker: BackgroundWorker | None = None
         self._since_background = 0
@@ -201,12 +204,11 @@ class Engine:
     def _execute(self, plan: StepPlan) -> None:
         logits = self.runner.forward(plan)  # [sampling rows, vocab]
         self._account(plan)
-        sampling = plan.sampling()
+        sampling, logits = self._fork(plan.sampling(), logits)
         tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
         if sampling:
-            batch = SamplingBatch.build([s.request.params for s in sampling], [s.generator for s in sampling],
-                                        self.vocab, logits.device)
-            tokens = sample(logits, batch).tolist()
+            tokens, logprobs = self.sampler.sample(logits, sampling)
         prefilled = 0
         for s, n in plan.prefill:
             s.prefilled += n
@@ -215,8 +217,28 @@ class Engine:
         if self.metrics is not None:  # before any finish event goes out
             self.metrics.prompt_tokens.inc(prefilled)
             self.metrics.generated_tokens.inc(len(tokens))
-        for s, token in zip(sampling, tokens, strict=True):
-            self._on_token(s, int(token))
+        for i, (s, token) in enumerate(zip(sampling, tokens, strict=True)):
+            self._on_token(s, int(token), logprobs[i] if logprobs else None)
+
+    def _fork(self, sampling: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """n > 1: a sequence whose prompt just finished prefilling hands a copy of its KV row to its
+        siblings, which then sample from the same prompt logits (one prefill for all n)."""
+        if not any(s.forks for s in sampling):
+            return sampling, logits
+        extra: list[Sequence] = []
+        source: list[int] = []
+        for i, s in enumerate(sampling):
+            if not s.forks:
+                continue
+            self.cache.fork(s.row, [f.row for f in s.forks], s.prompt_len)
+            for f in s.forks:
+                f.prefilled, f.awaiting_fork = f.prompt_len, False
+                extra.append(f)
+                source.append(i)
+            s.forks = []
+            self.forks += 1
+        rows = logits.index_select(0, torch.tensor(source, dtype=torch.long, device=logits.device))
+        return [*sampling, *extra], torch.cat([logits, rows])  # [sampling + forks, vocab]
 
     def _account(self, plan: StepPlan) -> None:
         """Tokens that went through adapter math vs through a merged copy (no adapter math), per key."""
@@ -231,13 +253,16 @@ class Engine:
                 self.adapter_tokens += n
                 self.adapter_tokens_by_key[key] += n
 
-    def _on_token(self, s: Sequence, token: int) -> None:
+    def _on_token(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         s.generated += 1
         s.last_token = token
         s.unsent.append(token)
+        if logprob is not None:
+            s.unsent_logprobs.append(logprob)
         self.tokens_generated += 1
         params = s.request.params
-        if token in self.eos_ids:
+        done = s.matcher is not None and GrammarMasks.advance(s, token)
+        if done or (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             self._finish(s, "stop")
             return
         s.detok.add(token)
@@ -248,29 +273,35 @@ class Engine:
         else:
             text = s.detok.take()
             if text:
-                s.request.stream.put(TokenEvent(text, tuple(s.unsent)))
-                s.unsent.clear()
+                self._send(s, text)
 
     def _finish(self, s: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(s)  # first: a client that sees the finish sees the row freed
         text = s.detok.take(final=True)
         if text or s.unsent:
-            s.request.stream.put(TokenEvent(text, tuple(s.unsent)))
-            s.unsent.clear()
-        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated))
+            self._send(s, text)
+        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated, s.index))
+
+    @staticmethod
+    def _send(s: Sequence, text: str) -> None:
+        s.request.stream.put(TokenEvent(text, tuple(s.unsent), s.index, tuple(s.unsent_logprobs)))
+        s.unsent.clear()
+        s.unsent_logprobs.clear()
 
     def _report_admission(self, admission: Admission) -> None:
         for item in admission.cancelled:
             if isinstance(item, Sequence):
-                item.request.stream.put(FinishEvent("cancelled", item.prompt_len, item.generated))
+                item.request.stream.put(FinishEvent("cancelled", item.prompt_len, item.generated, item.index))
             else:
-                item.stream.put(FinishEvent("cancelled", len(item.prompt_ids), 0))
+                for i in range(item.params.n):
+                    item.stream.put(FinishEvent("cancelled", len(item.prompt_ids), 0, i))
         for request, exc in admission.failed:
             request.stream.put(ErrorEvent(exc))
 
     def _fail_plan(self, plan: StepPlan, exc: Exception) -> None:
         error = EngineStepError(f"generation failed inside the engine: {type(exc).__name__}")
-        for s in {*plan.decode, *(s for s, _ in plan.prefill)}:
+        requests = {s.request for s in (*plan.decode, *(s for s, _ in plan.prefill))}
+        for s in [s for s in self.scheduler.running if s.request in requests]:  # n > 1: the whole request
             self.scheduler.finish(s)
             s.request.stream.put(ErrorEvent(error))
 
@@ -301,14 +332,20 @@ class Engine:
             self.metrics.training_steps.inc()
         return True
 
-    def _new_sequence(self, request: Request, row: int, slot: int, lane: int | None) -> Sequence:
+    def _new_sequence(self, request: Request, row: int, slot: int, lane: int | None, index: int = 0) -> Sequence:
+        """Sequence `index` of the request's n: seed + index seeds its own stream (reproducible, distinct)."""
         params = request.params
         generator = None
         if not params.greedy:
             generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+            seed = (params.seed + index) % 2**63 if params.seed is not None else random.getrandbits(63)
+            generator.manual_seed(seed)
         detok = Detokenizer(self.base.tokenizer, request.prompt_ids, params.stop)
-        return Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane)
+        matcher = params.grammar.matcher() if params.grammar is not None else None
+        seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
+                       index=index, matcher=matcher)
+        self.sampler.start(seq)
+        return seq
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics

@@ -70,5 +70,12 @@ class KVCache:
                 t[row, :, start:end].zero_()
             self._zeroed[row] = end
 
+    def fork(self, src: int, dsts: list[int], length: int) -> None:
+        """Copy positions [0, length) of row `src` into each of `dsts` (n sequences sharing one prefill)."""
+        self.ensure_initialized(dsts, length)  # first: zeroing later must not wipe the copy
+        index = torch.tensor(dsts, dtype=torch.long, device=self.k[0].device)
+        for t in (*self.k, *self.v):
+            t[index, :, :length] = t[src, :, :length].unsqueeze(0)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

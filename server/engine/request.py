@@ -14,7 +14,7 @@ import math
 import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from server.errors import InvalidRequest
 
@@ -31,13 +31,31 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1  # sequences sampled from the one prompt (one prefill, forked KV rows)
+    logprobs: int | None = None  # None = off; k = the chosen token's logprob and the top k alternatives
+    frequency_penalty: float = 0.0  # OpenAI: minus penalty * count of the token in the output so far
+    presence_penalty: float = 0.0  # OpenAI: minus penalty once the token occurs in the output
+    repetition_penalty: float = 1.0  # HF/vLLM: divide (positive) / multiply (negative) logits of seen tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked out until this many tokens exist
+    stop_token_ids: tuple[int, ...] = ()  # finish ("stop") when one of these is sampled
+    ignore_eos: bool = False  # keep going past EOS (until max_new_tokens or a stop)
+    grammar: Any = None  # server.engine.grammar.Grammar: the output must match it
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, *, limit: int, max_stop_strings: int, max_stop_chars: int) -> None:
+    @property
+    def penalized(self) -> bool:
+        """Whether the sampler must change this row's logits before drawing (the slow path)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    def validate(self, *, limit: int, max_stop_strings: int, max_stop_chars: int, vocab: int | None = None,
+                 max_n: int = 1, max_logit_bias: int = 300, max_top_logprobs: int = 20) -> None:
         """Field-named 4xx messages; also guards callers that bypass the HTTP schemas."""
+        self._validate_decoding(vocab, max_n, max_logit_bias, max_top_logprobs)
         if not 1 <= self.max_new_tokens <= limit:
             raise InvalidRequest(f"max_new_tokens must be between 1 and {limit}, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -54,11 +72,47 @@ class SamplingParams:
             if len(s) > max_stop_chars:
                 raise InvalidRequest(f"stop: each stop string is at most {max_stop_chars} characters")
 
+    def _validate_decoding(self, vocab: int | None, max_n: int, max_logit_bias: int, max_top_logprobs: int) -> None:
+        if not 1 <= self.n <= max_n:
+            raise InvalidRequest(f"n must be between 1 and {max_n} (the server's batch size), got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_top_logprobs:
+            raise InvalidRequest(f"logprobs must be between 0 and {max_top_logprobs}, got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be between -2 and 2, got {value}")
+        if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if len(self.logit_bias) > max_logit_bias:
+            raise InvalidRequest(f"logit_bias: at most {max_logit_bias} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias: the bias of token {token} must be between -100 and 100")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                                 f"got {self.min_tokens}")
+        ids = [t for t, _ in self.logit_bias] + list(self.stop_token_ids)
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            field = "logit_bias" if bad in dict(self.logit_bias) else "stop_token_ids"
+            raise InvalidRequest(f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
 
 @dataclass(frozen=True)
 class TokenEvent:
     text: str  # new text since the previous event (never past a stop string); may be "" at the end
     token_ids: tuple[int, ...]  # every id sampled since the previous event (EOS included)
+    index: int = 0  # which of the request's n sequences
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives, from the distribution drawn from."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -66,6 +120,7 @@ class FinishEvent:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0  # which of the request's n sequences
 
 
 @dataclass(frozen=True)

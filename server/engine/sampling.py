@@ -52,9 +52,20 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits: [rows, vocab] float32 → next token ids [rows] long."""
+    return sample_with_distribution(logits, batch)[0]
+
+
+def sample_with_distribution(logits: torch.Tensor,
+                             batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next token ids [rows], and the logits the sampled rows drew from ([rows, vocab]; None if all greedy).
+
+    A greedy row draws from `logits` itself (its argmax); a sampled row from
+    its temperature-scaled logits with the tokens outside top-k / top-p at -inf
+    (that row of the second tensor).
+    """
     argmax = logits.argmax(dim=-1)  # [rows]
     if batch.all_greedy:
-        return argmax
+        return argmax, None
     scaled = logits / batch.temperature.unsqueeze(1)  # [rows, vocab]
     if batch.any_top_k or batch.any_top_p:
         scaled = _filter(scaled, batch)
@@ -65,7 +76,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     # A row can never land on a token of zero probability (right=True skips flat
     # cdf runs), except through rounding at the very top; guard it.
     drawn = torch.where(probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0, drawn, argmax)
-    return torch.where(batch.greedy, argmax, drawn)
+    return torch.where(batch.greedy, argmax, drawn), scaled
 
 
 def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -31,7 +31,7 @@ from server.errors import NotFound, QueueFull
 
 log = logging.getLogger(__name__)
 
-NewSequence = Callable[[Request, int, int, int | None], Sequence]  # (request, row, slot, lane)
+NewSequence = Callable[[Request, int, int, int | None, int], Sequence]  # (request, row, slot, lane, index)
 
 
 @dataclass
@@ -110,13 +110,13 @@ class Scheduler:
             return None
         lane = self._pick_lane()
         members = [s for s in self.running if s.lane == lane]
-        decode = sorted((s for s in members if not s.prefilling), key=lambda s: s.row)
+        decode = sorted((s for s in members if not s.prefilling and not s.awaiting_fork), key=lambda s: s.row)
         budget = max(self.token_budget - len(decode), self.token_budget // 4)
         prefill: list[tuple[Sequence, int]] = []
         for s in members:
             if budget <= 0:
                 break
-            if s.prefilling:
+            if s.prefilling and not s.awaiting_fork:
                 n = min(s.prompt_len - s.prefilled, budget)
                 prefill.append((s, n))
                 budget -= n
@@ -127,7 +127,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.cache.release(seq.row)
-            if seq.request.adapter_key is not None and self.adapters is not None:
+            last = not any(s.request is seq.request for s in self.running)  # n > 1: one pin for all n
+            if last and seq.request.adapter_key is not None and self.adapters is not None:
                 try:
                     self.adapters.release(seq.request.adapter_key)
                 except Exception:  # noqa: BLE001 - a manager bug must not take the batch down
@@ -146,7 +147,8 @@ class Scheduler:
         with self._lock:
             candidates = list(self.waiting)
         for request in candidates:
-            if len(self.running) >= self.max_batch or self.cache.free_rows == 0:
+            need = request.params.n  # n sequences: n KV rows, admitted together
+            if len(self.running) + need > self.max_batch or self.cache.free_rows < need:
                 return
             try:
                 placement = self._place(request)
@@ -157,10 +159,14 @@ class Scheduler:
             if placement is None:
                 continue  # adapter not resident yet: keep waiting, let others through
             slot, lane = placement
-            row = self.cache.allocate()
-            assert row is not None
+            rows = [self.cache.allocate() for _ in range(need)]
+            assert None not in rows
             self._remove_waiting(request)
-            self.running.append(self.new_sequence(request, row, slot, lane))
+            first, *others = [self.new_sequence(request, row, slot, lane, i) for i, row in enumerate(rows)]
+            for other in others:
+                other.awaiting_fork = True
+            first.forks = others
+            self.running.extend([first, *others])
 
     def _place(self, request: Request) -> tuple[int, int | None] | None:
         key = request.adapter_key

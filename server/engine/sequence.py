@@ -9,6 +9,7 @@ prompt_len + generated - 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,20 @@ class Sequence:
     generated: int = 0  # tokens sampled so far
     last_token: int = -1  # the token the next decode step feeds in
     unsent: list[int] = field(default_factory=list)  # sampled ids not yet reported in an event
+    unsent_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per unsent id (when asked)
+    index: int = 0  # which of the request's n sequences
+    # n > 1: the first sequence prefills for all; the others wait (not scheduled) until it is done, then
+    # take a copy of its KV row and sample from its last prompt logits.
+    forks: list["Sequence"] = field(default_factory=list)
+    awaiting_fork: bool = False
+    matcher: Any = None  # grammar matcher (server.engine.grammar) when the output is constrained
+    # Sampling this row needs more than the plain path (penalties, logprobs, a grammar); fixed for its life,
+    # so a plain step costs one flag read per row.
+    special: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        p = self.request.params
+        self.special = self.matcher is not None or p.logprobs is not None or p.penalized
 
     @property
     def prompt_len(self) -> int:

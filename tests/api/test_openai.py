@@ -86,7 +86,7 @@ def test_stop_and_seed(client, model_id):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 2.0}, {"n": 3}, {"prompt": ""},
+    {"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 2.0}, {"n": 5}, {"prompt": ""},
     {"max_tokens": 10**7},
 ])
 def test_bad_requests_are_openai_400s(client, model_id, kwargs):

@@ -141,3 +141,22 @@ def test_loraplex_entry_point_delegates_to_the_client(server_url: str) -> None:
     bad = subprocess.run([*base, "generate", *env_args, "--adapter", "ghost", PROMPT],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 5 and "ghost" in bad.stderr
+
+
+def test_generate_decoding_flags(cli, tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"enum": ["on", "off"]}))
+    code, out, _ = cli("generate", "--json", "--json-schema", f"@{schema}", "--max-new-tokens", "8", PROMPT)
+    assert code == 0 and json.loads(json.loads(out)["text"]) in ("on", "off")
+    code, out, _ = cli("generate", "--json", "--logprobs", "1", "--max-new-tokens", "3", "--temperature", "1",
+                       "-n", "2", "--seed", "4", "--frequency-penalty", "1", "--presence-penalty", "0.5",
+                       "--repetition-penalty", "1.2", "--logit-bias", "665=5", "--min-tokens", "1",
+                       "--stop-token-id", "2", "--ignore-eos", PROMPT)
+    record = json.loads(out)
+    assert code == 0 and len(record["choices"]) == 2 and len(record["logprobs"]) == 3
+    code, out, _ = cli("generate", "-n", "2", "--temperature", "2", "--seed", "1", "--max-new-tokens", "3", PROMPT)
+    assert code == 0 and out.startswith("[0] ") and "\n[1] " in out
+    code, out, err = cli("generate", "--choice", "a", "--regex", "b", PROMPT)
+    assert code != 0
+    code, _, err = cli("generate", "--logit-bias", "the=1", PROMPT)
+    assert code != 0 and "TOKEN_ID=BIAS" in err

@@ -136,3 +136,24 @@ def test_train_from_jsonl_file_and_cancel(client: Client, train_file: Path) -> N
     assert cancelled.id == job.id
     final = client.wait(job.id, poll_interval=0.1, timeout=60)
     assert final.status == "cancelled"
+
+
+def test_decoding_options_are_typed(client: Client) -> None:
+    plain = client.generate(PROMPT, max_new_tokens=4, temperature=0, logprobs=2)
+    assert len(plain.logprobs) == plain.usage.completion_tokens and len(plain.logprobs[0].top_logprobs) == 2
+    assert "".join(lp.token for lp in plain.logprobs) == plain.text
+    many = client.generate(PROMPT, max_new_tokens=4, temperature=2.0, seed=9, n=3,
+                           logit_bias={plain.logprobs[0].token_id: -100})
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.text == many.choices[0].text
+    assert all(plain.logprobs[0].token_id != lp.token_id for c in many.choices for lp in c.logprobs[:1])
+    assert many.usage.completion_tokens == sum(c.completion_tokens for c in many.choices)
+    picked = client.generate(PROMPT, max_new_tokens=8, choice=["yes", "no"])
+    assert picked.text in ("yes", "no")
+    with client.generate_stream(PROMPT, max_new_tokens=4, temperature=2.0, seed=9, n=3, logprobs=0,
+                                logit_bias={plain.logprobs[0].token_id: -100}) as stream:
+        deltas = list(stream)
+    result = stream.result()  # the same seeds draw the same choices; logprobs change nothing drawn
+    assert "".join(deltas) == result.text and [c.text for c in result.choices] == [c.text for c in many.choices]
+    assert len(result.logprobs) == many.choices[0].completion_tokens
+    with pytest.raises(ValidationError, match="nonsense"):
+        client.generate(PROMPT, json_schema={"type": "nonsense"})

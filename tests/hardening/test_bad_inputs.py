@@ -185,7 +185,7 @@ def test_prompt_at_the_context_limit_and_one_past(url: str, route: str) -> None:
 
 
 OPENAI_CASES = {
-    "n_2": ({"n": 2}, "n"),
+    "n_over_batch": ({"n": 5}, "n"),
     "n_huge": ({"n": 10**9}, "n"),
     "max_tokens_0": ({"max_tokens": 0}, "max_tokens"),
     "max_tokens_negative": ({"max_tokens": -1}, "max_tokens"),

@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api import generation as gen
+from server.api import decoding as dec, generation as gen
 from server.api.deps import Principal, get_principal
 from server.api.responses import SSE
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage, normalize_stop
+from server.api.schemas import GenerateRequest, GenerateResponse, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent
 from server.errors import ApiError
 from server.services import Services, get_services
@@ -26,37 +27,80 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def generate(body: GenerateRequest, request: Request,
                    principal: Principal = Depends(get_principal)):
     services = get_services(request)
+    kind, source, field = _constraint(body)
+    grammar = await dec.compile_grammar(services, kind, source, field)
     params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
-                            top_k=body.top_k, seed=body.seed, stop=normalize_stop(body.stop))
+                            top_k=body.top_k, seed=body.seed, stop=normalize_stop(body.stop),
+                            **dec.decoding_options(body, body.logprobs, grammar))
     prompt_ids = await gen.encode_prompt(services, body.prompt)
     gen.check_request(services, prompt_ids, params)
     key = await gen.resolve_adapter(services, principal, body.adapter_id)
     job = gen.submit(services, prompt_ids, params, key, "generate")
+    text = dec.TokenText(services.base.tokenizer)
     if body.stream:
-        return StreamingResponse(_sse(services, job, request, body.adapter_id), media_type="text/event-stream",
+        return StreamingResponse(_sse(services, job, request, body.adapter_id, text), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
-    done = await gen.complete(services, job, request)
-    return GenerateResponse(id=job.request_id, adapter_id=body.adapter_id, text=done.text,
-                            finish_reason=done.finish_reason,  # type: ignore[arg-type]
-                            usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens))
+    done = await dec.collect(services, job, request)
+    first = done.choices[0]
+    out: dict[str, Any] = {"id": job.request_id, "adapter_id": body.adapter_id, "text": first.text,
+                           "finish_reason": first.finish_reason,
+                           "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}}
+    if body.logprobs is not None:
+        out["logprobs"] = dec.native_logprobs(first.logprobs, text)
+    if body.n > 1:
+        out["choices"] = [_choice(c, body.logprobs is not None, text) for c in done.choices]
+    return out
+
+
+def _constraint(body: GenerateRequest) -> tuple[Any, Any, str]:
+    if body.json_schema is not None:
+        return "json_schema", body.json_schema, "json_schema"
+    if body.regex is not None:
+        return "regex", body.regex, "regex"
+    if body.choice is not None:
+        return "choice", body.choice, "choice"
+    return None, None, ""
+
+
+def _choice(c: dec.Choice, logprobs: bool, text: dec.TokenText) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                           "completion_tokens": c.completion_tokens}
+    if logprobs:
+        out["logprobs"] = dec.native_logprobs(c.logprobs, text)
+    return out
 
 
 def sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _sse(services: Services, job: EngineRequest, request: Request,
-               adapter_id: str | None) -> AsyncIterator[str]:
+async def _sse(services: Services, job: EngineRequest, request: Request, adapter_id: str | None,
+               text: dec.TokenText) -> AsyncIterator[str]:
+    n, completion = job.params.n, 0
     try:
         async with contextlib.aclosing(gen.events(services, job, request)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
-                    if event.text:
-                        yield sse({"text": event.text})
+                    if event.text or event.logprobs:
+                        yield sse(_delta(event, n, text))
                 elif isinstance(event, FinishEvent):
-                    yield sse({"id": job.request_id, "adapter_id": adapter_id, "finish_reason": event.finish_reason,
-                               "usage": {"prompt_tokens": event.prompt_tokens,
-                                         "completion_tokens": event.completion_tokens}})
+                    completion += event.completion_tokens
+                    final: dict[str, Any] = {"id": job.request_id, "adapter_id": adapter_id,
+                                             "finish_reason": event.finish_reason,
+                                             "usage": {"prompt_tokens": event.prompt_tokens,
+                                                       "completion_tokens": completion}}
+                    if n > 1:
+                        final["index"] = event.index
+                    yield sse(final)
     except ApiError as exc:
         yield sse({"error": {"type": exc.type, "message": exc.message}})
     yield "data: [DONE]\n\n"
+
+
+def _delta(event: TokenEvent, n: int, text: dec.TokenText) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": event.text}
+    if n > 1:
+        out["index"] = event.index
+    if event.logprobs:
+        out["logprobs"] = dec.native_logprobs(list(event.logprobs), text)
+    return out
