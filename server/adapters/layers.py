@@ -60,10 +60,24 @@ class AdaptedModule(nn.Module):
                 f"{self.module_name}: forward has {y2.shape[0]} tokens but the AdapterMapping has {plan.num_tokens}"
             )
         if not self.bank.empty:
-            self._add_adapters(x2, y2, plan)
+            self._add_adapters_once_rounded(x2, y2, plan)
         if mapping.train and self.train_adapter is not None:
             y2 = self._add_trainable(x2, y2, plan)
         return y2.view(y.shape)
+
+    def _add_adapters_once_rounded(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+        """`y += Σ adapter terms`, accumulated in float32 and rounded once to a 16-bit model's dtype.
+
+        Why: in bfloat16 the shrink `x·Aᵀ`, the expand and the add would each round (three roundings of
+        a small term onto a large one); widening the step's activations costs two casts per module.
+        A float32 model adds in place, as before.
+        """
+        if y2.dtype == torch.float32:
+            self._add_adapters(x2, y2, plan)
+            return
+        acc = y2.float()  # [tokens, out]
+        self._add_adapters(x2 if not x2.is_floating_point() else x2.float(), acc, plan)
+        y2.copy_(acc)
 
     def _add_trainable(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """`y += train_adapter(x)` on TRAIN_SLOT rows, out of place so autograd sees it."""
@@ -147,7 +161,7 @@ class AdaptedLinear(AdaptedModule):
         for slot, block in bank.bat.items():
             if slot in plan.active:
                 rows = plan.rows(slot)  # [k]
-                delta = bat_delta(self.base_layer.weight, block)  # [out, in]: the full extra matmul
+                delta = bat_delta(self.base_layer.weight, block, x2.dtype)  # [out, in]: the full extra matmul
                 y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
 
     def _kernel_added(self, x2: torch.Tensor, y2: torch.Tensor, g: Grouped, r: int) -> bool:

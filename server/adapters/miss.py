@@ -79,11 +79,12 @@ class BatWeights:
         return bat_delta(base_weight, self.block)
 
 
-def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """PEFT's bat ΔW: per r×r block (o, i) of W, `W[o,i] @ B[o] + B[o]`; computed in float32."""
+def bat_delta(weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PEFT's bat ΔW: per r×r block (o, i) of W, `W[o,i] @ B[o] + B[o]`; computed in float32, returned in
+    `dtype` (default: the weight's)."""
     out_f, in_f = weight.shape
     r = block.shape[-1]
     b = block.to(weight.device, torch.float32)  # [out/r, r, r]
     w = weight.to(torch.float32).reshape(out_f // r, r, in_f // r, r).permute(2, 0, 1, 3)  # [in/r, out/r, r, r]
     delta = w @ b + b  # [in/r, out/r, r, r]
-    return delta.permute(1, 2, 0, 3).reshape(out_f, in_f).to(weight.dtype)
+    return delta.permute(1, 2, 0, 3).reshape(out_f, in_f).to(dtype or weight.dtype)
