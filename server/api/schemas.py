@@ -159,15 +159,26 @@ class CompletionRequest(OpenAIFields):
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=256)  # handed to the chat template as OpenAI defines it
+    # OpenAI message fields not implemented here (tool calling, audio): a 400 naming the field when set.
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+
+    _refused = field_validator("tool_calls", "tool_call_id", "function_call", "audio", "refusal")(refuse)
 
     def text(self) -> str:
         if self.content is None:
@@ -210,5 +221,5 @@ class ChatRequest(OpenAIFields):
         return self
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"name": m.name} if m.name is not None else {})} for m in self.messages]

@@ -128,6 +128,23 @@ def test_openai_chat_refuses_what_it_does_not_implement(oai, tiny_model_dir, kwa
                                     max_tokens=2, **kwargs)
 
 
+@pytest.mark.parametrize("message,name", [
+    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "c", "type": "function"}]}, "tool_calls"),
+    ({"role": "tool", "content": "x", "tool_call_id": "c"}, "tool_call_id"),
+    ({"role": "user", "content": "x", "cache_hint": True}, "cache_hint"),
+    ({"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}, "cache_control"),
+])
+def test_openai_chat_message_fields_are_never_dropped(oai, tiny_model_dir, message, name):
+    with pytest.raises(openai.BadRequestError, match=name):
+        oai.chat.completions.create(model=tiny_model_dir.name, messages=[message], max_tokens=2)
+
+
+def test_openai_chat_message_name_reaches_the_template(oai, tiny_model_dir):
+    r = oai.chat.completions.create(model=tiny_model_dir.name, max_tokens=2,
+                                    messages=[{"role": "user", "content": "hi", "name": "ada"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("kwargs,name", [({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of")])
 def test_openai_completions_refuse_what_they_do_not_implement(oai, tiny_model_dir, kwargs, name):
     with pytest.raises(openai.BadRequestError, match=name):
