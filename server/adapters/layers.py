@@ -88,7 +88,8 @@ class AdaptedModule(nn.Module):
         return y2.index_add(0, rows, self.train_adapter(x2.index_select(0, rows)))
 
     def reference(self, x: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
-        """Plain per-token loop: each token through `W + ΔW` of its own adapter (host weights)."""
+        """Plain per-token loop: each token through `W + ΔW` of its own adapter (host weights), in
+        float32 and rounded once to the model's dtype."""
         x2 = self._flat_input(x)
         weight = self.base_layer.weight
         rows = []
@@ -97,8 +98,9 @@ class AdaptedModule(nn.Module):
             if mapping.merged_id is not None:
                 w = self.merged_weights.get(mapping.merged_id, weight)
             elif slot >= 0 and (host := self.bank.weights[slot]) is not None:
-                w = weight + _rounded_to_slots(host, self.bank).delta_weight(weight)
-            rows.append(self._one_row(x2[t], w))
+                wide = weight.float()  # float32 math, one rounding to the model's dtype (a no-op in float32)
+                w = wide + _rounded_to_slots(host, self.bank).delta_weight(wide)
+            rows.append(self._one_row(x2[t], w).to(weight.dtype))
         out = torch.stack(rows)  # [tokens, out]
         return out.view(*x.shape[: x.dim() - self._input_feature_dims()], -1)
 
@@ -142,8 +144,9 @@ class AdaptedLinear(AdaptedModule):
         return F.linear(x, weight, self.base_layer.bias)
 
     def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        y = x_row @ weight.T
-        return y if self.base_layer.bias is None else y + self.base_layer.bias
+        y = x_row.to(weight.dtype) @ weight.T
+        bias = self.base_layer.bias
+        return y if bias is None else y + bias.to(weight.dtype)
 
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
         bank = self.bank
@@ -252,11 +255,13 @@ KERNEL_MAX_T = 128
 
 
 def _rounded_to_slots(weights: ModuleWeights, bank: SlotBank) -> ModuleWeights:
-    """The host weights (float32) as the slots hold them: rounded through `slot_dtype` when it is narrower
-    (16-bit slots), so the reference checks the served math and not the rounding."""
-    if not weights.batched or bank.slot_dtype == torch.float32:
+    """The host weights (float32) as the device holds them: factors rounded through `slot_dtype`, a bat
+    block through the model's dtype, when narrower, so the reference checks the served math and not the
+    rounding."""
+    held = bank.slot_dtype if weights.batched else bank.dtype
+    if held == torch.float32:
         return weights
-    rnd = lambda t: t.to(bank.slot_dtype).to(t.dtype)  # noqa: E731
+    rnd = lambda t: t.to(held).to(t.dtype)  # noqa: E731
     if isinstance(weights, LoraWeights):
         return dataclasses.replace(weights, a=rnd(weights.a), bt=rnd(weights.bt))
     return dataclasses.replace(weights, block=rnd(weights.block))
