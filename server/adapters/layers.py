@@ -2,9 +2,9 @@
 
 The wrapper sits at the base module's path and keeps it as `.base_layer`
 (PEFT's layout), so PEFT's keys map one-to-one and tied weights stay tied. Each
-forward reads the step's AdapterMapping:
-  - no mapping / no adapters     → the base module, untouched;
-  - `merged_id` set              → this module's merged weight for that id, no adapter math;
+forward reads the step's AdapterBatch (from the StepContext, step.py):
+  - no batch / no adapters       → the base module, untouched;
+  - `lane` set                   → this module's merged weight for that lane, no adapter math;
   - otherwise                    → base output + every token's own adapter term
     (`plan.py` explains the batched layout), + bat's full ΔW per bat adapter present,
     + the trainer's trainable adapter on TRAIN_SLOT rows.
@@ -21,10 +21,11 @@ from torch import nn
 
 from server.adapters.loaded import ModuleWeights
 from server.adapters.lora import LoraWeights
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping, current_mapping
+from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
 from server.adapters.miss import bat_delta
-from server.adapters.plan import Grouped, StepPlan, step_plan
+from server.adapters.plan import AdapterBatch, Grouped
 from server.adapters.slots import SlotBank
+from server.adapters.step import current_step
 
 
 class AdaptedModule(nn.Module):
@@ -43,29 +44,29 @@ class AdaptedModule(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mapping = current_mapping()
-        if mapping is None:
+        step = current_step()
+        batch = None if step is None else step.adapters
+        if batch is None:
             return self.base_layer(x)
-        if mapping.merged_id is not None:
-            merged = self.merged_weights.get(mapping.merged_id)
+        if batch.lane is not None:
+            merged = self.merged_weights.get(batch.lane)
             return self.base_layer(x) if merged is None else self._with_weight(x, merged)
-        if not mapping.has_adapters or (self.bank.empty and not (mapping.train and self.train_adapter)):
+        if not batch.has_adapters or (self.bank.empty and not (batch.train and self.train_adapter)):
             return self.base_layer(x)
         y = self.base_layer(x)
-        plan = step_plan(mapping, y.device)
         x2 = self._flat_input(x)
         y2 = y.view(-1, y.shape[-1])  # [tokens, out]
-        if y2.shape[0] != plan.num_tokens:
+        if y2.shape[0] != batch.num_tokens:
             raise RuntimeError(
-                f"{self.module_name}: forward has {y2.shape[0]} tokens but the AdapterMapping has {plan.num_tokens}"
+                f"{self.module_name}: forward has {y2.shape[0]} tokens but the AdapterMapping has {batch.num_tokens}"
             )
         if not self.bank.empty:
-            self._add_adapters_once_rounded(x2, y2, plan)
-        if mapping.train and self.train_adapter is not None:
-            y2 = self._add_trainable(x2, y2, plan)
+            self._add_adapters_once_rounded(x2, y2, batch)
+        if batch.train and self.train_adapter is not None:
+            y2 = self._add_trainable(x2, y2, batch)
         return y2.view(y.shape)
 
-    def _add_adapters_once_rounded(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+    def _add_adapters_once_rounded(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         """`y += Σ adapter terms`, accumulated in float32 and rounded once to a 16-bit model's dtype.
 
         Why: in bfloat16 the shrink `x·Aᵀ`, the expand and the add would each round (three roundings of
@@ -73,17 +74,17 @@ class AdaptedModule(nn.Module):
         A float32 model adds in place, as before.
         """
         if y2.dtype == torch.float32:
-            self._add_adapters(x2, y2, plan)
+            self._add_adapters(x2, y2, batch)
             return
         acc = y2.float()  # [tokens, out]
-        self._add_adapters(x2 if not x2.is_floating_point() else x2.float(), acc, plan)
+        self._add_adapters(x2 if not x2.is_floating_point() else x2.float(), acc, batch)
         y2.copy_(acc)
 
-    def _add_trainable(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def _add_trainable(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         """`y += train_adapter(x)` on TRAIN_SLOT rows, out of place so autograd sees it."""
         assert self.train_adapter is not None
-        rows = plan.rows(TRAIN_SLOT)  # [k]
-        if rows.numel() == plan.num_tokens:
+        rows = batch.rows(TRAIN_SLOT)  # [k]
+        if rows.numel() == batch.num_tokens:
             return y2 + self.train_adapter(x2)
         return y2.index_add(0, rows, self.train_adapter(x2.index_select(0, rows)))
 
@@ -115,7 +116,7 @@ class AdaptedModule(nn.Module):
     def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         raise NotImplementedError
 
 
@@ -145,22 +146,22 @@ class AdaptedLinear(AdaptedModule):
         y = x_row @ weight.T
         return y if self.base_layer.bias is None else y + self.base_layer.bias
 
-    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+    def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         bank = self.bank
         r = bank.r_used
         if r:
             assert bank.a is not None and bank.bt is not None
-            for slot, start, n in plan.long:
+            for slot, start, n in batch.long:
                 if bank.ranks[slot]:
                     a, bt = _like(bank.a[slot, :r], x2), _like(bank.bt[slot, :r], x2)  # [r, in], [r, out]
                     # addmm_: the rank-r product is added as MKL writes it (no [n, out] temporary)
                     y2[start:start + n].addmm_(x2[start:start + n] @ a.T, bt)
-            g = plan.grouped
+            g = batch.grouped
             if g is not None and not self._kernel_added(x2, y2, g, r):  # decode: the kernel, kept lean
                 self._add_grouped(x2, y2, g, bank.a[:, :r], bank.bt[:, :r])  # [slots, r, in], [slots, r, out]
         for slot, block in bank.bat.items():
-            if slot in plan.active:
-                rows = plan.rows(slot)  # [k]
+            if slot in batch.active:
+                rows = batch.rows(slot)  # [k]
                 delta = bat_delta(self.base_layer.weight, block, x2.dtype)  # [out, in]: the full extra matmul
                 y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
 
@@ -216,17 +217,17 @@ class AdaptedEmbedding(AdaptedModule):
     def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight[x_row]
 
-    def _add_adapters(self, ids: torch.Tensor, y2: torch.Tensor, plan: StepPlan) -> None:
+    def _add_adapters(self, ids: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         bank = self.bank
         r = bank.r_used
         if not r:
             return
         assert bank.a is not None and bank.bt is not None
         a, bt = bank.a[:, :, :r], bank.bt[:, :r]  # [slots, num_emb, r], [slots, r, dim]
-        for slot, start, n in plan.long:
+        for slot, start, n in batch.long:
             if bank.ranks[slot]:
                 y2[start:start + n] += _like(F.embedding(ids[start:start + n], a[slot]), y2) @ _like(bt[slot], y2)
-        g = plan.grouped
+        g = batch.grouped
         if g is None:
             return
         table = bank.a.view(-1, bank.r_cap)  # [slots * num_emb, r_cap]

@@ -7,17 +7,14 @@ flattened tokens, so a prefill can apply each adapter to a contiguous slice
 without gathering. `merged_id` selects a merged (dedicated) copy of the base
 weights for the whole step; such a step has no adapter math at all.
 
-Layers find the current mapping through `current_mapping()`; the engine thread
-(the only thread that runs the model) sets it with `use_mapping(...)` around
-each forward.
+Layers read it through the step's AdapterBatch (plan.py), which the step
+context (step.py) carries for the forward's duration.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +37,6 @@ class AdapterMapping:
     active_slots: tuple[int, ...] = ()  # distinct slots >= 0 present in this step, sorted
     merged_id: int | None = None  # run on this merged copy of the base instead
     train: bool = False  # tokens of TRAIN_SLOT use the trainer's trainable parameters
-    extra: dict = field(default_factory=dict, compare=False)  # layer-private per-step caches
 
     @property
     def num_tokens(self) -> int:
@@ -88,20 +84,3 @@ class AdapterMapping:
     @classmethod
     def base_only(cls, num_tokens: int, device: torch.device | str = "cpu") -> "AdapterMapping":
         return cls.from_token_slots([BASE_SLOT] * num_tokens, device)
-
-
-_state = threading.local()
-
-
-def current_mapping() -> AdapterMapping | None:
-    return getattr(_state, "mapping", None)
-
-
-@contextlib.contextmanager
-def use_mapping(mapping: AdapterMapping | None) -> Iterator[None]:
-    previous = current_mapping()
-    _state.mapping = mapping
-    try:
-        yield
-    finally:
-        _state.mapping = previous

@@ -113,10 +113,11 @@ def token_ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
 
 def logits_under(model, ids: torch.Tensor, slot: int, merged_id: int | None = None) -> torch.Tensor:
     """Full-forward logits with every row on adapter `slot` (or on merged copy `merged_id`)."""
-    from server.adapters.mapping import AdapterMapping, use_mapping
+    from server.adapters.mapping import AdapterMapping
+    from server.adapters.step import adapter_step
 
     mapping = AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1], merged_id=merged_id)
-    with torch.no_grad(), use_mapping(mapping):
+    with torch.no_grad(), adapter_step(mapping):
         return model(input_ids=ids).logits
 
 

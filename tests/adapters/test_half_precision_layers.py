@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
+from server.adapters.step import adapter_step
 from server.adapters.peft_format import read_adapter
 
 NAME = "model.layers.0.self_attn.q_proj"
@@ -56,7 +57,7 @@ def test_linear_adapter_term_is_rounded_once(half_layers, layout):
     layer = layers[NAME]
     slots = [0, -1, 0, 0, -1, 0] if layout == "decode" else [0] * 12 + [-1] * 3  # short rows vs a long run
     x = torch.randn(len(slots), layer.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-    with torch.no_grad(), use_mapping(AdapterMapping.from_token_slots(slots)):
+    with torch.no_grad(), adapter_step(AdapterMapping.from_token_slots(slots)):
         got = layer(x)
     expected = _oracle(layer, x, slots)
     assert _steps_apart(got, expected) <= 1, "one rounding of a float32 sum: at most one step from the oracle"
@@ -74,7 +75,7 @@ def test_embedding_adapter_term_is_rounded_once(half_layers):
     layer = layers["model.embed_tokens"]
     ids = torch.randint(3, af.VOCAB, (6,), generator=torch.Generator().manual_seed(2))
     slots = [1, 1, -1, 1, 1, 1]
-    with torch.no_grad(), use_mapping(AdapterMapping.from_token_slots(slots)):
+    with torch.no_grad(), adapter_step(AdapterMapping.from_token_slots(slots)):
         got = layer(ids)
     bank = layer.bank
     r = bank.ranks[1]
