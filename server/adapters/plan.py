@@ -108,7 +108,8 @@ class AdapterBatch:
                 short_slots.extend([seg.slot] * seg.length)
         grouped = _group_short_runs(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
         slot_rows = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
-        return cls(mapping.num_tokens, mapping.merged_id, mapping.train, active, tuple(long), grouped, slot_rows, mapping)
+        return cls(mapping.num_tokens, mapping.merged_id, mapping.train, active, tuple(long), grouped, slot_rows,
+                   mapping)
 
 
 def _group_short_runs(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:

@@ -21,8 +21,8 @@ import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.manager import AdapterManager
 from server.adapters.mapping import AdapterMapping
-from server.adapters.step import adapter_step
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 from server.adapters.store import AdapterStore
 from server.errors import AdapterError, NotFound
 from server.metrics import Metrics

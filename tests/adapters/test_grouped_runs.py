@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.backend import CpuKernelBackend
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.lora import LoraWeights
 from server.adapters.mapping import AdapterMapping
-from server.adapters.step import adapter_step
 from server.adapters.plan import AdapterBatch
+from server.adapters.step import adapter_step
 
 BASE = -1
 ACTIVE = [0, 3, 4, 5, 9, 15]  # runs: [0], [3..5], [9], [15]
@@ -29,7 +30,7 @@ def layers(request, tmp_path_factory):
                                    cpu_kernels=request.param == "cpu-kernel")
     base = af.tiny_base(seed=0)
     layers = inject_adapter_layers(base.model, settings)
-    assert (layers["model.layers.0.mlp.up_proj"].bank.kernel is not None) == (request.param == "cpu-kernel")
+    assert isinstance(layers["model.layers.0.mlp.up_proj"].backend, CpuKernelBackend) == (request.param == "cpu-kernel")
     g = torch.Generator().manual_seed(11)
     for name in ("model.layers.0.mlp.up_proj", "model.embed_tokens"):
         layer = layers[name]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.mapping import AdapterMapping
-from server.adapters.step import adapter_step
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 
 NAME = "model.layers.0.self_attn.q_proj"
 
