@@ -9,21 +9,16 @@ forward reads the step's AdapterBatch (from the StepContext, step.py):
     (computed by the module's AdapterBackend, backend.py; `plan.py` explains the batched
     layout), + bat's full ΔW per bat adapter present,
     + the trainer's trainable adapter on TRAIN_SLOT rows.
-`reference()` is the plain per-token version of the same math, kept for tests.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from server.adapters.backend import AdapterBackend
-from server.adapters.loaded import ModuleWeights
-from server.adapters.lora import LoraWeights
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
+from server.adapters.mapping import TRAIN_SLOT
 from server.adapters.miss import bat_delta
 from server.adapters.plan import AdapterBatch
 from server.adapters.slots import SlotBank
@@ -91,32 +86,11 @@ class AdaptedModule(nn.Module):
             return y2 + self.train_adapter(x2)
         return y2.index_add(0, rows, self.train_adapter(x2.index_select(0, rows)))
 
-    def reference(self, x: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
-        """Plain per-token loop: each token through `W + ΔW` of its own adapter (host weights)."""
-        x2 = self._flat_input(x)
-        weight = self.base_layer.weight
-        rows = []
-        for t, slot in enumerate(mapping.token_slots.tolist()):
-            w = weight
-            if mapping.merged_id is not None:
-                w = self.merged_weights.get(mapping.merged_id, weight)
-            elif slot >= 0 and (host := self.bank.weights[slot]) is not None:
-                w = weight + _rounded_to_slots(host, self.bank).delta_weight(weight)
-            rows.append(self._one_row(x2[t], w))
-        out = torch.stack(rows)  # [tokens, out]
-        return out.view(*x.shape[: x.dim() - self._input_feature_dims()], -1)
-
     # -- per-kind pieces ---------------------------------------------------
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _input_feature_dims(self) -> int:
-        raise NotImplementedError
-
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
@@ -139,15 +113,8 @@ class AdaptedLinear(AdaptedModule):
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])  # [tokens, in]
 
-    def _input_feature_dims(self) -> int:
-        return 1
-
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
-
-    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        y = x_row @ weight.T
-        return y if self.base_layer.bias is None else y + self.base_layer.bias
 
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         self.backend.add_linear(x2, y2, self.bank, batch)
@@ -176,25 +143,8 @@ class AdaptedEmbedding(AdaptedModule):
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1)  # [tokens] ids
 
-    def _input_feature_dims(self) -> int:
-        return 0
-
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, weight, self.base_layer.padding_idx)
 
-    def _one_row(self, x_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight[x_row]
-
     def _add_adapters(self, ids: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         self.backend.add_embedding(ids, y2, self.bank, batch)
-
-
-def _rounded_to_slots(weights: ModuleWeights, bank: SlotBank) -> ModuleWeights:
-    """The host weights (float32) as the slots hold them: rounded through `slot_dtype` when it is narrower
-    (16-bit slots), so the reference checks the served math and not the rounding."""
-    if not weights.batched or bank.slot_dtype == torch.float32:
-        return weights
-    rnd = lambda t: t.to(bank.slot_dtype).to(t.dtype)  # noqa: E731
-    if isinstance(weights, LoraWeights):
-        return dataclasses.replace(weights, a=rnd(weights.a), bt=rnd(weights.bt))
-    return dataclasses.replace(weights, block=rnd(weights.block))
