@@ -34,7 +34,7 @@ class AdaptedModule(nn.Module):
         self.module_name = name
         self.bank = bank
         self.backend = backend  # how the slot terms are computed (backend.py)
-        self.merged_weights: dict[int, torch.Tensor] = {}  # merge path (issue 5): merged_id -> full weight
+        self.merged_weights: dict[int, torch.Tensor] = {}  # merge path: lane -> full weight
         self.train_adapter: nn.Module | None = None  # trainer hook: called on TRAIN_SLOT rows
 
     @property

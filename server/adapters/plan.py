@@ -91,7 +91,7 @@ class AdapterBatch:
         device = mapping.token_slots.device
         active = frozenset(mapping.active_slots) | (frozenset([TRAIN_SLOT]) if mapping.train else frozenset())
         if not mapping.has_adapters:
-            return cls(mapping.num_tokens, mapping.merged_id, mapping.train, active, (), None, {}, mapping)
+            return cls(mapping.num_tokens, mapping.lane, mapping.train, active, (), None, {}, mapping)
         long: list[tuple[int, int, int]] = []
         short_tokens: list[int] = []
         short_slots: list[int] = []
@@ -108,7 +108,7 @@ class AdapterBatch:
                 short_slots.extend([seg.slot] * seg.length)
         grouped = _group_short_runs(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
         slot_rows = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
-        return cls(mapping.num_tokens, mapping.merged_id, mapping.train, active, tuple(long), grouped, slot_rows,
+        return cls(mapping.num_tokens, mapping.lane, mapping.train, active, tuple(long), grouped, slot_rows,
                    mapping)
 
 

@@ -69,7 +69,7 @@ class Runner:
         return self._postprocess(logits.float())
 
     def _adapters(self, slots: list[int], lane: int | None) -> AdapterBatch:
-        return AdapterBatch.build(AdapterMapping.from_token_slots(slots, self.device, merged_id=lane))
+        return AdapterBatch.build(AdapterMapping.from_token_slots(slots, self.device, lane=lane))
 
     def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """What the model's own forward does after its LM head (e.g. Gemma-2 soft-capping)."""

@@ -26,8 +26,8 @@ def reference(layer: AdaptedModule, x: torch.Tensor, mapping: AdapterMapping) ->
     rows = []
     for t, slot in enumerate(mapping.token_slots.tolist()):
         w = weight
-        if mapping.merged_id is not None:
-            w = layer.merged_weights.get(mapping.merged_id, weight)
+        if mapping.lane is not None:
+            w = layer.merged_weights.get(mapping.lane, weight)
         elif slot >= 0 and (host := layer.bank.weights[slot]) is not None:
             w = weight + _rounded_to_slots(host, layer.bank).delta_weight(weight)
         rows.append(w[x2[t]] if embedding else _linear_row(layer, x2[t], w))

@@ -152,7 +152,7 @@ def test_merged_seam_uses_merged_weight_without_adapter_math(served):
     layer.merged_weights[9] = merged
     try:
         x = torch.randn(2, 5, 64)
-        mapping = AdapterMapping.from_row_slots([BASE, BASE], 5, merged_id=9)
+        mapping = AdapterMapping.from_row_slots([BASE, BASE], 5, lane=9)
         with torch.no_grad(), adapter_step(mapping):
             got = layer(x)
         torch.testing.assert_close(got, x @ merged.T)

@@ -40,13 +40,13 @@ class Manager:
 
 @pytest.fixture
 def mappings(varied_base):
-    """Every AdapterMapping the model's forward ran under, as (token slots, merged_id)."""
+    """Every AdapterMapping the model's forward ran under, as (token slots, lane)."""
     seen: list[tuple[tuple[int, ...], int | None]] = []
 
     def hook(module, args):
         step = current_step()
         m = None if step is None or step.adapters is None else step.adapters.mapping
-        seen.append((tuple(m.token_slots.tolist()), m.merged_id) if m is not None else None)
+        seen.append((tuple(m.token_slots.tolist()), m.lane) if m is not None else None)
 
     handle = varied_base.model.model.embed_tokens.register_forward_pre_hook(hook)
     yield seen
