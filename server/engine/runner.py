@@ -54,10 +54,11 @@ class Runner:
                                       max(positions) + 1)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [tokens]
         attention = self._attention(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
-        step = StepContext(self._adapters(slots, plan.lane), attention)
+        step = StepContext(adapters=self._adapters(slots, plan.lane), attention=attention)
         # The LM head sees only the sampling rows, so it gets their own batch
         # (an adapter on lm_head must line up with the rows it is given).
-        head_step: StepContext[AttentionMetadata] = StepContext(self._adapters([slots[i] for i in keep], plan.lane))
+        head_step: StepContext[AttentionMetadata] = StepContext(adapters=self._adapters([slots[i] for i in keep],
+                                                                                        plan.lane))
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)  # [1, tokens]
         keep_t = torch.tensor(keep, dtype=torch.long, device=dev)  # [sampling rows]
         with torch.inference_mode():
