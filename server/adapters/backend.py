@@ -115,7 +115,7 @@ class CpuKernelBackend:
             return
         if self._takes(x2, y2, bank, g):
             assert bank.a is not None and bank.bt is not None and g.blocks is not None
-            self.kernel.add(x2, y2, bank.a, bank.bt, g.blocks, bank.r_used)
+            self.kernel.add(x2, y2, bank.a, bank.bt, g.blocks, bank.r_used, supported=True)
         else:
             self.fallback.add_grouped(x2, y2, bank, g)
 

@@ -105,11 +105,12 @@ class GroupedLoraKernel:
                 and x.is_cpu and y.is_cpu and a.is_cpu and bt.is_cpu)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks,
-            r: int | None = None) -> None:
+            r: int | None = None, *, supported: bool = False) -> None:
         """x `[tokens, in]`, y `[tokens, out]` (written in place), a `[slots, r_cap, in]`, bt `[slots, r_cap, out]`;
         only the first `r` rows of each slot are read (default: all), so a bank's tensors need no slicing.
-        Whether to call it is the caller's decision (`supports`); this re-checks only what guards raw memory."""
-        if not self.supports(x, y, a, bt):
+        Whether to call it is the caller's decision (`supports`); `supported=True` says the caller has just
+        asked, so the per-module hot path does not ask twice. Shapes and bounds are always checked."""
+        if not supported and not self.supports(x, y, a, bt):
             raise ValueError("GroupedLoraKernel: unsupported tensors")
         in_features, out_features = x.shape[1], y.shape[1]
         rows = a.shape[1] if r is None else r
