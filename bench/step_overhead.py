@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.adapters.backend import TorchBackend
 from server.adapters.inject import AdapterLayers, all_linear_names, inject_adapter_layers, module_table
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.lora import LoraWeights
@@ -135,16 +136,16 @@ def _mix16(n: int) -> list[int]:
 
 @contextlib.contextmanager
 def torch_path(layers: AdapterLayers, on: bool) -> Iterator[None]:
-    """Run with every bank's CPU kernel detached (the pure-torch path), then put them back."""
-    kernels = {name: layers[name].bank.kernel for name in layers.layers}
+    """Run with every layer on the pure-torch backend, then put the chosen backends back."""
+    backends = {name: layers[name].backend for name in layers.layers}
     if on:
-        for name in kernels:
-            layers[name].bank.kernel = None
+        for name in backends:
+            layers[name].backend = TorchBackend()
     try:
         yield
     finally:
-        for name, kernel in kernels.items():
-            layers[name].bank.kernel = kernel
+        for name, backend in backends.items():
+            layers[name].backend = backend
 
 
 @contextlib.contextmanager

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from server.adapters.backend import AdapterBackend, CpuKernelBackend, TorchBackend
 from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.slots import SlotBank
-from server.kernels.cpu import GroupedLoraKernel, load_kernel
+from server.kernels.cpu import load_kernel
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,15 +142,11 @@ def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers
     ]
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
-    kernel = _cpu_kernel(model, settings)
     slot_dtype = slot_dtype_for(model, settings)
-    if kernel is not None and slot_dtype not in kernel.weight_dtypes:
-        log.warning("slot_dtype %s: this CPU's kernel has no such variant, decode takes the (slower) torch path",
-                    slot_dtype)
+    backend = adapter_backend(model, settings, slot_dtype)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
-        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, slot_dtype)
-        layers[name].bank.kernel = None if layers[name].bank.embedding else kernel
+        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, slot_dtype, backend)
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
@@ -160,25 +157,33 @@ def slot_dtype_for(model: nn.Module, settings: Settings) -> torch.dtype:
     return next(model.parameters()).dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
 
 
-def _cpu_kernel(model: nn.Module, settings: Settings) -> GroupedLoraKernel | None:
-    """The compiled CPU decode path, for a float32 model on CPU when settings allow it."""
+def adapter_backend(model: nn.Module, settings: Settings, slot_dtype: torch.dtype) -> AdapterBackend:
+    """Chosen once for every layer: the C kernel for a float32 model on CPU when settings allow it and
+    it was built for the slots' dtype; torch's GEMMs otherwise."""
     weight = next(model.parameters())
     if not settings.cpu_kernels or weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    return load_kernel(settings.cache_dir)
+        return TorchBackend()
+    kernel = load_kernel(settings.cache_dir)
+    if kernel is None:
+        return TorchBackend()
+    if slot_dtype not in kernel.weight_dtypes:
+        log.warning("slot_dtype %s: this CPU's kernel has no such variant, decode takes the (slower) torch path",
+                    slot_dtype)
+        return TorchBackend()
+    return CpuKernelBackend(kernel)
 
 
 def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,
-          slot_dtype: torch.dtype) -> AdaptedModule:
+          slot_dtype: torch.dtype, backend: AdapterBackend) -> AdaptedModule:
     weight = mod.weight
     if isinstance(mod, nn.Embedding):
         bank = SlotBank(slots, mod.num_embeddings, mod.embedding_dim, max_rank, weight.device, weight.dtype,
                         embedding=True, slot_dtype=slot_dtype)
-        wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank)
+        wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank, backend)
     else:
         bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype,
                         slot_dtype=slot_dtype)
-        wrapper = AdaptedLinear(mod, name, bank)
+        wrapper = AdaptedLinear(mod, name, bank, backend)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, wrapper)

@@ -1,23 +1,20 @@
-"""AdapterMapping: the one thing adapter layers read each step.
+"""AdapterMapping: which adapter slot each of a step's tokens uses.
 
 The runner flattens a step's tokens to `[tokens]` (row-major over the
 `[batch, seq]` input) and says, per token, which device slot's adapter to add
 (-1 = base only). `segments` are the maximal runs of one slot over those
 flattened tokens, so a prefill can apply each adapter to a contiguous slice
-without gathering. `merged_id` selects a merged (dedicated) copy of the base
+without gathering. `lane` selects a merged (dedicated) copy of the base
 weights for the whole step; such a step has no adapter math at all.
 
-Layers find the current mapping through `current_mapping()`; the engine thread
-(the only thread that runs the model) sets it with `use_mapping(...)` around
-each forward.
+Layers read it through the step's AdapterBatch (plan.py), which the step
+context (step.py) carries for the forward's duration.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -38,9 +35,8 @@ class AdapterMapping:
     token_slots: torch.Tensor  # [tokens] int64 on the model's device; -1 = base only
     segments: tuple[Segment, ...]  # runs of equal slot over the flattened tokens
     active_slots: tuple[int, ...] = ()  # distinct slots >= 0 present in this step, sorted
-    merged_id: int | None = None  # run on this merged copy of the base instead
+    lane: int | None = None  # run on this merged copy of the base instead
     train: bool = False  # tokens of TRAIN_SLOT use the trainer's trainable parameters
-    extra: dict = field(default_factory=dict, compare=False)  # layer-private per-step caches
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +44,7 @@ class AdapterMapping:
 
     @property
     def has_adapters(self) -> bool:
-        return self.merged_id is None and (bool(self.active_slots) or self.train)
+        return self.lane is None and (bool(self.active_slots) or self.train)
 
     @classmethod
     def from_row_slots(
@@ -57,7 +53,7 @@ class AdapterMapping:
         tokens_per_row: Sequence[int] | int,
         device: torch.device | str = "cpu",
         *,
-        merged_id: int | None = None,
+        lane: int | None = None,
     ) -> "AdapterMapping":
         """Build from one slot per batch row; rows are padded to the same length."""
         n = len(row_slots)
@@ -68,11 +64,11 @@ class AdapterMapping:
         flat: list[int] = []
         for slot in row_slots:
             flat.extend([slot] * width)
-        return cls.from_token_slots(flat, device, merged_id=merged_id)
+        return cls.from_token_slots(flat, device, lane=lane)
 
     @classmethod
     def from_token_slots(
-        cls, slots: Sequence[int], device: torch.device | str = "cpu", *, merged_id: int | None = None
+        cls, slots: Sequence[int], device: torch.device | str = "cpu", *, lane: int | None = None
     ) -> "AdapterMapping":
         segments: list[Segment] = []
         start = 0
@@ -83,25 +79,8 @@ class AdapterMapping:
         active = tuple(sorted({s for s in slots if s >= 0}))
         train = TRAIN_SLOT in slots
         tensor = torch.tensor(list(slots), dtype=torch.long, device=device)
-        return cls(tensor, tuple(segments), active, merged_id=merged_id, train=train)
+        return cls(tensor, tuple(segments), active, lane=lane, train=train)
 
     @classmethod
     def base_only(cls, num_tokens: int, device: torch.device | str = "cpu") -> "AdapterMapping":
         return cls.from_token_slots([BASE_SLOT] * num_tokens, device)
-
-
-_state = threading.local()
-
-
-def current_mapping() -> AdapterMapping | None:
-    return getattr(_state, "mapping", None)
-
-
-@contextlib.contextmanager
-def use_mapping(mapping: AdapterMapping | None) -> Iterator[None]:
-    previous = current_mapping()
-    _state.mapping = mapping
-    try:
-        yield
-    finally:
-        _state.mapping = previous

@@ -29,7 +29,7 @@ class UnsafeMerge(AdapterError):
 @dataclass(frozen=True, eq=False)
 class MergedCopy:
     key: AdapterKey  # the one adapter version these weights belong to
-    lane: int  # the AdapterMapping.merged_id its steps run under; never reused
+    lane: int  # the AdapterMapping.lane its steps run under; never reused
     weights: dict[str, torch.Tensor]  # module name -> merged weight (serving dtype, the base's layout)
 
     @property

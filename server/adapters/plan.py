@@ -1,4 +1,4 @@
-"""The per-step adapter plan: built once from the AdapterMapping, shared by every layer.
+"""AdapterBatch: the step's adapter plan, built once from the AdapterMapping before the forward.
 
 Long runs of one adapter (prefill) are served per segment: a slice of x times
 that slot's A and Bᵀ, no gather. Short runs (decode: one token per sequence) are
@@ -38,7 +38,7 @@ the batched matmuls over the adapters' bytes are most of the difference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ from server.kernels.cpu import Blocks
 
 # Runs at least this long are served per segment (prefill); shorter ones go through the grouped bmm.
 LONG_RUN = 8
-PLAN_KEY = "adapter_plan"
 
 
 @dataclass
@@ -66,56 +65,54 @@ class Grouped:
     blocks: Blocks | None  # the same grouping for the CPU kernel (slot per block, its tokens); None off CPU
 
 
-@dataclass
-class StepPlan:
+@dataclass(frozen=True)
+class AdapterBatch:
+    """What every adapter layer of one forward reads: built whole, eagerly, by `build`."""
+
     num_tokens: int
-    active: frozenset[int]
+    lane: int | None  # run on this merged copy of the base instead (no adapter math)
+    train: bool  # tokens of TRAIN_SLOT use the trainer's trainable parameters
+    active: frozenset[int]  # slots present (TRAIN_SLOT included when train)
     long: tuple[tuple[int, int, int], ...]  # (slot, start, length)
     grouped: Grouped | None
-    device: torch.device
-    _rows: dict[int, torch.Tensor] = field(default_factory=dict)
-    _token_slots: torch.Tensor | None = None
+    slot_rows: dict[int, torch.Tensor]  # [k] token indices of each active slot (bat, training rows)
+    mapping: AdapterMapping
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.lane is None and bool(self.active)
 
     def rows(self, slot: int) -> torch.Tensor:
-        """Token indices `[k]` of one slot (bat adapters, the reference path, training rows)."""
-        if slot not in self._rows:
-            assert self._token_slots is not None
-            self._rows[slot] = torch.nonzero(self._token_slots == slot).flatten()
-        return self._rows[slot]
+        """Token indices `[k]` of one active slot."""
+        return self.slot_rows[slot]
+
+    @classmethod
+    def build(cls, mapping: AdapterMapping) -> AdapterBatch:
+        device = mapping.token_slots.device
+        active = frozenset(mapping.active_slots) | (frozenset([TRAIN_SLOT]) if mapping.train else frozenset())
+        if not mapping.has_adapters:
+            return cls(mapping.num_tokens, mapping.lane, mapping.train, active, (), None, {}, mapping)
+        long: list[tuple[int, int, int]] = []
+        short_tokens: list[int] = []
+        short_slots: list[int] = []
+        rows: dict[int, list[int]] = {}
+        for seg in mapping.segments:
+            if seg.slot in active:
+                rows.setdefault(seg.slot, []).extend(range(seg.start, seg.start + seg.length))
+            if seg.slot < 0:
+                continue
+            if seg.length >= LONG_RUN:
+                long.append((seg.slot, seg.start, seg.length))
+            else:
+                short_tokens.extend(range(seg.start, seg.start + seg.length))
+                short_slots.extend([seg.slot] * seg.length)
+        grouped = _group_short_runs(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
+        slot_rows = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
+        return cls(mapping.num_tokens, mapping.lane, mapping.train, active, tuple(long), grouped, slot_rows,
+                   mapping)
 
 
-def step_plan(mapping: AdapterMapping, device: torch.device) -> StepPlan:
-    """The plan for this step, built by the first layer that needs it."""
-    plan = mapping.extra.get(PLAN_KEY)
-    if plan is None:
-        plan = mapping.extra[PLAN_KEY] = build_plan(mapping, device)
-    return plan
-
-
-def build_plan(mapping: AdapterMapping, device: torch.device) -> StepPlan:
-    long: list[tuple[int, int, int]] = []
-    short_tokens: list[int] = []
-    short_slots: list[int] = []
-    for seg in mapping.segments:
-        if seg.slot < 0:
-            continue
-        if seg.length >= LONG_RUN:
-            long.append((seg.slot, seg.start, seg.length))
-        else:
-            short_tokens.extend(range(seg.start, seg.start + seg.length))
-            short_slots.extend([seg.slot] * seg.length)
-    grouped = _group(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
-    return StepPlan(
-        num_tokens=mapping.num_tokens,
-        active=frozenset(mapping.active_slots) | (frozenset([TRAIN_SLOT]) if mapping.train else frozenset()),
-        long=tuple(long),
-        grouped=grouped,
-        device=device,
-        _token_slots=mapping.token_slots.to(device),
-    )
-
-
-def _group(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:
+def _group_short_runs(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:
     """Buffer blocks are compact (block b = the b-th active slot), so empty slots between
     active ones are never multiplied: their zero weights would still cost memory traffic."""
     counts: dict[int, int] = {}

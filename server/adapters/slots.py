@@ -30,7 +30,6 @@ import threading
 import torch
 
 from server.adapters.loaded import ModuleWeights
-from server.kernels.cpu import GroupedLoraKernel
 
 
 def _round_up(n: int, step: int = 8) -> int:
@@ -53,7 +52,6 @@ class SlotBank:
         self.weights: list[ModuleWeights | None] = [None] * num_slots  # host copies (reference, merge)
         self.bat: dict[int, torch.Tensor] = {}  # slot -> bat block [out/r, r, r] on device
         self.r_used = 0
-        self.kernel: GroupedLoraKernel | None = None  # CPU decode fast path (layers.py); None = torch only
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # zeroed (a, bt) of a larger r_cap
         self._grow_lock = threading.Lock()  # loader threads' reservations vs the engine thread's swap
 

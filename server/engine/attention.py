@@ -4,7 +4,8 @@
 AttentionInterface (and a mask function under the same name that returns None
 while an engine step runs). Every decoder layer then calls `engine_attention`
 with q/k/v after rotary embedding; it writes k/v into the cache rows/positions
-of the current `AttentionContext` and attends over each sequence's cached keys.
+of the step's `AttentionMetadata` (the StepContext's `.attention`) and attends
+over each sequence's cached keys.
 
 A step's tokens arrive flattened into one row (`[1, heads, tokens, head_dim]`):
 first `num_decode` single-token decode rows, then prefill chunks. Decode rows
@@ -16,16 +17,13 @@ the keys in each query's window only; soft-capped layers (`softcap`) take a
 float32 matmul path (attention_math.py). Any other keyword the modeling code
 passes with a value is refused, never dropped.
 
-Without a context (e.g. the trainer's ordinary forward with gradients) both
+Without attention metadata (e.g. the trainer's ordinary forward with gradients) both
 functions defer to transformers' SDPA path, padding and window masks included
 (soft-capped layers: the matmul path under the same mask).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.adapters.step import current_step
 from server.engine.attention_math import attend, capped_attention, decode_window_mask, span_mask
 from server.engine.kv_cache import KVCache
 from server.model.families import UnsupportedModel
@@ -50,7 +49,7 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
-class AttentionContext:
+class AttentionMetadata:
     cache: KVCache
     token_rows: torch.Tensor  # [tokens] long: cache row of each token
     token_pos: torch.Tensor  # [tokens] long: absolute position of each token
@@ -69,25 +68,14 @@ class AttentionContext:
     window_masks: dict[tuple, tuple[int, torch.Tensor | None]] = field(default_factory=dict, compare=False)
 
 
-_state = threading.local()
-
-
-def current_context() -> AttentionContext | None:
-    return getattr(_state, "context", None)
-
-
-@contextlib.contextmanager
-def use_context(context: AttentionContext | None) -> Iterator[None]:
-    previous = current_context()
-    _state.context = context
-    try:
-        yield
-    finally:
-        _state.context = previous
+def current_attention() -> AttentionMetadata | None:
+    """The running engine step's attention metadata; None outside one (an ordinary forward)."""
+    step = current_step()
+    return None if step is None else step.attention
 
 
 # Keywords the modeling code passes that the engine has no use for: positions come from the
-# context (engine step) or the mask (no context), and the engine keeps its own cache.
+# metadata (engine step) or the mask (an ordinary forward), and the engine keeps its own cache.
 _UNUSED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache"})
 
 
@@ -96,9 +84,9 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      sliding_window: int | None = None, softcap: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     _check_kwargs(module, kwargs)
-    ctx = current_context()
+    ctx = current_attention()
     if ctx is None:
-        return _without_context(module, query, key, value, attention_mask, scaling, dropout, sliding_window,
+        return _ordinary_forward(module, query, key, value, attention_mask, scaling, dropout, sliding_window,
                                 softcap, kwargs)
     if dropout:
         raise UnsupportedModel(f"{type(module).__name__} asks for attention dropout {dropout} while serving "
@@ -127,7 +115,7 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
                                "loraplex's engine attention does not implement")
 
 
-def _without_context(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _ordinary_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
                      sliding_window: int | None, softcap: float | None, kwargs: dict) -> tuple[torch.Tensor, None]:
     """An ordinary forward (the trainer): transformers' SDPA, or the capped matmul path for soft-capped layers.
@@ -145,7 +133,7 @@ def _without_context(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None  # [B, n, heads, head_dim]
 
 
-def _decode(ctx: AttentionContext, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _decode(ctx: AttentionMetadata, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
     """One batched attention for every decode token, over a view of the cache rows when possible.
 
@@ -172,7 +160,7 @@ def _decode(ctx: AttentionContext, query: torch.Tensor, k_cache: torch.Tensor, v
     return o.squeeze(2)  # [d, heads, head_dim]
 
 
-def _decode_window(ctx: AttentionContext, window: int) -> tuple[int, torch.Tensor]:
+def _decode_window(ctx: AttentionMetadata, window: int) -> tuple[int, torch.Tensor]:
     """(first key any decode row's window reaches, [rows, 1, 1, keys] mask), once per step and window."""
     memo = ctx.window_masks.get(("decode", window))
     if memo is None:
@@ -183,7 +171,7 @@ def _decode_window(ctx: AttentionContext, window: int) -> tuple[int, torch.Tenso
     return memo
 
 
-def _prefill(ctx: AttentionContext, index: int, span: PrefillSpan, query: torch.Tensor, k_cache: torch.Tensor,
+def _prefill(ctx: AttentionMetadata, index: int, span: PrefillSpan, query: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, scaling: float | None, window: int | None,
              softcap: float | None) -> torch.Tensor:
     end = span.position + span.length
@@ -203,8 +191,8 @@ def _prefill(ctx: AttentionContext, index: int, span: PrefillSpan, query: torch.
 
 
 def engine_mask(*args, **kwargs) -> torch.Tensor | None:
-    """No mask during an engine step (the context encodes it); SDPA's mask otherwise."""
-    if current_context() is not None:
+    """No mask during an engine step (the metadata encodes it); SDPA's mask otherwise."""
+    if current_attention() is not None:
         return None
     return sdpa_mask(*args, **kwargs)
 

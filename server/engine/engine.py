@@ -31,7 +31,7 @@ from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
 from server.engine.runner import Runner
-from server.engine.scheduler import Admission, Scheduler, StepPlan
+from server.engine.scheduler import Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.errors import ApiError, Unavailable
 from server.model.load import BaseModel
@@ -78,7 +78,7 @@ class Engine:
         self.prompt_tokens = 0
         self.step_errors = 0
         self.background_steps = 0
-        # Token accounting by path (merge path, issue 5): adapter math vs a merged copy, per adapter key.
+        # Token accounting by path (merge path): adapter math vs a merged copy, per adapter key.
         self.adapter_tokens = 0
         self.merged_tokens = 0
         self.adapter_tokens_by_key: Counter[Any] = Counter()
@@ -182,9 +182,9 @@ class Engine:
                 log.exception("engine step hook %r failed", hook)
 
     def _serve_step(self) -> bool:
-        admission = Admission()
-        plan = self.scheduler.schedule(admission)
-        self._report_admission(admission)
+        removals = Removals()
+        plan = self.scheduler.schedule(removals)
+        self._report_removals(removals)
         if plan is None:
             self._update_gauges()
             return False
@@ -288,14 +288,14 @@ class Engine:
         s.unsent.clear()
         s.unsent_logprobs.clear()
 
-    def _report_admission(self, admission: Admission) -> None:
-        for item in admission.cancelled:
+    def _report_removals(self, removals: Removals) -> None:
+        for item in removals.cancelled:
             if isinstance(item, Sequence):
                 item.request.stream.put(FinishEvent("cancelled", item.prompt_len, item.generated, item.index))
             else:
                 for i in range(item.params.n):
                     item.stream.put(FinishEvent("cancelled", len(item.prompt_ids), 0, i))
-        for request, exc in admission.failed:
+        for request, exc in removals.failed:
             request.stream.put(ErrorEvent(exc))
 
     def _fail_plan(self, plan: StepPlan, exc: Exception) -> None:

@@ -1,19 +1,22 @@
 """Turns a StepPlan into one batched forward of the base model and returns logits.
 
 All of a step's tokens are flattened into one row (`[1, tokens]`, decode tokens
-first, then prefill chunks) with per-token absolute `position_ids`; the
-attention context tells the engine attention which KV row and position each
-token belongs to, and the AdapterMapping tells adapter layers which adapter
-slot each token uses. Only the rows that sample (decode tokens and prompt
-ends) go through the LM head, under an AdapterMapping of just those rows.
+first, then prefill chunks) with per-token absolute `position_ids`. Before the
+forward the runner builds the step's one StepContext: the attention metadata
+(which KV row and position each token belongs to) and the AdapterBatch (which
+adapter slot each token uses, planned once for every layer). Only the rows that
+sample (decode tokens and prompt ends) go through the LM head, under a context
+whose AdapterBatch covers just those rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from server.adapters.mapping import AdapterMapping, use_mapping
-from server.engine.attention import AttentionContext, PrefillSpan, register, use_context
+from server.adapters.mapping import AdapterMapping
+from server.adapters.plan import AdapterBatch
+from server.adapters.step import StepContext, use_step
+from server.engine.attention import AttentionMetadata, PrefillSpan, register
 from server.engine.attention_math import span_mask
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import StepPlan
@@ -50,20 +53,24 @@ class Runner:
         self.cache.ensure_initialized({s.row for s in plan.decode} | {s.row for s, _ in plan.prefill},
                                       max(positions) + 1)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [tokens]
-        context = self._context(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
-        mapping = AdapterMapping.from_token_slots(slots, dev, merged_id=plan.lane)
+        attention = self._attention(plan, pos_t, torch.tensor(rows, dtype=torch.long, device=dev))
+        step = StepContext(adapters=self._adapters(slots, plan.lane), attention=attention)
+        # The LM head sees only the sampling rows, so it gets their own batch
+        # (an adapter on lm_head must line up with the rows it is given).
+        head_step: StepContext[AttentionMetadata] = StepContext(adapters=self._adapters([slots[i] for i in keep],
+                                                                                        plan.lane))
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)  # [1, tokens]
         keep_t = torch.tensor(keep, dtype=torch.long, device=dev)  # [sampling rows]
         with torch.inference_mode():
-            with use_mapping(mapping), use_context(context):
+            with use_step(step):
                 hidden = self.decoder(input_ids=input_ids, position_ids=pos_t.unsqueeze(0),
                                       use_cache=False).last_hidden_state  # [1, tokens, hidden]
-            # The LM head sees only the sampling rows, so it gets their own mapping
-            # (an adapter on lm_head must line up with the rows it is given).
-            head_mapping = AdapterMapping.from_token_slots([slots[i] for i in keep], dev, merged_id=plan.lane)
-            with use_mapping(head_mapping):
+            with use_step(head_step):
                 logits = self.head(hidden[0].index_select(0, keep_t))  # [sampling rows, vocab]
         return self._postprocess(logits.float())
+
+    def _adapters(self, slots: list[int], lane: int | None) -> AdapterBatch:
+        return AdapterBatch.build(AdapterMapping.from_token_slots(slots, self.device, lane=lane))
 
     def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """What the model's own forward does after its LM head (e.g. Gemma-2 soft-capping)."""
@@ -93,7 +100,7 @@ class Runner:
                 keep.append(len(ids) - 1)
         return ids, positions, rows, slots, keep
 
-    def _context(self, plan: StepPlan, positions: torch.Tensor, rows: torch.Tensor) -> AttentionContext:
+    def _attention(self, plan: StepPlan, positions: torch.Tensor, rows: torch.Tensor) -> AttentionMetadata:
         d = len(plan.decode)
         decode_rows: torch.Tensor | slice | None = None
         decode_index = decode_mask = None
@@ -124,7 +131,7 @@ class Runner:
         for s, n in plan.prefill:
             spans.append(PrefillSpan(s.row, start, n, s.prefilled, self._chunk_mask(s.prefilled, n)))
             start += n
-        return AttentionContext(self.cache, rows, positions, d, decode_rows, decode_index, decode_mask, decode_len,
+        return AttentionMetadata(self.cache, rows, positions, d, decode_rows, decode_index, decode_mask, decode_len,
                                 tuple(spans), decode_lengths, min(lengths) if d else 0)
 
     def _chunk_mask(self, position: int, n: int) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ prefill chunks that fit the token budget, so a long prompt is prefilled over
 several steps instead of stalling everyone's decoding.
 
 Lanes: a sequence whose adapter is served by a merged copy of the base (an
-`AdapterMapping.merged_id`) runs in that copy's lane; a step runs one lane
+`AdapterMapping.lane`) runs in that copy's lane; a step runs one lane
 only, and lanes with work take turns (round-robin), the shared lane included.
 
 Thread-safety: `submit`/`cancel_waiting` may be called from any thread; every
@@ -51,8 +51,9 @@ class StepPlan:
 
 
 @dataclass
-class Admission:
-    """What changed outside the running batch during scheduling (the engine reports it)."""
+class Removals:
+    """Requests scheduling took out of the queue or the batch: cancelled ones, and ones whose admission
+    failed. The engine answers each of them."""
     cancelled: list[Request | Sequence] = field(default_factory=list)
     failed: list[tuple[Request, Exception]] = field(default_factory=list)
 
@@ -103,9 +104,9 @@ class Scheduler:
         return out
 
     # --- engine thread ------------------------------------------------------
-    def schedule(self, admission: Admission) -> StepPlan | None:
-        self._reap(admission)
-        self._admit(admission)
+    def schedule(self, removals: Removals) -> StepPlan | None:
+        self._reap(removals)
+        self._admit(removals)
         if not self.running:
             return None
         lane = self._pick_lane()
@@ -134,16 +135,16 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - a manager bug must not take the batch down
                     log.exception("adapter manager release(%r) failed", seq.request.adapter_key)
 
-    def _reap(self, admission: Admission) -> None:
+    def _reap(self, removals: Removals) -> None:
         for seq in [s for s in self.running if s.request.cancelled]:
             self.finish(seq)
-            admission.cancelled.append(seq)
+            removals.cancelled.append(seq)
         with self._lock:
             if any(r.cancelled for r in self.waiting):
-                admission.cancelled.extend(r for r in self.waiting if r.cancelled)
+                removals.cancelled.extend(r for r in self.waiting if r.cancelled)
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
 
-    def _admit(self, admission: Admission) -> None:
+    def _admit(self, removals: Removals) -> None:
         with self._lock:
             candidates = list(self.waiting)
         for request in candidates:
@@ -154,7 +155,7 @@ class Scheduler:
                 placement = self._place(request)
             except Exception as exc:  # noqa: BLE001 - the adapter manager refused: fail this request only
                 self._remove_waiting(request)
-                admission.failed.append((request, exc))
+                removals.failed.append((request, exc))
                 continue
             if placement is None:
                 continue  # adapter not resident yet: keep waiting, let others through

@@ -105,17 +105,13 @@ class GroupedLoraKernel:
                 and x.is_cpu and y.is_cpu and a.is_cpu and bt.is_cpu)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks,
-            r: int | None = None) -> None:
+            r: int | None = None, *, supported: bool = False) -> None:
         """x `[tokens, in]`, y `[tokens, out]` (written in place), a `[slots, r_cap, in]`, bt `[slots, r_cap, out]`;
-        only the first `r` rows of each slot are read (default: all), so a bank's tensors need no slicing."""
-        if not self.try_add(x, y, a, bt, blocks, r):
+        only the first `r` rows of each slot are read (default: all), so a bank's tensors need no slicing.
+        Whether to call it is the caller's decision (`supports`); `supported=True` says the caller has just
+        asked, so the per-module hot path does not ask twice. Shapes and bounds are always checked."""
+        if not supported and not self.supports(x, y, a, bt):
             raise ValueError("GroupedLoraKernel: unsupported tensors")
-
-    def try_add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, blocks: Blocks,
-                r: int | None = None) -> bool:
-        """`add`, or False (nothing written) when `supports` says no: one check on the per-step hot path."""
-        if not self.supports(x, y, a, bt):
-            return False
         in_features, out_features = x.shape[1], y.shape[1]
         rows = a.shape[1] if r is None else r
         if a.shape[2] != in_features or bt.shape[2] != out_features or not 0 <= rows <= min(a.shape[1], bt.shape[1]):
@@ -129,7 +125,6 @@ class GroupedLoraKernel:
                            a.data_ptr(), a_strides[0], a_strides[1], bt.data_ptr(), bt_strides[0], bt_strides[1],
                            in_features, out_features, rows, blocks.slots_ptr, blocks.starts_ptr, blocks.count,
                            blocks.tokens_ptr, torch.get_num_threads())
-        return True
 
 
 _lock = threading.Lock()

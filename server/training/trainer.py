@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping, use_mapping
+from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
+from server.adapters.step import adapter_step
 from server.training.data import IGNORE_INDEX, Batch, BatchOrder, TokenizedExample, collate
 from server.training.export import load_peft_state_dict, load_tensors, peft_state_dict, save_peft
 from server.training.modules import TrainableAdapter, base_of, build_adapters, is_wrapper
@@ -196,13 +197,13 @@ class Trainer:
         b, width = batch.input_ids.shape
         head = self.model.get_output_embeddings()
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        with use_mapping(train_mapping(b * width, self.device)):
+        with adapter_step(train_mapping(b * width, self.device)):
             if head is None or not is_wrapper(head):
                 return self.model(**kwargs, logits_to_keep=wanted).logits
             if not plain_head(self.model.config):
                 return self.model(**kwargs).logits[:, wanted]
             hidden = self.model.get_decoder()(**kwargs).last_hidden_state[:, wanted]  # [b, k, H]
-        with use_mapping(train_mapping(hidden.shape[0] * hidden.shape[1], self.device)):
+        with adapter_step(train_mapping(hidden.shape[0] * hidden.shape[1], self.device)):
             return head(hidden)  # [b, k, V]
 
     # ---------------------------------------------------------- persistence

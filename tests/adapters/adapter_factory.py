@@ -111,20 +111,21 @@ def token_ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-def logits_under(model, ids: torch.Tensor, slot: int, merged_id: int | None = None) -> torch.Tensor:
-    """Full-forward logits with every row on adapter `slot` (or on merged copy `merged_id`)."""
-    from server.adapters.mapping import AdapterMapping, use_mapping
+def logits_under(model, ids: torch.Tensor, slot: int, lane: int | None = None) -> torch.Tensor:
+    """Full-forward logits with every row on adapter `slot` (or on merged copy `lane`)."""
+    from server.adapters.mapping import AdapterMapping
+    from server.adapters.step import adapter_step
 
-    mapping = AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1], merged_id=merged_id)
-    with torch.no_grad(), use_mapping(mapping):
+    mapping = AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1], lane=lane)
+    with torch.no_grad(), adapter_step(mapping):
         return model(input_ids=ids).logits
 
 
-def greedy_under(model, ids: torch.Tensor, slot: int, steps: int, merged_id: int | None = None) -> torch.Tensor:
+def greedy_under(model, ids: torch.Tensor, slot: int, steps: int, lane: int | None = None) -> torch.Tensor:
     """Full-forward greedy loop with HF's stopping rule (finished rows continue with pad = eos)."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
-        nxt = logits_under(model, ids, slot, merged_id)[:, -1].argmax(-1)
+        nxt = logits_under(model, ids, slot, lane)[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
         done |= nxt == EOS
         ids = torch.cat([ids, nxt[:, None]], dim=1)

@@ -20,8 +20,9 @@ import torch
 import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.manager import AdapterManager
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 from server.adapters.store import AdapterStore
 from server.errors import AdapterError, NotFound
 from server.metrics import Metrics
@@ -31,7 +32,7 @@ IDS = torch.randint(3, af.VOCAB, (1, 6), generator=torch.Generator().manual_seed
 
 
 def _logits(model, slot: int) -> torch.Tensor:
-    with torch.no_grad(), use_mapping(AdapterMapping.from_row_slots([slot], IDS.shape[1])):
+    with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots([slot], IDS.shape[1])):
         return model(input_ids=IDS).logits
 
 

@@ -12,8 +12,9 @@ import torch
 
 import adapter_factory as af
 from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 
 KINDS = af.ALL_KINDS
 EOS = af.EOS
@@ -70,6 +71,6 @@ def test_decode_rows_match_peft(zoo):
         expected = torch.stack([peft_models[k](input_ids=ids[i:i + 1]).logits[0, -1] for i, k in enumerate(kinds)])
         # Rows shorter than LONG_RUN: every token goes through the grouped (decode) path.
         mapping = AdapterMapping.from_token_slots([slots[k] for k in kinds for _ in range(ids.shape[1])])
-        with use_mapping(mapping):
+        with adapter_step(mapping):
             got = ours.model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 import adapter_factory as af
+from layer_reference import reference
+from server.adapters.backend import CpuKernelBackend
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping, use_mapping
-from server.adapters.plan import step_plan
+from server.adapters.mapping import AdapterMapping
+from server.adapters.plan import AdapterBatch
+from server.adapters.step import adapter_step
 
 BASE = -1
 ACTIVE = [0, 3, 4, 5, 9, 15]  # runs: [0], [3..5], [9], [15]
@@ -28,7 +31,7 @@ def layers(request, tmp_path_factory):
                                    cpu_kernels=request.param == "cpu-kernel")
     base = af.tiny_base(seed=0)
     layers = inject_adapter_layers(base.model, settings)
-    assert (layers["model.layers.0.mlp.up_proj"].bank.kernel is not None) == (request.param == "cpu-kernel")
+    assert isinstance(layers["model.layers.0.mlp.up_proj"].backend, CpuKernelBackend) == (request.param == "cpu-kernel")
     g = torch.Generator().manual_seed(11)
     for name in ("model.layers.0.mlp.up_proj", "model.embed_tokens"):
         layer = layers[name]
@@ -58,10 +61,10 @@ def test_scattered_active_slots_equal_reference(layers, name):
         x = torch.randint(0, layer.num_embeddings, (40, 1), generator=g)
     else:
         x = torch.randn(40, 1, layer.in_features, generator=g)
-    with torch.no_grad(), use_mapping(mapping):
+    with torch.no_grad(), adapter_step(mapping):
         fast = layer(x)
-    torch.testing.assert_close(fast, layer.reference(x, mapping), atol=1e-4, rtol=1e-5)
-    grouped = step_plan(mapping, x.device).grouped
+    torch.testing.assert_close(fast, reference(layer, x, mapping), atol=1e-4, rtol=1e-5)
+    grouped = AdapterBatch.build(mapping).grouped
     present = sorted({s for s in slots if s >= 0})
     assert grouped is not None and grouped.num_slots == len(present)
     assert sum(c for _, c, _ in grouped.runs) == len(present)
@@ -78,8 +81,8 @@ def test_grouped_layouts_equal_reference(layers, slots, identity):
     layer = layers["model.layers.0.mlp.up_proj"]
     mapping = AdapterMapping.from_token_slots(slots)
     x = torch.randn(len(slots), layer.in_features, generator=torch.Generator().manual_seed(len(slots)))
-    with torch.no_grad(), use_mapping(mapping):
+    with torch.no_grad(), adapter_step(mapping):
         fast = layer(x)
-    torch.testing.assert_close(fast, layer.reference(x, mapping), atol=1e-4, rtol=1e-5)
-    grouped = step_plan(mapping, x.device).grouped
+    torch.testing.assert_close(fast, reference(layer, x, mapping), atol=1e-4, rtol=1e-5)
+    grouped = AdapterBatch.build(mapping).grouped
     assert grouped is not None and grouped.identity is identity

@@ -16,11 +16,14 @@ import pytest
 import torch
 
 import adapter_factory as af
+from layer_reference import reference
+from server.adapters.backend import TorchBackend
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.layers import AdaptedModule
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
 from server.adapters.miss import bat_delta
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 
 KINDS = ["lora_all", "lora_embed", "miss_balance", "miss_bat"]
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj",
@@ -45,8 +48,9 @@ def half(request, tmp_path_factory):
     for slot, kind in enumerate(KINDS):
         af.make_peft(peft_base, kind, tmp / kind, seed=40 + slot, scale=0.3)
         layers.load_slot(slot, read_adapter(tmp / kind, ours, settings))
-    bank = layers[LAYERS[0]].bank
-    assert bank.slot_dtype == (torch.float32 if slots else dtype) and bank.kernel is None
+    layer = layers[LAYERS[0]]
+    assert layer.bank.slot_dtype == (torch.float32 if slots else dtype)
+    assert isinstance(layer.backend, TorchBackend)  # the CPU kernel serves float32 models only
     return dtype, layers
 
 
@@ -111,7 +115,7 @@ def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _served(layer: AdaptedModule, x: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(adapted output, base output), both `[tokens, out]` in the model's dtype."""
     with torch.no_grad():
-        with use_mapping(AdapterMapping.from_token_slots(slots)):
+        with adapter_step(AdapterMapping.from_token_slots(slots)):
             got = layer(x)
         base = layer.base_layer(x)
     return got.reshape(len(slots), -1), base.reshape(len(slots), -1)
@@ -149,7 +153,7 @@ def test_fast_path_within_an_ulp_of_reference(half, name, shape):
     slots = _mixed_slots(int(torch.tensor(shape).prod()), seed=len(name) + shape[0])
     x = _input(layer, shape, dtype)
     got, base = _served(layer, x, slots)
-    ref = layer.reference(x, AdapterMapping.from_token_slots(slots)).reshape(len(slots), -1)
+    ref = reference(layer, x, AdapterMapping.from_token_slots(slots)).reshape(len(slots), -1)
     assert ref.dtype == dtype
     err = (got.double() - ref.double()).abs()
     _, slack = _exact_term(layer, x, slots)  # + the reference's own float32 error on the base product

@@ -52,7 +52,7 @@ def test_merged_logits_equal_unmerged(zoo, kind):
     slot = af.ALL_KINDS.index(kind)
     ids = af.token_ids(11)
     unmerged = af.logits_under(ours.model, ids, slot)
-    merged = af.logits_under(ours.model, ids, -1, merged_id=copies[kind].lane)
+    merged = af.logits_under(ours.model, ids, -1, lane=copies[kind].lane)
     base = af.logits_under(ours.model, ids, -1)
     assert (unmerged - base).abs().max() > 1e-2, "the adapter must change the output for this test to mean anything"
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
@@ -64,7 +64,7 @@ def test_merged_greedy_tokens_equal_unmerged(zoo, kind):
     slot = af.ALL_KINDS.index(kind)
     ids = af.token_ids(12, length=5)
     unmerged = af.greedy_under(ours.model, ids, slot, steps=10)
-    merged = af.greedy_under(ours.model, ids, -1, steps=10, merged_id=copies[kind].lane)
+    merged = af.greedy_under(ours.model, ids, -1, steps=10, lane=copies[kind].lane)
     assert merged.tolist() == unmerged.tolist()
 
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import adapter_factory as af
+from layer_reference import reference
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
 from server.adapters.miss import BatWeights, MissWeights
+from server.adapters.step import adapter_step
 
 Q, V, DOWN, EMB = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
                    "model.layers.1.mlp.down_proj", "model.embed_tokens")
@@ -90,8 +92,8 @@ def test_load_slot_replaces_the_old_adapter_module_by_module(layers):
     _assert_slot_is(layers[DOWN].bank, 2, new.modules[DOWN])
     x = torch.randn(3, 1, layers[V].in_features)
     mapping = AdapterMapping.from_token_slots([2, 2, -1])
-    with torch.no_grad(), use_mapping(mapping):
-        torch.testing.assert_close(layers[V](x), layers[V].reference(x, mapping), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), adapter_step(mapping):
+        torch.testing.assert_close(layers[V](x), reference(layers[V], x, mapping), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layers[Q](x), layers[Q].base_layer(x), rtol=0, atol=0)  # no trace of the old
 
 

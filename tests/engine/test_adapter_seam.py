@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.adapters.mapping import current_mapping
+from server.adapters.step import current_step
 from server.engine.request import Request, RequestStream, SamplingParams
 
 
@@ -40,12 +40,13 @@ class Manager:
 
 @pytest.fixture
 def mappings(varied_base):
-    """Every AdapterMapping the model's forward ran under, as (token slots, merged_id)."""
+    """Every AdapterMapping the model's forward ran under, as (token slots, lane)."""
     seen: list[tuple[tuple[int, ...], int | None]] = []
 
     def hook(module, args):
-        m = current_mapping()
-        seen.append((tuple(m.token_slots.tolist()), m.merged_id) if m is not None else None)
+        step = current_step()
+        m = None if step is None or step.adapters is None else step.adapters.mapping
+        seen.append((tuple(m.token_slots.tolist()), m.lane) if m is not None else None)
 
     handle = varied_base.model.model.embed_tokens.register_forward_pre_hook(hook)
     yield seen
@@ -162,7 +163,7 @@ def test_lm_head_gets_a_mapping_of_exactly_its_rows(make_engine, varied_base):
     seen: list[tuple[int, tuple[int, ...]]] = []
 
     def hook(module, args):
-        seen.append((args[0].shape[0], tuple(current_mapping().token_slots.tolist())))
+        seen.append((args[0].shape[0], tuple(current_step().adapters.mapping.token_slots.tolist())))
 
     handle = varied_base.model.lm_head.register_forward_pre_hook(hook)
     try:

@@ -157,7 +157,7 @@ def test_a_dead_engine_fails_waiting_requests_instead_of_hanging(make_engine, va
     gate = Gate()
     engine.set_background_worker(gate)
 
-    def boom(admission):
+    def boom(removals):
         raise SystemExit("engine thread killed")  # BaseException: escapes the per-step guard
 
     async def go():

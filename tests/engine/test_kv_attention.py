@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from server.engine import kv_cache
 from server.engine import runner as runner_module
-from server.engine.attention import ATTN_IMPL, current_context
+from server.engine.attention import ATTN_IMPL, current_attention
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan
 from tests.engine.conftest import run
@@ -50,7 +50,7 @@ def test_no_context_falls_back_to_plain_sdpa_with_padding(make_engine, varied_ba
     make_engine()  # installs the engine attention on the shared model
     model = varied_base.model
     assert model.config._attn_implementation == ATTN_IMPL
-    assert current_context() is None
+    assert current_attention() is None
     batch = varied_base.tokenizer(["short", "a much longer prompt with padding"], return_tensors="pt",
                                   padding=True)
     with torch.no_grad():

@@ -180,3 +180,10 @@ def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
         assert load_kernel(tmp_path) is None
     assert "no C compiler" in caplog.text
     assert os.listdir(tmp_path) == []
+
+
+def test_add_refuses_tensors_it_does_not_support(kernel):
+    x, y = torch.zeros(2, 8), torch.zeros(2, 4)
+    a, bt = torch.zeros(3, 2, 8), torch.zeros(3, 2, 4)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernel.add(x.double(), y, a, bt, Blocks.build([0], [0, 1], [0]))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import AdapterMapping, use_mapping
+from server.adapters.mapping import AdapterMapping
+from server.adapters.step import adapter_step
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
 from server.training.data import tokenize_all
@@ -54,7 +55,7 @@ def make_trainer(base: BaseModel, spec: TrainingJobSpec) -> Trainer:
 def served_logits(base: BaseModel, ids: torch.Tensor, slot: int) -> torch.Tensor:
     """Our serving path: the wrappers with an adapter in device `slot` (ids [1, L] → [1, L, V])."""
     mapping = AdapterMapping.from_token_slots([slot] * ids.shape[1], base.device)
-    with torch.inference_mode(), use_mapping(mapping):
+    with torch.inference_mode(), adapter_step(mapping):
         return base.model(input_ids=ids, use_cache=False).logits.clone()
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import use_mapping
 from server.adapters.peft_format import read_adapter
+from server.adapters.step import adapter_step
 from server.training.export import CONFIG_NAME
 from server.training.trainer import attached, train_mapping
 from tests.training.conftest import make_spec, make_trainer, served_logits
@@ -68,7 +68,7 @@ def test_peft_loads_trained_adapter_and_logits_match(case, tiny_served, train_se
         for m in trainer.adapters.values():
             m.eval()
         with torch.no_grad(), attached(tiny_served.model, trainer.adapters), \
-                use_mapping(train_mapping(ids.shape[1], tiny_served.device)):
+                adapter_step(train_mapping(ids.shape[1], tiny_served.device)):
             train_path = tiny_served.model(input_ids=ids, use_cache=False).logits
         assert (train_path - expected).abs().max().item() < 1e-4
         assert (expected - base_logits).abs().max() > 1e-3  # the adapter does change the output
