@@ -19,11 +19,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.adapters.inject import inject_adapter_layers
+from server.adapters.limits import AdapterLimits
 from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
 from server.adapters.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
+from server.api.keys import ApiKeys
 from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
@@ -43,15 +45,17 @@ log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.05
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
-    """`base` lets tests share one loaded model between apps; production loads it in the lifespan."""
+def create_app(settings: Settings | None = None, base: BaseModel | None = None,
+               keys: ApiKeys | None = None) -> FastAPI:
+    """`base` lets tests share one loaded model between apps; production loads it in the lifespan.
+    `keys`: the table the CLI loaded; None loads settings.api_keys here (tests, embedders)."""
     settings = settings or Settings()
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     app.state.preloaded_base = base
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
-    install_auth(app, settings)  # no byte of an unauthenticated request is read
+    install_auth(app, settings, keys)  # no byte of an unauthenticated request is read
     app.add_middleware(CatchAllMiddleware)  # inside the request id: a 500 names it, the connection lives on
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
     for module in (health, generate, openai, adapters, merge, training):
@@ -82,7 +86,8 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     metrics = Metrics(settings.metrics_max_adapter_series)
     engine = Engine(base, settings, metrics)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
-    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
+                        adapter_limits=AdapterLimits.from_settings(settings))
     services.add_shutdown_hook(prompts.close)
     services.grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids,
                                         cache_size=settings.grammar_cache_size,
@@ -90,7 +95,8 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
                                         max_source_chars=settings.max_grammar_chars)
     services.add_shutdown_hook(services.grammars.close)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
+    # StoreInUse: another server has it
+    store = services.store = open_store(settings.store, base, services.adapter_limits)
     try:
         attach_adapters(services)
         attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
@@ -103,15 +109,16 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
 
 def attach_adapters(services: Services) -> None:
     """Swap adapter-aware layers into the base model and put the manager between store and engine."""
-    layers = inject_adapter_layers(services.base.model, services.settings)
-    manager = AdapterManager(services.base, layers, services.store, services.settings, services.metrics)
+    limits = services.adapter_limits
+    layers = inject_adapter_layers(services.base.model, limits)
+    manager = AdapterManager(services.base, layers, services.store, limits, services.metrics)
     services.adapters = manager
     services.engine.set_adapter_manager(manager)
     services.add_shutdown_hook(manager.close)
     if services.settings.prefetch_adapters:
         manager.prefetch(services.store.newest_first)
     # Merge path (issue 5): dedicated adapters run on merged copies; the scheduler asks manager.merged_id.
-    merge_registry = MergeRegistry(services.base, layers, services.store, services.settings, services.metrics,
+    merge_registry = MergeRegistry(services.base, layers, services.store, limits, services.metrics,
                                    services.engine)
     manager.merge = services.merge = merge_registry
     services.add_shutdown_hook(merge_registry.close)

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PRINCIPAL_SCOPE_KEY = "loraplex.principal"  # set by server.api.auth (kept in sync; not imported: no cycle)
+PRINCIPAL_SCOPE_KEY = "loraplex.principal"  # where server.api.auth puts the caller in the ASGI scope
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraplex_request_id", default=None)
 access_log = logging.getLogger("loraplex.access")

@@ -27,6 +27,7 @@ class Services:
     engine: Any  # server.engine.engine.Engine
     metrics: Any  # server.metrics.Metrics
     prompts: Any  # server.api.prompts.PromptEncoder (bounded tokenization)
+    adapter_limits: Any = None  # server.adapters.limits.AdapterLimits
     adapters: Any = None  # AdapterManager (adapter work); None = base model only
     store: Any = None  # AdapterStore
     merge: Any = None  # MergeRegistry (merge path for dedicated tenants)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -104,16 +104,6 @@ class Settings(BaseSettings):
     train_max_attempts: int = Field(3, ge=1)
     train_checkpoint_every: int = Field(10, ge=1, description="Optimizer steps between job checkpoints")
     max_train_upload_bytes: int = Field(64 * MiB, ge=1024, description="JSONL upload to /v1/training/jobs/upload")
-
-    @field_validator("api_keys")
-    @classmethod
-    def _check_api_keys(cls, path: Path | None) -> Path | None:
-        """A bad keys file is a start-up error with a clear message, never a 500 later."""
-        if path is not None:
-            from server.api.auth import load_api_keys  # lazy: auth imports this module
-
-            load_api_keys(path)  # ApiKeysError is a ValueError: pydantic reports it
-        return path
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

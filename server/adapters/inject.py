@@ -19,7 +19,7 @@ from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModul
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.slots import SlotBank
 from server.kernels.cpu import GroupedLoraKernel, load_kernel
-from server.settings import Settings
+from server.adapters.limits import AdapterLimits
 
 log = logging.getLogger(__name__)
 
@@ -131,41 +131,43 @@ class AdapterLayers:
         return sum(layer.bank.nbytes() for layer in self.layers.values())
 
 
-def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers:
+def inject_adapter_layers(model: nn.Module, limits: AdapterLimits) -> AdapterLayers:
     existing = getattr(model, "_loraplex_layers", None)
     if existing is not None:
         return existing
-    slots = settings.max_adapters_resident
+    slots = limits.max_adapters_resident
     targets: list[tuple[str, nn.Module]] = [
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
     ]
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
-    kernel = _cpu_kernel(model, settings)
-    slot_dtype = slot_dtype_for(model, settings)
+    kernel = _cpu_kernel(model, limits)
+    slot_dtype = slot_dtype_for(model, limits)
     if kernel is not None and slot_dtype not in kernel.weight_dtypes:
         log.warning("slot_dtype %s: this CPU's kernel has no such variant, decode takes the (slower) torch path",
                     slot_dtype)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
-        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, slot_dtype)
+        layers[name] = _wrap(model, name, mod, slots, limits.max_rank, slot_dtype)
         layers[name].bank.kernel = None if layers[name].bank.embedding else kernel
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
 
 
-def slot_dtype_for(model: nn.Module, settings: Settings) -> torch.dtype:
-    """The dtype adapter factors are held in on the device: settings.slot_dtype, auto = the model's."""
-    return next(model.parameters()).dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
+def slot_dtype_for(model: nn.Module, limits: AdapterLimits) -> torch.dtype:
+    """The dtype adapter factors are held in on the device: limits.slot_dtype, None = the model's."""
+    return next(model.parameters()).dtype if limits.slot_dtype is None else limits.slot_dtype
 
 
-def _cpu_kernel(model: nn.Module, settings: Settings) -> GroupedLoraKernel | None:
-    """The compiled CPU decode path, for a float32 model on CPU when settings allow it."""
+def _cpu_kernel(model: nn.Module, limits: AdapterLimits) -> GroupedLoraKernel | None:
+    """The compiled CPU decode path, for a float32 model on CPU when the configuration allows it."""
     weight = next(model.parameters())
-    if not settings.cpu_kernels or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not limits.cpu_kernels or limits.kernel_cache_dir is None:
         return None
-    return load_kernel(settings.cache_dir)
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return load_kernel(limits.kernel_cache_dir)
 
 
 def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,

@@ -29,24 +29,24 @@ from typing import Any
 
 from server.adapters.cache import HostCache, SlotTable
 from server.adapters.inject import AdapterLayers
+from server.adapters.limits import AdapterLimits
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.peft_format import read_adapter
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Path, Any, Settings], LoadedAdapter]
+Loader = Callable[[Path, Any, AdapterLimits], LoadedAdapter]
 
 
 class AdapterManager:
-    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
+    def __init__(self, base: Any, layers: AdapterLayers, store: Any, limits: AdapterLimits, metrics: Any = None,
                  loader: Loader = read_adapter, load_workers: int = 2) -> None:
-        self.base, self.layers, self.store, self.settings = base, layers, store, settings
+        self.base, self.layers, self.store, self.limits = base, layers, store, limits
         self.metrics = metrics
         self._loader = loader
-        self.host = HostCache(settings.max_adapters_host)
+        self.host = HostCache(limits.max_adapters_host)
         self.slots = SlotTable(layers.num_slots)
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
         self._refs: dict[AdapterKey, AdapterRef] = {}
@@ -106,7 +106,7 @@ class AdapterManager:
         key = ref.key
         started = time.perf_counter()
         try:
-            adapter = self._loader(ref.path, self.base, self.settings)
+            adapter = self._loader(ref.path, self.base, self.limits)
             evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
             with self._lock:
                 self._read_failures.pop(key, None)

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.inject import AdapterLayers
+from server.adapters.limits import AdapterLimits
 from server.adapters.merged_copy import MergedCopy, build_merged_copy, install, uninstall
 from server.adapters.peft_format import read_adapter
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError, ApiError, Conflict, NotFound, Unavailable
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class _Build:
 
 
 class MergeRegistry:
-    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
+    def __init__(self, base: Any, layers: AdapterLayers, store: Any, limits: AdapterLimits, metrics: Any = None,
                  engine: Any = None) -> None:
-        self.base, self.layers, self.store, self.settings = base, layers, store, settings
+        self.base, self.layers, self.store, self.limits = base, layers, store, limits
         self.metrics = metrics
         self.engine = engine
         self._lock = threading.RLock()
@@ -90,10 +90,10 @@ class MergeRegistry:
         with self._lock:
             build = self._wanted.get(pair)
             created = build is None or build.key.version < ref.key.version
-            if build is None and len(self._wanted) >= self.settings.max_merged:
+            if build is None and len(self._wanted) >= self.limits.max_merged:
                 raise Conflict(
                     f"cannot merge {adapter_id!r}: {len(self._wanted)} merged copies already exist and "
-                    f"max_merged is {self.settings.max_merged}; un-merge one first "
+                    f"max_merged is {self.limits.max_merged}; un-merge one first "
                     "(DELETE /v1/adapters/{id}/merge)"
                 )
             if created:
@@ -158,7 +158,7 @@ class MergeRegistry:
                 if not (self.store.adapter_dir(tenant, adapter_id) / MARKER).is_file():
                     continue
                 with self._lock:
-                    if len(self._wanted) >= self.settings.max_merged:
+                    if len(self._wanted) >= self.limits.max_merged:
                         log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
                         continue
                     with contextlib.suppress(ApiError):
@@ -257,7 +257,7 @@ class MergeRegistry:
                 with self._lock:
                     build.key = max(build.key, ref.key)
             try:
-                adapter = read_adapter(ref.path, self.base, self.settings)
+                adapter = read_adapter(ref.path, self.base, self.limits)
             except (AdapterError, OSError) as e:
                 raise self._superseded(pair, ref) or e from None
             copy = build_merged_copy(self.layers, adapter, ref.key, build.lane)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
 
-from server.api.deps import DEFAULT_TENANT, Principal
+from server.api.keys import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.errors import ApiError, InvalidRequest, NotFound, QueueFull, Unavailable
 from server.logging import PRINCIPAL_SCOPE_KEY, log_generation

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from server.adapters.inject import inject_adapter_layers
+from server.adapters.limits import AdapterLimits
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME, open_store
 from server.model.load import load_base
 from server.settings import Settings
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="loraplex-examples-") as scratch:
         settings = Settings(store=Path(scratch) / "store")
         base = load_base(settings)
-        inject_adapter_layers(base.model, settings)
-        service = TrainingService(settings, base, open_store(settings.store, base, settings))
+        limits = AdapterLimits.from_settings(settings)
+        inject_adapter_layers(base.model, limits)
+        service = TrainingService(settings, base, open_store(settings.store, base, limits))
         try:
             for name in args.only or sorted(EXAMPLES):
                 train_one(service, name, Path(args.out))

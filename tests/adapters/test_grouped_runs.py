@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.lora import LoraWeights
 from server.adapters.mapping import AdapterMapping, use_mapping
@@ -27,7 +28,7 @@ def layers(request, tmp_path_factory):
     settings = af.adapter_settings(tmp_path_factory.mktemp("runs"), max_adapters_resident=16,
                                    cpu_kernels=request.param == "cpu-kernel")
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     assert (layers["model.layers.0.mlp.up_proj"].bank.kernel is not None) == (request.param == "cpu-kernel")
     g = torch.Generator().manual_seed(11)
     for name in ("model.layers.0.mlp.up_proj", "model.embed_tokens"):

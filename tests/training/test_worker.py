@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.store import open_store
 from server.errors import InvalidRequest
 from server.training.service import TrainingService
@@ -17,7 +18,7 @@ def settings(tiny_model_dir, tmp_path):
 
 
 def service(settings, base) -> TrainingService:
-    return TrainingService(settings, base, open_store(settings.store, base, settings))
+    return TrainingService(settings, base, open_store(settings.store, base, AdapterLimits.from_settings(settings)))
 
 
 def run_until_idle(svc: TrainingService, limit: int = 1000) -> int:

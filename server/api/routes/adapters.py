@@ -17,8 +17,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.store import AdapterStore, StoredVersion, check_tenant
-from server.adapters.types import AdapterKey, check_adapter_id
+from server.adapters.ids import check_adapter_id, check_tenant
+from server.adapters.store import AdapterStore, StoredVersion
+from server.adapters.types import AdapterKey
 from server.api.deps import Principal, get_principal
 from server.api.errors import allowed_methods
 from server.api.responses import AdapterList, AdapterRecord, ok
@@ -61,7 +62,7 @@ def validate_adapter(services: Services, path: Path) -> Any:
     from server.adapters.peft_format import read_adapter
 
     try:
-        loaded = read_adapter(path, services.base, services.settings)
+        loaded = read_adapter(path, services.base, services.adapter_limits)
     except ApiError:
         raise
     except Exception as e:  # noqa: BLE001 - a reader bug must still be a clean 4xx for this upload

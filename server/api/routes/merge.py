@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.merge import MergeRegistry
-from server.adapters.types import check_adapter_id
+from server.adapters.ids import check_adapter_id
 from server.api.deps import Principal, get_principal
 from server.api.responses import AdapterRecord, ok
 from server.api.routes.adapters import present, store_of, target_tenant
