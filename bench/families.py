@@ -117,8 +117,7 @@ def measure(model_type: str, work: Path, tokenizer_dir: Path, requests: int, pro
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for i in range(ADAPTERS):
         layers.load_slot(i, read_adapter(work / f"a{i}", base, AdapterLimits.from_settings(settings)))
-    engine = Engine(base, settings)
-    engine.set_adapter_manager(Slots())
+    engine = Engine(base, settings, placement=Slots())
     engine.eos_ids = frozenset()  # every request runs its full length
     engine.start()
     g = torch.Generator().manual_seed(2)

@@ -22,7 +22,7 @@ from server.adapters.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
 from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
-from server.adapters.store import open_store
+from server.adapters.store import AdapterStore, open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.keys import ApiKeys
@@ -32,13 +32,14 @@ from server.api.limits import SizeLimitMiddleware
 from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
+from server.engine.loop import EngineLoop
 from server.engine.grammar import GrammarCompiler
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
-from server.services import Services
+from server.api.services import Services
 from server.settings import Settings
-from server.training.service import attach_training
+from server.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     app.state.preloaded_base = base
+    app.state.services = None  # until the lifespan has built them
+    app.state.freeze_gc = False  # the CLI's server process sets it (see lifespan)
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
     install_auth(app, settings, keys)  # no byte of an unauthenticated request is read
@@ -68,7 +71,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = build_services(app.state.settings, app.state.preloaded_base)
     app.state.services = services
-    if getattr(app.state, "freeze_gc", False):
+    if app.state.freeze_gc:
         # The model, tokenizer and every other start-up object live as long as the process, yet a
         # full (gen 2) collection walks them all: 0.2 s pauses on CPU, landing in adapter loads
         # and engine steps. Freezing moves them out of the collector's sight; refcounting still frees.
@@ -82,47 +85,40 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
+    """Construction order: each component gets its collaborators when it is built, never after."""
     base = base or load_base(settings)
-    metrics = Metrics(settings.metrics_max_adapter_series)
-    engine = Engine(base, settings, metrics)
-    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
-    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
-                        adapter_limits=AdapterLimits.from_settings(settings))
-    services.add_shutdown_hook(prompts.close)
-    services.grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids,
-                                        cache_size=settings.grammar_cache_size,
-                                        timeout_s=settings.grammar_compile_timeout_s,
-                                        max_source_chars=settings.max_grammar_chars)
-    services.add_shutdown_hook(services.grammars.close)
-    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    # StoreInUse: another server has it
-    store = services.store = open_store(settings.store, base, services.adapter_limits)
+    limits = AdapterLimits.from_settings(settings)
+    store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
     try:
-        attach_adapters(services)
-        attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+        return _build_on(store, settings, base, limits)
     except BaseException:
         store.close()
         raise
-    services.add_shutdown_hook(store.close)  # last: every other hook may still write to the store
+
+
+def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: AdapterLimits) -> Services:
+    metrics = Metrics(settings.metrics_max_adapter_series)
+    loop = EngineLoop()
+    layers = inject_adapter_layers(base.model, limits)  # adapter-aware layers swapped into the base model
+    # Dedicated adapters run on merged copies, swapped in by the engine loop between steps.
+    merge = MergeRegistry(base, layers, store, limits, metrics, loop)
+    adapters = AdapterManager(base, layers, store, limits, metrics, merge)
+    training = TrainingService(settings, base, store, loop)  # trains through the adapter layers
+    engine = Engine(base, settings, metrics, placement=adapters, loop=loop, background=training.worker)
+    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
+    grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
+                               timeout_s=settings.grammar_compile_timeout_s,
+                               max_source_chars=settings.max_grammar_chars)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
+                        grammars=grammars, store=store, adapters=adapters, merge=merge, jobs=training)
+    # Hooks run in this order; the store last: every other hook may still write to it.
+    for hook in (prompts.close, grammars.close, adapters.close, merge.close, training.close, store.close):
+        services.add_shutdown_hook(hook)
+    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
+    if settings.prefetch_adapters:
+        adapters.prefetch(store.newest_first)
+    merge.restore()
     return services
-
-
-def attach_adapters(services: Services) -> None:
-    """Swap adapter-aware layers into the base model and put the manager between store and engine."""
-    limits = services.adapter_limits
-    layers = inject_adapter_layers(services.base.model, limits)
-    manager = AdapterManager(services.base, layers, services.store, limits, services.metrics)
-    services.adapters = manager
-    services.engine.set_adapter_manager(manager)
-    services.add_shutdown_hook(manager.close)
-    if services.settings.prefetch_adapters:
-        manager.prefetch(services.store.newest_first)
-    # Merge path (issue 5): dedicated adapters run on merged copies; the scheduler asks manager.merged_id.
-    merge_registry = MergeRegistry(services.base, layers, services.store, limits, services.metrics,
-                                   services.engine)
-    manager.merge = services.merge = merge_registry
-    services.add_shutdown_hook(merge_registry.close)
-    merge_registry.restore()
 
 
 async def drain(services: Services, timeout: float) -> bool:

@@ -111,7 +111,7 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
-        services = getattr(self.config.app.state, "services", None)  # type: ignore[union-attr]
+        services = self.config.app.state.services  # type: ignore[union-attr]
         if services is not None:
             services.accepting = False
             deadline = time.monotonic() + services.settings.drain_timeout_s

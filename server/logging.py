@@ -123,7 +123,7 @@ def _log_access(scope: Scope, rid: str, status: int, seconds: float) -> None:
     principal = scope.get(PRINCIPAL_SCOPE_KEY)
     access_log.info("%s %s %d", scope.get("method"), scope.get("path"), status, extra={
         "request_id": rid, "method": scope.get("method"), "path": scope.get("path"), "status": status,
-        "duration_ms": round(seconds * 1000, 2), "tenant": getattr(principal, "tenant", None)})
+        "duration_ms": round(seconds * 1000, 2), "tenant": principal.tenant if principal is not None else None})
 
 
 def log_generation(*, route: str, engine_request_id: str, adapter: str, finish_reason: str,

@@ -18,7 +18,7 @@ from server.api.schemas import ResponseFormat, SamplingFields
 from server.engine.grammar import Grammar, GrammarKind
 from server.engine.request import FinishEvent, Request, TokenEvent, TokenLogprob
 from server.errors import InvalidRequest, Unavailable
-from server.services import Services
+from server.api.services import Services
 
 
 def decoding_options(body: SamplingFields, logprobs: int | None, grammar: Grammar | None) -> dict[str, Any]:

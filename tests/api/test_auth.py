@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from server.api.keys import ApiKeysError, load_api_keys, load_keys
 from server.app import create_app

@@ -96,8 +96,7 @@ def test_family_matches_transformers_and_peft_in_a_mixed_batch(family, budget):
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for slot, kind in enumerate(("lora", "miss")):
         layers.load_slot(slot, read_adapter(tmp / kind, base, AdapterLimits.from_settings(settings)))
-    engine = Engine(base, settings)
-    engine.set_adapter_manager(SlotManager({"lora": 0, "miss": 1}))
+    engine = Engine(base, settings, placement=SlotManager({"lora": 0, "miss": 1}))
     engine.eos_ids = frozenset()
     engine.start()
     try:

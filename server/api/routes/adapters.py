@@ -25,7 +25,7 @@ from server.api.errors import allowed_methods
 from server.api.responses import AdapterList, AdapterRecord, ok
 from server.api.upload import BodyReader, client_left, receive_upload
 from server.errors import AdapterError, ApiError, InvalidRequest, Unavailable
-from server.services import Services, get_services
+from server.api.services import Services, get_services
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -62,7 +62,7 @@ def validate_adapter(services: Services, path: Path) -> Any:
     from server.adapters.peft_format import read_adapter
 
     try:
-        loaded = read_adapter(path, services.base, services.adapter_limits)
+        loaded = read_adapter(path, services.base, services.adapters.limits)
     except ApiError:
         raise
     except Exception as e:  # noqa: BLE001 - a reader bug must still be a clean 4xx for this upload

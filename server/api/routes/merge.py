@@ -21,7 +21,7 @@ from server.api.deps import Principal, get_principal
 from server.api.responses import AdapterRecord, ok
 from server.api.routes.adapters import present, store_of, target_tenant
 from server.errors import Unavailable
-from server.services import Services, get_services
+from server.api.services import Services, get_services
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 

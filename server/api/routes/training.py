@@ -23,7 +23,7 @@ from server.adapters.ids import check_tenant
 from server.api.deps import Principal, get_principal
 from server.api.responses import JobList, JobRecord, ok
 from server.errors import InvalidRequest, Unavailable
-from server.services import get_services
+from server.api.services import get_services
 from server.training.spec import Example, TrainingJobSpec, parse_jsonl
 
 router = APIRouter(prefix="/v1/training", tags=["training"])
