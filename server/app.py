@@ -22,6 +22,7 @@ from server.adapters.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
 from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
+from server.adapters.service import AdapterService
 from server.adapters.store import AdapterStore, open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
@@ -103,21 +104,25 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
     # Dedicated adapters run on merged copies, swapped in by the engine loop between steps.
     merge = MergeRegistry(base, layers, store, limits, metrics, loop)
     adapters = AdapterManager(base, layers, store, limits, metrics, merge)
-    training = TrainingService(settings, base, store, loop)  # trains through the adapter layers
-    engine = Engine(base, settings, metrics, placement=adapters, loop=loop, background=training.worker)
+    engine = Engine(base, settings, metrics, placement=adapters, loop=loop)
+    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=engine,
+                                     keep_uploads=settings.prefetch_adapters)
+    training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
+    # The one assignment after construction: the worker publishes through a service that asks the engine
+    # which versions queued requests wait for, so the engine exists first.
+    engine.set_background_worker(training.worker)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
     grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
                                timeout_s=settings.grammar_compile_timeout_s,
                                max_source_chars=settings.max_grammar_chars)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
-                        grammars=grammars, store=store, adapters=adapters, merge=merge, jobs=training)
+                        grammars=grammars, store=store, adapters=adapters, merge=merge,
+                        adapter_service=adapter_service, jobs=training)
     # Hooks run in this order; the store last: every other hook may still write to it.
     for hook in (prompts.close, grammars.close, adapters.close, merge.close, training.close, store.close):
         services.add_shutdown_hook(hook)
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    if settings.prefetch_adapters:
-        adapters.prefetch(store.newest_first)
-    merge.restore()
+    adapter_service.start()  # warm the host tier, rebuild dedicated adapters' merged copies
     return services
 
 

@@ -16,6 +16,7 @@ from fastapi import Request
 
 from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
+from server.adapters.service import AdapterService
 from server.adapters.store import AdapterStore
 from server.api.prompts import PromptEncoder
 from server.engine.engine import Engine
@@ -40,6 +41,7 @@ class Services:
     store: AdapterStore
     adapters: AdapterManager  # host and device tiers of adapters
     merge: MergeRegistry  # merged copies for dedicated adapters
+    adapter_service: AdapterService  # publish / delete: uploads, trained outputs
     jobs: TrainingService  # training queue and worker
     shutdown_hooks: list[Callable[[], Any]] = field(default_factory=list)
     accepting: bool = True  # False once draining (SIGTERM): new requests get 503

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.adapters.store import AdapterStore
+from server.adapters.service import AdapterService
 from server.errors import InvalidRequest
 from server.model.load import BaseModel
 from server.settings import Settings
@@ -37,7 +37,8 @@ class Waker(Protocol):
 
 
 class TrainingService:
-    def __init__(self, settings: Settings, base: BaseModel, store: AdapterStore, loop: Waker | None = None) -> None:
+    def __init__(self, settings: Settings, base: BaseModel, adapters: AdapterService,
+                 loop: Waker | None = None) -> None:
         """`loop`: the engine loop that runs the worker's steps; None = nobody to wake (tests)."""
         self.settings = settings
         self.base = base
@@ -46,7 +47,7 @@ class TrainingService:
         recovered = self.jobs.recover(settings.train_max_attempts)
         if recovered:
             log.info("training jobs interrupted by the last shutdown: %s", recovered)
-        self.worker = TrainingWorker(self.jobs, base, store, settings, root / "checkpoints")
+        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints")
         self.loop = loop
 
     # ------------------------------------------------------------- routes
