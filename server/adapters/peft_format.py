@@ -61,7 +61,7 @@ def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
         raise AdapterError(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
     infos = check_safetensors(weights_path, limits.max_adapter_bytes)
     model_base = _base_of(base.model)
-    roles = _group(infos, spec)
+    roles = _tensors_by_module(infos, spec)
     _check_targets(spec, roles, model_base)
     for name, parts in roles.items():
         _check_shapes(spec, model_base.table[name], parts)
@@ -108,7 +108,7 @@ def _read_config(path: Path) -> bytes:
         return f.read(2 * 1024 * 1024)
 
 
-def _group(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[str, TensorInfo]]:
+def _tensors_by_module(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[str, TensorInfo]]:
     """Module name -> role -> tensor, refusing any tensor that is not part of the format."""
     roles: dict[str, dict[str, TensorInfo]] = {}
     for key, info in infos.items():

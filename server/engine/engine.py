@@ -31,7 +31,7 @@ from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
 from server.engine.runner import Runner
-from server.engine.scheduler import Admission, AdapterPlacement, Scheduler, StepPlan
+from server.engine.scheduler import SchedulerEvents, AdapterPlacement, Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.errors import ApiError, Unavailable
 from server.metrics import Metrics, NullMetrics
@@ -169,9 +169,9 @@ class Engine:
             self._fail_everything(Unavailable("the generation engine stopped"))
 
     def _serve_step(self) -> bool:
-        admission = Admission()
-        plan = self.scheduler.schedule(admission)
-        self._report_admission(admission)
+        events = SchedulerEvents()
+        plan = self.scheduler.schedule(events)
+        self._report_events(events)
         if plan is None:
             self._update_gauges()
             return False
@@ -273,14 +273,14 @@ class Engine:
         s.unsent.clear()
         s.unsent_logprobs.clear()
 
-    def _report_admission(self, admission: Admission) -> None:
-        for item in admission.cancelled:
+    def _report_events(self, events: SchedulerEvents) -> None:
+        for item in events.cancelled:
             if isinstance(item, Sequence):
                 item.request.stream.put(FinishEvent("cancelled", item.prompt_len, item.generated, item.index))
             else:
                 for i in range(item.params.n):
                     item.stream.put(FinishEvent("cancelled", len(item.prompt_ids), 0, i))
-        for request, exc in admission.failed:
+        for request, exc in events.failed:
             request.stream.put(ErrorEvent(exc))
 
     def _fail_plan(self, plan: StepPlan, exc: Exception) -> None:

@@ -66,7 +66,7 @@ class StepPlan:
 
 
 @dataclass
-class Admission:
+class SchedulerEvents:
     """What changed outside the running batch during scheduling (the engine reports it)."""
     cancelled: list[Request | Sequence] = field(default_factory=list)
     failed: list[tuple[Request, Exception]] = field(default_factory=list)
@@ -118,9 +118,9 @@ class Scheduler:
         return out
 
     # --- engine thread ------------------------------------------------------
-    def schedule(self, admission: Admission) -> StepPlan | None:
-        self._reap(admission)
-        self._admit(admission)
+    def schedule(self, events: SchedulerEvents) -> StepPlan | None:
+        self._reap(events)
+        self._admit(events)
         if not self.running:
             return None
         lane = self._pick_lane()
@@ -149,16 +149,16 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - a manager bug must not take the batch down
                     log.exception("adapter manager release(%r) failed", seq.request.adapter_key)
 
-    def _reap(self, admission: Admission) -> None:
+    def _reap(self, events: SchedulerEvents) -> None:
         for seq in [s for s in self.running if s.request.cancelled]:
             self.finish(seq)
-            admission.cancelled.append(seq)
+            events.cancelled.append(seq)
         with self._lock:
             if any(r.cancelled for r in self.waiting):
-                admission.cancelled.extend(r for r in self.waiting if r.cancelled)
+                events.cancelled.extend(r for r in self.waiting if r.cancelled)
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
 
-    def _admit(self, admission: Admission) -> None:
+    def _admit(self, events: SchedulerEvents) -> None:
         with self._lock:
             candidates = list(self.waiting)
         for request in candidates:
@@ -169,7 +169,7 @@ class Scheduler:
                 placement = self._place(request)
             except Exception as exc:  # noqa: BLE001 - the adapter manager refused: fail this request only
                 self._remove_waiting(request)
-                admission.failed.append((request, exc))
+                events.failed.append((request, exc))
                 continue
             if placement is None:
                 continue  # adapter not resident yet: keep waiting, let others through
