@@ -19,7 +19,7 @@ from fastapi import Request as HttpRequest
 
 from server.api.keys import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
-from server.errors import ApiError, InvalidRequest, NotFound, QueueFull, Unavailable
+from server.errors import ApiError, InvalidRequest, QueueFull, Unavailable
 from server.logging import PRINCIPAL_SCOPE_KEY, log_generation
 from server.api.services import Services
 
@@ -38,8 +38,6 @@ async def resolve_adapter(services: Services, principal: Principal, adapter_id: 
     """None = the base model; otherwise the manager's key (raises NotFound / AdapterError)."""
     if adapter_id is None or adapter_id == services.base.model_id:
         return None
-    if services.adapters is None:
-        raise NotFound(f"adapter {adapter_id!r} not found")
     return await services.adapters.prepare(principal.tenant, adapter_id)
 
 
