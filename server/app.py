@@ -1,7 +1,8 @@
 """create_app and the lifespan that builds and tears down the services.
 
-Start-up order: settings → base model → adapter layers injected → store →
-adapter cache → engine thread → training worker. Shutdown: stop admitting
+Start-up order: settings → base model → store → adapter layers injected →
+merge registry → adapter manager → engine → adapter service → training; the
+engine thread starts last. Shutdown: stop admitting
 (503), drain in-flight requests (bounded by `drain_timeout_s`), stop the
 engine, then run the services' shutdown hooks (e.g. persisting job state).
 """
@@ -86,7 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
-    """Construction order: each component gets its collaborators when it is built, never after."""
+    """Construction order: each component gets its collaborators when it is built (one exception:
+    the engine's background worker, see `_build_on`)."""
     base = base or load_base(settings)
     limits = AdapterLimits.from_settings(settings)
     store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
