@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.engine.engine import Engine
@@ -113,11 +114,10 @@ def measure(model_type: str, work: Path, tokenizer_dir: Path, requests: int, pro
     settings = Settings(model=str(path), store=work / "store", device="cpu", dtype="float32", max_batch=requests,
                         max_adapters_resident=ADAPTERS, max_rank=16)
     base = load_base(settings)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for i in range(ADAPTERS):
-        layers.load_slot(i, read_adapter(work / f"a{i}", base, settings))
-    engine = Engine(base, settings)
-    engine.set_adapter_manager(Slots())
+        layers.load_slot(i, read_adapter(work / f"a{i}", base, AdapterLimits.from_settings(settings)))
+    engine = Engine(base, settings, placement=Slots())
     engine.eos_ids = frozenset()  # every request runs its full length
     engine.start()
     g = torch.Generator().manual_seed(2)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.adapters.backend import TorchBackend
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import AdapterLayers, all_linear_names, inject_adapter_layers, module_table
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.lora import LoraWeights
@@ -233,7 +234,7 @@ def main() -> None:
     args = p.parse_args()
     settings = Settings(device="cpu", dtype="float32", max_adapters_resident=SLOTS, max_rank=RANK)
     base = load_base(settings)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     load_slots(base, layers)
     cache = KVCache.for_model(base.model.config, 32, args.prompt + args.prefill + 8, base.device, base.dtype)
     runner = Runner(base, cache)

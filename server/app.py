@@ -1,7 +1,8 @@
 """create_app and the lifespan that builds and tears down the services.
 
-Start-up order: settings → base model → adapter layers injected → store →
-adapter cache → engine thread → training worker. Shutdown: stop admitting
+Start-up order: settings → base model → store → adapter layers injected →
+merge registry → adapter manager → engine → adapter service → training; the
+engine thread starts last. Shutdown: stop admitting
 (503), drain in-flight requests (bounded by `drain_timeout_s`), stop the
 engine, then run the services' shutdown hooks (e.g. persisting job state).
 """
@@ -19,39 +20,47 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.adapters.inject import inject_adapter_layers
+from server.adapters.limits import AdapterLimits
 from server.adapters.manager import AdapterManager
 from server.adapters.merge import MergeRegistry
-from server.adapters.store import open_store
+from server.adapters.service import AdapterService
+from server.adapters.store import AdapterStore, open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
+from server.api.keys import ApiKeys
 from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
+from server.engine.loop import EngineLoop
 from server.engine.grammar import GrammarCompiler
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
-from server.services import Services
+from server.api.services import Services
 from server.settings import Settings
-from server.training.service import attach_training
+from server.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
-    """`base` lets tests share one loaded model between apps; production loads it in the lifespan."""
+def create_app(settings: Settings | None = None, base: BaseModel | None = None,
+               keys: ApiKeys | None = None) -> FastAPI:
+    """`base` lets tests share one loaded model between apps; production loads it in the lifespan.
+    `keys`: the table the CLI loaded; None loads settings.api_keys here (tests, embedders)."""
     settings = settings or Settings()
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     app.state.preloaded_base = base
+    app.state.services = None  # until the lifespan has built them
+    app.state.freeze_gc = False  # the CLI's server process sets it (see lifespan)
     install_error_handlers(app)
     app.add_middleware(SizeLimitMiddleware, settings=settings)
-    install_auth(app, settings)  # no byte of an unauthenticated request is read
+    install_auth(app, settings, keys)  # no byte of an unauthenticated request is read
     app.add_middleware(CatchAllMiddleware)  # inside the request id: a 500 names it, the connection lives on
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
     for module in (health, generate, openai, adapters, merge, training):
@@ -64,7 +73,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = build_services(app.state.settings, app.state.preloaded_base)
     app.state.services = services
-    if getattr(app.state, "freeze_gc", False):
+    if app.state.freeze_gc:
         # The model, tokenizer and every other start-up object live as long as the process, yet a
         # full (gen 2) collection walks them all: 0.2 s pauses on CPU, landing in adapter loads
         # and engine steps. Freezing moves them out of the collector's sight; refcounting still frees.
@@ -78,44 +87,45 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
+    """Construction order: each component gets its collaborators when it is built (one exception:
+    the engine's background worker, see `_build_on`)."""
     base = base or load_base(settings)
-    metrics = Metrics(settings.metrics_max_adapter_series)
-    engine = Engine(base, settings, metrics)
-    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
-    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts)
-    services.add_shutdown_hook(prompts.close)
-    services.grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids,
-                                        cache_size=settings.grammar_cache_size,
-                                        timeout_s=settings.grammar_compile_timeout_s,
-                                        max_source_chars=settings.max_grammar_chars)
-    services.add_shutdown_hook(services.grammars.close)
-    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
-    store = services.store = open_store(settings.store, base, settings)  # StoreInUse: another server has it
+    limits = AdapterLimits.from_settings(settings)
+    store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
     try:
-        attach_adapters(services)
-        attach_training(services)  # after the adapters: it trains through their layers, publishes to the store
+        return _build_on(store, settings, base, limits)
     except BaseException:
         store.close()
         raise
-    services.add_shutdown_hook(store.close)  # last: every other hook may still write to the store
+
+
+def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: AdapterLimits) -> Services:
+    metrics = Metrics(settings.metrics_max_adapter_series)
+    loop = EngineLoop()
+    layers = inject_adapter_layers(base.model, limits)  # adapter-aware layers swapped into the base model
+    # Dedicated adapters run on merged copies, swapped in by the engine loop between steps.
+    merge = MergeRegistry(base, layers, store, limits, metrics, loop)
+    adapters = AdapterManager(base, layers, store, limits, metrics, merge)
+    engine = Engine(base, settings, metrics, placement=adapters, loop=loop)
+    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=engine,
+                                     keep_uploads=settings.prefetch_adapters)
+    training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
+    # The one assignment after construction: the worker publishes through a service that asks the engine
+    # which versions queued requests wait for, so the engine exists first.
+    engine.set_background_worker(training.worker)
+    prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
+    grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
+                               timeout_s=settings.grammar_compile_timeout_s,
+                               max_source_chars=settings.max_grammar_chars)
+    services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
+                        grammars=grammars, store=store, adapters=adapters, merge=merge,
+                        adapter_service=adapter_service, jobs=training)
+    # Hooks run in this order; the store last: every other hook may still write to it.
+    for hook in (prompts.close, grammars.close, adapters.close, merge.close, training.close, store.close):
+        services.add_shutdown_hook(hook)
+    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
+    adapter_service.start()  # warm the host tier, rebuild dedicated adapters' merged copies
     return services
-
-
-def attach_adapters(services: Services) -> None:
-    """Swap adapter-aware layers into the base model and put the manager between store and engine."""
-    layers = inject_adapter_layers(services.base.model, services.settings)
-    manager = AdapterManager(services.base, layers, services.store, services.settings, services.metrics)
-    services.adapters = manager
-    services.engine.set_adapter_manager(manager)
-    services.add_shutdown_hook(manager.close)
-    if services.settings.prefetch_adapters:
-        manager.prefetch(services.store.newest_first)
-    # Merge path (issue 5): dedicated adapters run on merged copies; the scheduler asks manager.merged_id.
-    merge_registry = MergeRegistry(services.base, layers, services.store, services.settings, services.metrics,
-                                   services.engine)
-    manager.merge = services.merge = merge_registry
-    services.add_shutdown_hook(merge_registry.close)
-    merge_registry.restore()
 
 
 async def drain(services: Services, timeout: float) -> bool:

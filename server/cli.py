@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from server.api.keys import ApiKeys, ApiKeysError, load_keys
 from server.settings import Settings
 
 CLIENT_COMMANDS = ("generate", "adapters", "train", "jobs", "bench")
@@ -66,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = Settings(**overrides)
+        keys = load_keys(settings.api_keys)  # the one read of the keys file: a bad one stops start-up here
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
             print(f"loraplex serve: {where}: {err.get('msg')}", file=sys.stderr)
         return 2
-    return serve(settings)
+    except ApiKeysError as exc:
+        print(f"loraplex serve: api_keys: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, keys)
 
 
 def _delegate_to_client(argv: list[str]) -> int:
@@ -106,7 +111,7 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
-        services = getattr(self.config.app.state, "services", None)  # type: ignore[union-attr]
+        services = self.config.app.state.services  # type: ignore[union-attr]
         if services is not None:
             services.accepting = False
             deadline = time.monotonic() + services.settings.drain_timeout_s
@@ -115,7 +120,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
     from server.adapters.store_lock import StoreInUse, acquire_store_lock
 
     try:  # before the model loads: a second server on this store is refused at once, in one line
@@ -124,12 +129,12 @@ def serve(settings: Settings) -> int:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 1
     try:
-        return _serve_locked(settings)
+        return _serve_locked(settings, keys)
     finally:
         release_store()
 
 
-def _serve_locked(settings: Settings) -> int:
+def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
     from server.app import create_app, uvicorn_limits
     from server.logging import configure_logging
 
@@ -138,7 +143,7 @@ def _serve_locked(settings: Settings) -> int:
         "serving model=%s device=%s dtype=%s host=%s port=%d max_batch=%d max_queue=%d store=%s auth=%s",
         settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
         settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
-    app = create_app(settings)
+    app = create_app(settings, keys=keys)
     app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware
     # writes the access lines (with request id and tenant), so uvicorn's own are off.

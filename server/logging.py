@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PRINCIPAL_SCOPE_KEY = "loraplex.principal"  # set by server.api.auth (kept in sync; not imported: no cycle)
+PRINCIPAL_SCOPE_KEY = "loraplex.principal"  # where server.api.auth puts the caller in the ASGI scope
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraplex_request_id", default=None)
 access_log = logging.getLogger("loraplex.access")
@@ -123,7 +123,7 @@ def _log_access(scope: Scope, rid: str, status: int, seconds: float) -> None:
     principal = scope.get(PRINCIPAL_SCOPE_KEY)
     access_log.info("%s %s %d", scope.get("method"), scope.get("path"), status, extra={
         "request_id": rid, "method": scope.get("method"), "path": scope.get("path"), "status": status,
-        "duration_ms": round(seconds * 1000, 2), "tenant": getattr(principal, "tenant", None)})
+        "duration_ms": round(seconds * 1000, 2), "tenant": principal.tenant if principal is not None else None})
 
 
 def log_generation(*, route: str, engine_request_id: str, adapter: str, finish_reason: str,

@@ -137,6 +137,14 @@ class Metrics:
         return generate_latest(TenantView(self.registry, tenant))  # type: ignore[arg-type]
 
 
+class NullMetrics(Metrics):
+    """The same instruments on a registry nobody scrapes: what a component gets when run without an
+    app (tests, benchmarks), so it never checks whether it has metrics."""
+
+    def __init__(self) -> None:
+        super().__init__(max_adapter_series=1)
+
+
 class TenantView:
     """The registry as one tenant may see it: its own `tenant`-labelled samples and `PUBLIC_GAUGES`.
 
@@ -183,23 +191,18 @@ class LiveCollector:
         yield _gauge("loraplex_accepting", "0 while draining (SIGTERM)", float(bool(self.services.accepting)))
 
     def _adapters(self) -> Iterator[Metric]:
-        manager = self.services.adapters
-        if manager is None:
-            return
-        stats = manager.stats()
+        stats = self.services.adapters.stats()
         yield _gauge("loraplex_adapter_pins", "Adapter device-slot pins held by requests", stats.get("pinned", 0))
         yield _gauge("loraplex_adapters_host", "Adapters in the host-memory tier", stats.get("host_entries", 0))
         yield _gauge("loraplex_adapters_loading", "Adapter loads in progress", stats.get("loading", 0))
 
     def _training(self) -> Iterator[Metric]:
         training = self.services.jobs
-        if training is None:
-            return
         jobs = GaugeMetricFamily("loraplex_training_jobs", "Training jobs by status", labels=["status"])
         for status in JOB_STATUSES:
             jobs.add_metric([status], training.jobs.count(status))
         yield jobs
-        active = getattr(training.worker, "active_job_id", None)
+        active = training.worker.active_job_id
         step = steps = 0
         if active is not None:
             progress = training.jobs.get(active, None, history=False)["progress"]

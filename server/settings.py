@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -66,14 +66,12 @@ class Settings(BaseSettings):
                               "kernel built at first use with the machine's compiler (cached in "
                               "cache_dir/kernels); off, or without a compiler, the torch path runs")
     cpu_column_major: bool = Field(True, description="CPU, float32: keep every Linear weight `[out, in]` "
-                                   "column-major (its transpose contiguous), the layout this CPU's GEMM "
-                                   "reads fastest at decode sizes: measured 1.24-1.40x on the decoder's "
-                                   "matmuls for 4-64 tokens, equal at 1 and 256 (bench/README)")
+                                   "column-major (its transpose contiguous), the layout the CPU GEMM reads "
+                                   "fastest at decode sizes (bench/NOTES.md)")
     slot_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the adapters' factors in device slots; auto = the model's dtype. "
-        "float16 on a float32 CPU model halves the bytes a decode step reads per adapter (the C kernel "
-        "widens them as it reads) at ~5e-4 relative rounding of the adapter weights: measured 16 "
-        "rank-16 adapters' share of a decode step -30 % (bench/step_overhead.py)")
+        "float16 on a float32 CPU model halves the bytes a decode step reads per adapter, at ~5e-4 "
+        "relative rounding of the adapter weights (bench/NOTES.md)")
     max_adapter_bytes: int = Field(256 * MiB, ge=1)
     max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")
     max_pattern_keys: int = Field(1024, ge=1, description="Regexes in one adapter config (rank_pattern and "
@@ -104,16 +102,6 @@ class Settings(BaseSettings):
     train_max_attempts: int = Field(3, ge=1)
     train_checkpoint_every: int = Field(10, ge=1, description="Optimizer steps between job checkpoints")
     max_train_upload_bytes: int = Field(64 * MiB, ge=1024, description="JSONL upload to /v1/training/jobs/upload")
-
-    @field_validator("api_keys")
-    @classmethod
-    def _check_api_keys(cls, path: Path | None) -> Path | None:
-        """A bad keys file is a start-up error with a clear message, never a 500 later."""
-        if path is not None:
-            from server.api.auth import load_api_keys  # lazy: auth imports this module
-
-            load_api_keys(path)  # ApiKeysError is a ValueError: pydantic reports it
-        return path
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -19,8 +19,8 @@ from server.adapters.backend import AdapterBackend, CpuKernelBackend, TorchBacke
 from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.slots import SlotBank
+from server.adapters.limits import AdapterLimits
 from server.kernels.cpu import load_kernel
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -132,38 +132,40 @@ class AdapterLayers:
         return sum(layer.bank.nbytes() for layer in self.layers.values())
 
 
-def inject_adapter_layers(model: nn.Module, settings: Settings) -> AdapterLayers:
+def inject_adapter_layers(model: nn.Module, limits: AdapterLimits) -> AdapterLayers:
     existing = getattr(model, "_loraplex_layers", None)
     if existing is not None:
         return existing
-    slots = settings.max_adapters_resident
+    slots = limits.max_adapters_resident
     targets: list[tuple[str, nn.Module]] = [
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
     ]
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
-    slot_dtype = slot_dtype_for(model, settings)
-    backend = adapter_backend(model, settings, slot_dtype)
+    slot_dtype = slot_dtype_for(model, limits)
+    backend = adapter_backend(model, limits, slot_dtype)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
-        layers[name] = _wrap(model, name, mod, slots, settings.max_rank, slot_dtype, backend)
+        layers[name] = _wrap(model, name, mod, slots, limits.max_rank, slot_dtype, backend)
     registry = AdapterLayers(layers, slots)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
 
 
-def slot_dtype_for(model: nn.Module, settings: Settings) -> torch.dtype:
-    """The dtype adapter factors are held in on the device: settings.slot_dtype, auto = the model's."""
-    return next(model.parameters()).dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
+def slot_dtype_for(model: nn.Module, limits: AdapterLimits) -> torch.dtype:
+    """The dtype adapter factors are held in on the device: limits.slot_dtype, None = the model's."""
+    return next(model.parameters()).dtype if limits.slot_dtype is None else limits.slot_dtype
 
 
-def adapter_backend(model: nn.Module, settings: Settings, slot_dtype: torch.dtype) -> AdapterBackend:
-    """Chosen once for every layer: the C kernel for a float32 model on CPU when settings allow it and
-    it was built for the slots' dtype; torch's GEMMs otherwise."""
+def adapter_backend(model: nn.Module, limits: AdapterLimits, slot_dtype: torch.dtype) -> AdapterBackend:
+    """Chosen once for every layer: the C kernel for a float32 model on CPU when the configuration allows
+    it and it was built for the slots' dtype; torch's GEMMs otherwise."""
     weight = next(model.parameters())
-    if not settings.cpu_kernels or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not limits.cpu_kernels or limits.kernel_cache_dir is None:
         return TorchBackend()
-    kernel = load_kernel(settings.cache_dir)
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return TorchBackend()
+    kernel = load_kernel(limits.kernel_cache_dir)
     if kernel is None:
         return TorchBackend()
     if slot_dtype not in kernel.weight_dtypes:

@@ -25,28 +25,35 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from server.adapters.cache import HostCache, SlotTable
 from server.adapters.inject import AdapterLayers
+from server.adapters.limits import AdapterLimits
+from server.adapters.merge import MergeRegistry
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.peft_format import read_adapter
+from server.adapters.store import AdapterStore
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError
-from server.settings import Settings
+from server.metrics import Metrics, NullMetrics
+from server.model.load import BaseModel
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Path, Any, Settings], LoadedAdapter]
+Loader = Callable[[Path, BaseModel, AdapterLimits], LoadedAdapter]
+CacheEvent = Literal["hit", "miss", "eviction"]
 
 
 class AdapterManager:
-    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
-                 loader: Loader = read_adapter, load_workers: int = 2) -> None:
-        self.base, self.layers, self.store, self.settings = base, layers, store, settings
-        self.metrics = metrics
+    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStore, limits: AdapterLimits,
+                 metrics: Metrics | None = None, merge: MergeRegistry | None = None, loader: Loader = read_adapter,
+                 load_workers: int = 2) -> None:
+        self.base, self.layers, self.store, self.limits = base, layers, store, limits
+        self.metrics = metrics or NullMetrics()
+        self.merge = merge  # dedicated adapters' merged copies; None = every adapter runs unmerged
         self._loader = loader
-        self.host = HostCache(settings.max_adapters_host)
+        self.host = HostCache(limits.max_adapters_host)
         self.slots = SlotTable(layers.num_slots)
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
         self._refs: dict[AdapterKey, AdapterRef] = {}
@@ -74,7 +81,7 @@ class AdapterManager:
             ready = key in self.host or key in self.slots.slot_of
         if ready:
             self.host_hits += 1
-            self._count("adapter_cache_hits", "host")
+            self._count("hit", "host")
         else:
             await asyncio.wrap_future(self._load_async(ref))
         await self._reserve_slots(key)
@@ -106,7 +113,7 @@ class AdapterManager:
         key = ref.key
         started = time.perf_counter()
         try:
-            adapter = self._loader(ref.path, self.base, self.settings)
+            adapter = self._loader(ref.path, self.base, self.limits)
             evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
             with self._lock:
                 self._read_failures.pop(key, None)
@@ -127,7 +134,7 @@ class AdapterManager:
             with self._lock:
                 self._inflight.pop(key, None)
         self.host_misses += 1
-        self._count("adapter_cache_misses", "host")
+        self._count("miss", "host")
         self._observe_load("host", time.perf_counter() - started)
         self._count_host_evictions(evicted)
         return adapter
@@ -180,7 +187,7 @@ class AdapterManager:
             if slot is not None:
                 self.slots.pin(key)
                 self.hits += 1
-                self._count("adapter_cache_hits", "device")
+                self._count("hit", "device")
                 return slot
             adapter = self._host_copy(key)
             if adapter is None:
@@ -194,7 +201,7 @@ class AdapterManager:
             self.slots.assign(key, slot)
             self.slots.pin(key)
             self.misses += 1
-            self._count("adapter_cache_misses", "device")
+            self._count("miss", "device")
             self._set_resident()
             return slot
 
@@ -221,7 +228,7 @@ class AdapterManager:
             return None  # every slot is pinned by a running request
         slot = self.slots.remove(victim)  # its weights stay until load_slot overwrites them (one pass)
         self.evictions += 1
-        self._count("adapter_cache_evictions", "device")
+        self._count("eviction", "device")
         return slot
 
     def pin(self, key: AdapterKey) -> None:
@@ -262,9 +269,7 @@ class AdapterManager:
             return any((k.tenant, k.adapter_id) == (tenant, adapter_id) and k not in self.slots.doomed
                        for k in self.slots.slot_of)
 
-    # -- merge path (issue 5): the MergeRegistry (server/adapters/merge.py) decides --
-    merge: Any = None  # set by server/app.py attach_adapters
-
+    # -- merge path: the MergeRegistry (server/adapters/merge.py) decides --
     def merged_id(self, key: AdapterKey) -> int | None:
         """The scheduler's lane seam: the merged copy new requests of `key` run on (engine thread)."""
         return None if self.merge is None else self.merge.lane_of(key)
@@ -294,23 +299,15 @@ class AdapterManager:
 
     def _count_host_evictions(self, evicted: int) -> None:
         for _ in range(evicted):
-            self._count("adapter_cache_evictions", "host")
+            self._count("eviction", "host")
 
     def _set_resident(self) -> None:
-        gauge = getattr(self.metrics, "adapters_resident", None)
-        if gauge is not None:
-            gauge.set(len(self.slots.slot_of))
+        self.metrics.adapters_resident.set(len(self.slots.slot_of))
 
     def _observe_load(self, tier: str, seconds: float) -> None:
-        histogram = getattr(self.metrics, "adapter_load_latency", None)
-        if histogram is not None:
-            histogram.labels(tier=tier).observe(seconds)
+        self.metrics.adapter_load_latency.labels(tier=tier).observe(seconds)
 
-    def _count(self, name: str, tier: str) -> None:
-        metric = getattr(self.metrics, name, None)
-        if metric is None:
-            return
-        if getattr(metric, "_labelnames", ()):  # prometheus_client counters labelled by tier
-            metric.labels(tier=tier).inc()
-        else:
-            metric.inc()
+    def _count(self, event: CacheEvent, tier: str) -> None:
+        counter = {"hit": self.metrics.adapter_cache_hits, "miss": self.metrics.adapter_cache_misses,
+                   "eviction": self.metrics.adapter_cache_evictions}[event]
+        counter.labels(tier=tier).inc()

@@ -1,4 +1,4 @@
-"""MergeRegistry: dedicated tenants served from merged copies of the base (issue 5).
+"""MergeRegistry: dedicated tenants served from merged copies of the base.
 
 A dedication names (tenant, adapter_id); a merged copy names one version
 (AdapterKey) and one lane id, never reused, so a request admitted to a lane
@@ -29,17 +29,21 @@ import contextlib
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from server.adapters.inject import AdapterLayers
+from server.adapters.limits import AdapterLimits
 from server.adapters.merged_copy import MergedCopy, build_merged_copy, install, uninstall
 from server.adapters.peft_format import read_adapter
+from server.adapters.store import AdapterStore
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError, ApiError, Conflict, NotFound, Unavailable
-from server.settings import Settings
+from server.metrics import Metrics, NullMetrics
+from server.model.load import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,25 @@ class _Build:
     done: Future
 
 
+class StepLoop(Protocol):
+    """What the registry needs from the engine loop (server.engine.loop.EngineLoop)."""
+
+    alive: bool
+
+    def add_step_hook(self, hook: Callable[[], None]) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def lanes_in_use(self) -> frozenset[int | None]: ...
+
+
 class MergeRegistry:
-    def __init__(self, base: Any, layers: AdapterLayers, store: Any, settings: Settings, metrics: Any = None,
-                 engine: Any = None) -> None:
-        self.base, self.layers, self.store, self.settings = base, layers, store, settings
-        self.metrics = metrics
-        self.engine = engine
+    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStore, limits: AdapterLimits,
+                 metrics: Metrics | None = None, loop: StepLoop | None = None) -> None:
+        """`loop`: the engine loop that runs `between_steps`; None = it runs inline (no engine)."""
+        self.base, self.layers, self.store, self.limits = base, layers, store, limits
+        self.metrics = metrics or NullMetrics()
+        self.loop = loop
         self._lock = threading.RLock()
         self._lane_ids = itertools.count(1)
         self._wanted: dict[Pair, _Build] = {}  # dedicated adapters and the copy each wants
@@ -76,8 +93,8 @@ class MergeRegistry:
         self._events: list[tuple] = []  # ordered work for the engine thread
         self._dirty = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-merge")
-        if engine is not None:
-            engine.add_step_hook(self.between_steps)
+        if loop is not None:
+            loop.add_step_hook(self.between_steps)
 
     # -- event loop side -------------------------------------------------------
     async def dedicate(self, tenant: str, adapter_id: str) -> bool:
@@ -90,10 +107,10 @@ class MergeRegistry:
         with self._lock:
             build = self._wanted.get(pair)
             created = build is None or build.key.version < ref.key.version
-            if build is None and len(self._wanted) >= self.settings.max_merged:
+            if build is None and len(self._wanted) >= self.limits.max_merged:
                 raise Conflict(
                     f"cannot merge {adapter_id!r}: {len(self._wanted)} merged copies already exist and "
-                    f"max_merged is {self.settings.max_merged}; un-merge one first "
+                    f"max_merged is {self.limits.max_merged}; un-merge one first "
                     "(DELETE /v1/adapters/{id}/merge)"
                 )
             if created:
@@ -158,7 +175,7 @@ class MergeRegistry:
                 if not (self.store.adapter_dir(tenant, adapter_id) / MARKER).is_file():
                     continue
                 with self._lock:
-                    if len(self._wanted) >= self.settings.max_merged:
+                    if len(self._wanted) >= self.limits.max_merged:
                         log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
                         continue
                     with contextlib.suppress(ApiError):
@@ -228,16 +245,13 @@ class MergeRegistry:
     def _drop_drained(self) -> None:
         if not self._draining:
             return
-        in_use = {s.lane for s in self._running()}
+        in_use = self.loop.lanes_in_use() if self.loop is not None else frozenset()
         for lane in [lane for lane in self._draining if lane not in in_use]:
             self._draining.discard(lane)
             copy = self._copies.pop(lane, None)
             if copy is not None:
                 uninstall(self.layers, copy)
                 log.info("merged copy of %s dropped (lane %d)", copy.key, lane)
-
-    def _running(self) -> list[Any]:
-        return list(self.engine.scheduler.running) if self.engine is not None else []
 
     # -- worker thread -----------------------------------------------------------
     def _start(self, pair: Pair, key: AdapterKey, ref: AdapterRef | None) -> _Build:
@@ -257,7 +271,7 @@ class MergeRegistry:
                 with self._lock:
                     build.key = max(build.key, ref.key)
             try:
-                adapter = read_adapter(ref.path, self.base, self.settings)
+                adapter = read_adapter(ref.path, self.base, self.limits)
             except (AdapterError, OSError) as e:
                 raise self._superseded(pair, ref) or e from None
             copy = build_merged_copy(self.layers, adapter, ref.key, build.lane)
@@ -309,9 +323,9 @@ class MergeRegistry:
     def _kick(self) -> None:
         """Get `between_steps` run: by the engine thread, or here when no engine loop is running."""
         self._dirty = True
-        engine = self.engine
-        if engine is not None and engine.alive:
-            engine.wake()
+        loop = self.loop
+        if loop is not None and loop.alive:
+            loop.wake()
         else:
             self.between_steps()
 
@@ -325,13 +339,8 @@ class MergeRegistry:
                 path.unlink(missing_ok=True)
 
     def _set_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        for name, value in (("merged_copies", len(self._copies)),
-                            ("merged_bytes", sum(c.nbytes for c in self._copies.values()))):
-            gauge = getattr(self.metrics, name, None)
-            if gauge is not None:
-                gauge.set(value)
+        self.metrics.merged_copies.set(len(self._copies))
+        self.metrics.merged_bytes.set(sum(c.nbytes for c in self._copies.values()))
 
 
 def _resolve(future: Future | None, value: Any) -> None:

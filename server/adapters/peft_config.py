@@ -18,7 +18,7 @@ from server import json_input
 from server.adapters.targeting import ALL_LINEAR, PatternMap, Targeting, layers_patterns, pattern_map
 from server.adapters.user_regex import UserRegex, user_regex
 from server.errors import AdapterError
-from server.settings import Settings
+from server.adapters.limits import AdapterLimits
 
 MAX_CONFIG_BYTES = 1024 * 1024
 SUPPORTED_TYPES = ("LORA", "MISS", "BONE")
@@ -65,11 +65,11 @@ class AdapterSpec:
         return self.targeting.selects(name, all_linear)
 
 
-def parse_config(raw: bytes, settings: Settings) -> AdapterSpec:
+def parse_config(raw: bytes, limits: AdapterLimits) -> AdapterSpec:
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
     try:
-        cfg = json_input.loads(raw.decode("utf-8"), settings.max_json_depth)
+        cfg = json_input.loads(raw.decode("utf-8"), limits.max_json_depth)
     except (UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
@@ -79,9 +79,9 @@ def parse_config(raw: bytes, settings: Settings) -> AdapterSpec:
     if peft_type not in SUPPORTED_TYPES:
         raise AdapterError(f"unsupported peft_type {peft_type!r}: supported are {', '.join(SUPPORTED_TYPES)}")
     _refuse_common(cfg)
-    _check_bounds(cfg, settings)
+    _check_bounds(cfg, limits)
     spec = _lora_spec(cfg) if peft_type == "LORA" else _miss_spec(cfg, peft_type)
-    _check_ranks(spec, settings)
+    _check_ranks(spec, limits)
     return spec
 
 
@@ -99,20 +99,20 @@ def _refuse_remote_code(obj: Any) -> None:
             _refuse_remote_code(value)
 
 
-def _check_bounds(cfg: dict, settings: Settings) -> None:
+def _check_bounds(cfg: dict, limits: AdapterLimits) -> None:
     """Bound the work the config asks for before any regex is compiled."""
     for key in LIST_FIELDS:
         value = cfg.get(key)
-        if isinstance(value, list) and len(value) > settings.max_config_list_items:
-            raise AdapterError(f"{key} has {len(value)} entries; the limit is {settings.max_config_list_items} "
+        if isinstance(value, list) and len(value) > limits.max_config_list_items:
+            raise AdapterError(f"{key} has {len(value)} entries; the limit is {limits.max_config_list_items} "
                                "(max_config_list_items)")
     patterns = cfg.get("layers_pattern")
     count = len(patterns) if isinstance(patterns, list) else 1 if patterns else 0
     for key in ("rank_pattern", "alpha_pattern"):
         count += len(cfg[key]) if isinstance(cfg.get(key), dict) else 0
-    if count > settings.max_pattern_keys:
+    if count > limits.max_pattern_keys:
         raise AdapterError(f"the config holds {count} patterns (rank_pattern, alpha_pattern, layers_pattern); "
-                           f"the limit is {settings.max_pattern_keys} (max_pattern_keys)")
+                           f"the limit is {limits.max_pattern_keys} (max_pattern_keys)")
 
 
 def _refuse_common(cfg: dict) -> None:
@@ -191,12 +191,12 @@ def _targeting(cfg: dict) -> Targeting:
     )
 
 
-def _check_ranks(spec: AdapterSpec, settings: Settings) -> None:
+def _check_ranks(spec: AdapterSpec, limits: AdapterLimits) -> None:
     for where, r in [("r", spec.r), *((f"rank_pattern[{k!r}]", v) for k, v in spec.rank_pattern.values.items())]:
         if r < 1:
             raise AdapterError(f"rank {where}={r} is invalid: must be >= 1")
-        if r > settings.max_rank:
-            raise AdapterError(f"rank {where}={r} is over the configured maximum rank {settings.max_rank}")
+        if r > limits.max_rank:
+            raise AdapterError(f"rank {where}={r} is over the configured maximum rank {limits.max_rank}")
     alphas = spec.alpha_pattern.values.items()
     for where, a in [("lora_alpha", spec.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alphas)]:
         if a < 0:

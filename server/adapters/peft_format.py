@@ -27,7 +27,7 @@ from server.adapters.miss import BatWeights, MissWeights
 from server.adapters.peft_config import AdapterSpec, parse_config
 from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
 from server.errors import AdapterError
-from server.settings import Settings
+from server.adapters.limits import AdapterLimits
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -51,24 +51,24 @@ class _Base:
     all_linear: set[str]
 
 
-def read_adapter(path: Path, base: Any, settings: Settings) -> LoadedAdapter:
+def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
     """Validate and load `path` (adapter_config.json + adapter_model.safetensors) for `base`."""
     path = Path(path)
     _refuse_pickles(path)
-    spec = parse_config(_read_config(path), settings)
+    spec = parse_config(_read_config(path), limits)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterError(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
-    infos = check_safetensors(weights_path, settings.max_adapter_bytes)
+    infos = check_safetensors(weights_path, limits.max_adapter_bytes)
     model_base = _base_of(base.model)
-    roles = _group(infos, spec)
+    roles = _tensors_by_module(infos, spec)
     _check_targets(spec, roles, model_base)
     for name, parts in roles.items():
         _check_shapes(spec, model_base.table[name], parts)
     # float32 host copy whatever the model's dtype: the slots round it once, and a merge (float32 math)
     # starts from the file's unrounded factors; a 16-bit model's adapters cost 2x the host bytes.
     modules = _load(weights_path, spec, roles, model_base, torch.float32)
-    _check_slot_range(modules, settings, base.dtype)
+    _check_slot_range(modules, limits, base.dtype)
     return LoadedAdapter(
         kind=spec.kind,
         variant=spec.variant,
@@ -108,7 +108,7 @@ def _read_config(path: Path) -> bytes:
         return f.read(2 * 1024 * 1024)
 
 
-def _group(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[str, TensorInfo]]:
+def _tensors_by_module(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[str, dict[str, TensorInfo]]:
     """Module name -> role -> tensor, refusing any tensor that is not part of the format."""
     roles: dict[str, dict[str, TensorInfo]] = {}
     for key, info in infos.items():
@@ -263,10 +263,10 @@ def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
         view.release()
 
 
-def _check_slot_range(modules: dict[str, ModuleWeights], settings: Settings, model_dtype: torch.dtype) -> None:
-    """float16 slots (settings.slot_dtype, or auto on a float16 model) hold magnitudes up to 65504: a
+def _check_slot_range(modules: dict[str, ModuleWeights], limits: AdapterLimits, model_dtype: torch.dtype) -> None:
+    """float16 slots (limits.slot_dtype, or None on a float16 model) hold magnitudes up to 65504: a
     factor beyond that would become inf in its slot, so the adapter is refused here, at load, with the reason."""
-    slot_dtype = model_dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
+    slot_dtype = model_dtype if limits.slot_dtype is None else limits.slot_dtype
     if slot_dtype != torch.float16:
         return
     limit = torch.finfo(torch.float16).max

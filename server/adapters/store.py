@@ -40,9 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
+from server.adapters.limits import AdapterLimits
 from server.adapters.peft_config import summary_from_config
+from server.adapters.peft_format import read_adapter
 from server.adapters.store_lock import acquire_store_lock
-from server.adapters.types import AdapterKey, AdapterRef, check_adapter_id
+from server.adapters.ids import TENANT_RE, check_adapter_id, check_tenant
+from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,6 @@ RECORD_NAME = "loraplex_record.json"
 DELETED_NAME = ".deleted_through"
 TMP_DIR = ".tmp"
 TRASH_DIR = ".trash"
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
 _LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
@@ -62,13 +64,6 @@ _LOCKS_GUARD = threading.Lock()
 # Summarises one adapter directory as {type, variant, rank, target_modules};
 # set by the app to the engine's own validator (peft_format.read_adapter).
 Describer = Callable[[Path], dict[str, Any]]
-
-
-def check_tenant(tenant: str) -> str:
-    """Tenant names become directory names, so they obey the adapter-id rule."""
-    if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant) or ".." in tenant:
-        raise InvalidRequest(f"invalid tenant {tenant!r}: must match {TENANT_RE.pattern} and not contain '..'")
-    return tenant
 
 
 def not_found(adapter_id: str) -> NotFound:
@@ -379,7 +374,7 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterStore:
+def open_store(root: Path, base: Any = None, limits: AdapterLimits | None = None) -> AdapterStore:
     """The store as the server opens it at start-up: described by the engine's validator, then swept.
 
     Sweeping is safe only here, before any request runs: staging dirs of
@@ -389,11 +384,9 @@ def open_store(root: Path, base: Any = None, settings: Any = None) -> AdapterSto
     """
     release = acquire_store_lock(root)
     describe: Describer | None = None
-    if base is not None and settings is not None:
+    if base is not None and limits is not None:
         def describe(path: Path) -> dict[str, Any]:
-            from server.adapters.peft_format import read_adapter
-
-            summary = dict(read_adapter(path, base, settings).summary())
+            summary = dict(read_adapter(path, base, limits).summary())
             summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary["target_modules"]})
             return summary
     try:

@@ -17,8 +17,8 @@ from server.api import generation as gen
 from server.api.schemas import ResponseFormat, SamplingFields
 from server.engine.grammar import Grammar, GrammarKind
 from server.engine.request import FinishEvent, Request, TokenEvent, TokenLogprob
-from server.errors import InvalidRequest, Unavailable
-from server.services import Services
+from server.errors import Unavailable
+from server.api.services import Services
 
 
 def decoding_options(body: SamplingFields, logprobs: int | None, grammar: Grammar | None) -> dict[str, Any]:
@@ -36,8 +36,6 @@ async def compile_grammar(services: Services, kind: GrammarKind | None, source: 
     """The compiled grammar for a constraint (off the engine thread, cached), or None without one."""
     if kind is None:
         return None
-    if services.grammars is None:
-        raise InvalidRequest(f"{field_name}: structured output is not available on this server")
     return await services.grammars.get(kind, source, field_name)
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
 
-from server.api.deps import DEFAULT_TENANT, Principal
+from server.api.keys import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
-from server.errors import ApiError, InvalidRequest, NotFound, QueueFull, Unavailable
+from server.errors import ApiError, InvalidRequest, QueueFull, Unavailable
 from server.logging import PRINCIPAL_SCOPE_KEY, log_generation
-from server.services import Services
+from server.api.services import Services
 
 ALIVE_CHECK_S = 1.0
 
@@ -38,8 +38,6 @@ async def resolve_adapter(services: Services, principal: Principal, adapter_id: 
     """None = the base model; otherwise the manager's key (raises NotFound / AdapterError)."""
     if adapter_id is None or adapter_id == services.base.model_id:
         return None
-    if services.adapters is None:
-        raise NotFound(f"adapter {adapter_id!r} not found")
     return await services.adapters.prepare(principal.tenant, adapter_id)
 
 
@@ -149,7 +147,7 @@ def _observe(services: Services, request: Request, http: HttpRequest, outcome: O
     """Per-adapter metrics and one log line; never raises (it runs while a request unwinds)."""
     try:
         principal = http.scope.get(PRINCIPAL_SCOPE_KEY)
-        tenant = getattr(principal, "tenant", None) or DEFAULT_TENANT
+        tenant = principal.tenant if principal is not None else DEFAULT_TENANT
         seconds = time.perf_counter() - outcome.started
         prompt_tokens = outcome.prompt_tokens or len(request.prompt_ids)
         services.metrics.observe_generation(tenant, request.adapter_key, outcome.reason, prompt_tokens,

@@ -20,20 +20,21 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
+from server.engine.loop import EngineLoop
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
 from server.engine.runner import Runner
-from server.engine.scheduler import Removals, Scheduler, StepPlan
+from server.engine.scheduler import AdapterPlacement, Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.errors import ApiError, Unavailable
+from server.metrics import Metrics, NullMetrics
 from server.model.load import BaseModel
 from server.settings import Settings
 
@@ -53,23 +54,28 @@ class EngineStepError(ApiError):
 
 
 class Engine:
-    def __init__(self, base: BaseModel, settings: Settings, metrics: Any = None) -> None:
+    def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics | None = None,
+                 placement: AdapterPlacement | None = None, loop: EngineLoop | None = None,
+                 background: BackgroundWorker | None = None) -> None:
+        """`placement`: where adapter requests run (the adapter manager); None = base model only.
+        `loop`: the wake-up and step hooks, when something built before the engine needs them.
+        `background`: the worker given steps between serving steps (the trainer)."""
         self.base = base
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics or NullMetrics()
+        self.loop = loop or EngineLoop()
         self.cache = KVCache.for_model(base.model.config, settings.max_batch, base.max_context,
                                        base.device, base.dtype)
         self.runner = Runner(base, self.cache)
         self.scheduler = Scheduler(self.cache, settings.max_batch, settings.max_queue,
-                                   settings.max_tokens_per_step, self._new_sequence)
+                                   settings.max_tokens_per_step, self._new_sequence, placement)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
         self.forks = 0  # prefills shared by n > 1 sequences (KV rows copied instead of recomputed)
         self.background_every = settings.train_interleave_steps
-        self._worker: BackgroundWorker | None = None
+        self._worker = background
         self._since_background = 0
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -78,22 +84,23 @@ class Engine:
         self.prompt_tokens = 0
         self.step_errors = 0
         self.background_steps = 0
-        # Token accounting by path (merge path): adapter math vs a merged copy, per adapter key.
+        # Token accounting by path: adapter math vs a merged copy, per adapter key.
         self.adapter_tokens = 0
         self.merged_tokens = 0
         self.adapter_tokens_by_key: Counter[Any] = Counter()
         self.merged_tokens_by_key: Counter[Any] = Counter()
-        self._step_hooks: list[Callable[[], None]] = []
 
     # --- lifecycle (any thread) -----------------------------------------------
     def start(self) -> None:
+        self.loop.alive = True
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running get an error event."""
         self._stopping.set()
-        self._wake.set()
+        self.loop.alive = False
+        self.loop.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -101,26 +108,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
-    def set_adapter_manager(self, manager: Any) -> None:
-        """manager.acquire(key) -> slot | None (pins), manager.release(key); optional merged_id(key) -> lane,
-        which comes with pin(key) (a pin without a device slot, for requests that run in a merged lane)."""
-        self.scheduler.adapters = manager
-
     def set_background_worker(self, worker: BackgroundWorker | None) -> None:
         self._worker = worker
-        self._wake.set()
+        self.loop.wake()
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def add_step_hook(self, hook: Callable[[], None]) -> None:
-        """Run `hook` on the engine thread before every scheduling pass, never during a step.
-
-        Why: model state that a step reads (e.g. merged weights) may only change
-        between steps; a hook is that point. Hooks must be cheap when idle.
-        """
-        self._step_hooks.append(hook)
-        self._wake.set()
+        self.loop.wake()
 
     # --- requests (any thread) ------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -129,14 +122,14 @@ class Engine:
         self.scheduler.submit(request)
         if not self.alive and self.scheduler.discard(request):  # the loop exited meanwhile
             raise Unavailable("the generation engine is not running")
-        self._wake.set()
+        self.loop.wake()
 
     def is_queued(self, adapter_key: Any) -> bool:
         return self.scheduler.is_queued(adapter_key)
 
     def cancel(self, request: Request) -> None:
         request.cancel()
-        self._wake.set()
+        self.loop.wake()
 
     def idle(self) -> bool:
         return not self.scheduler.running and self.scheduler.num_waiting == 0
@@ -161,25 +154,19 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._wake.clear()
-                self._run_step_hooks()
+                self.loop.woken.clear()
+                self.loop.run_hooks(s.lane for s in self.scheduler.running)
                 served = self._serve_step()
                 trained = self._background_step(busy=served)
                 if not served and not trained:
-                    self._wake.wait(IDLE_WAIT_S)
+                    self.loop.woken.wait(IDLE_WAIT_S)
         except BaseException as exc:  # noqa: BLE001 - report, then fail everyone below
             self.error = exc
             log.exception("engine thread died")
         finally:
             self._stopping.set()
+            self.loop.alive = False
             self._fail_everything(Unavailable("the generation engine stopped"))
-
-    def _run_step_hooks(self) -> None:
-        for hook in self._step_hooks:
-            try:
-                hook()
-            except Exception:  # noqa: BLE001 - a hook's owner reports its errors; serving goes on
-                log.exception("engine step hook %r failed", hook)
 
     def _serve_step(self) -> bool:
         removals = Removals()
@@ -195,8 +182,7 @@ class Engine:
             self.step_errors += 1
             log.exception("engine step failed; failing its %d requests", len(plan.decode) + len(plan.prefill))
             self._fail_plan(plan, exc)
-            if self.metrics is not None:
-                self.metrics.engine_errors.inc()
+            self.metrics.engine_errors.inc()
         self.steps += 1
         self._observe(plan, time.perf_counter() - started)
         return True
@@ -214,9 +200,8 @@ class Engine:
             s.prefilled += n
             prefilled += n
         self.prompt_tokens += prefilled
-        if self.metrics is not None:  # before any finish event goes out
-            self.metrics.prompt_tokens.inc(prefilled)
-            self.metrics.generated_tokens.inc(len(tokens))
+        self.metrics.prompt_tokens.inc(prefilled)  # before any finish event goes out
+        self.metrics.generated_tokens.inc(len(tokens))
         for i, (s, token) in enumerate(zip(sampling, tokens, strict=True)):
             self._on_token(s, int(token), logprobs[i] if logprobs else None)
 
@@ -328,8 +313,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - the worker owns its errors; serving goes on
             log.exception("background worker step failed")
         self.background_steps += 1
-        if self.metrics is not None:
-            self.metrics.training_steps.inc()
+        self.metrics.training_steps.inc()
         return True
 
     def _new_sequence(self, request: Request, row: int, slot: int, lane: int | None, index: int = 0) -> Sequence:
@@ -349,16 +333,13 @@ class Engine:
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics
-        if m is None:
-            return
         m.step_latency.observe(seconds)
         m.batch_size.observe(len(plan.decode) + len(plan.prefill))
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.scheduler.num_waiting)
-            self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.queue_depth.set(self.scheduler.num_waiting)
+        self.metrics.running.set(len(self.scheduler.running))
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
@@ -32,6 +32,21 @@ from server.errors import NotFound, QueueFull
 log = logging.getLogger(__name__)
 
 NewSequence = Callable[[Request, int, int, int | None, int], Sequence]  # (request, row, slot, lane, index)
+
+
+class AdapterPlacement(Protocol):
+    """Where an adapter request runs: a device slot (pinned until `release`), or a merged copy's lane."""
+
+    def acquire(self, key: Hashable) -> int | None:
+        """The device slot holding `key`, pinned; None = not resident yet (the request waits)."""
+
+    def release(self, key: Hashable) -> None: ...
+
+    def merged_id(self, key: Hashable) -> int | None:
+        """The lane of a merged copy serving `key` (no adapter math), or None."""
+
+    def pin(self, key: Hashable) -> None:
+        """Hold `key`'s version for a request that runs in a merged lane (no device slot)."""
 
 
 @dataclass
@@ -60,13 +75,13 @@ class Removals:
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_batch: int, max_queue: int, token_budget: int,
-                 new_sequence: NewSequence) -> None:
+                 new_sequence: NewSequence, adapters: AdapterPlacement | None = None) -> None:
         self.cache = cache
         self.max_batch = min(max_batch, cache.max_batch)
         self.max_queue = max_queue
         self.token_budget = token_budget
         self.new_sequence = new_sequence
-        self.adapters: Any = None  # optional manager: acquire(key)/release(key)[/merged_id(key) with pin(key)]
+        self.adapters = adapters  # None: base model only, an adapter request fails
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
@@ -175,8 +190,7 @@ class Scheduler:
             return BASE_SLOT, None
         if self.adapters is None:
             raise NotFound("adapter not available: no adapter manager is attached")
-        merged = getattr(self.adapters, "merged_id", None)  # a manager with merged lanes also has pin()
-        lane = merged(key) if merged is not None else None
+        lane = self.adapters.merged_id(key)
         if lane is not None:  # a merged lane runs no adapter math: no device slot, the pin guards the version
             self.adapters.pin(key)
             return BASE_SLOT, lane

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from server.adapters.inject import inject_adapter_layers
+from server.adapters.limits import AdapterLimits
+from server.adapters.service import AdapterService
 from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME, open_store
 from server.model.load import load_base
 from server.settings import Settings
@@ -62,7 +64,7 @@ def train_one(service: TrainingService, name: str, out_root: Path) -> dict[str, 
     done = service.get(job["id"], None)
     if done["status"] != "succeeded":
         raise SystemExit(f"{name}: job {done['status']}: {done['error']}")
-    src = worker.store.resolve("default", name).path
+    src = worker.adapters.store.resolve("default", name).path
     dest = out_root / "default" / name
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="loraplex-examples-") as scratch:
         settings = Settings(store=Path(scratch) / "store")
         base = load_base(settings)
-        inject_adapter_layers(base.model, settings)
-        service = TrainingService(settings, base, open_store(settings.store, base, settings))
+        limits = AdapterLimits.from_settings(settings)
+        inject_adapter_layers(base.model, limits)
+        adapters = AdapterService(base, open_store(settings.store, base, limits), limits)
+        service = TrainingService(settings, base, adapters)
         try:
             for name in args.only or sorted(EXAMPLES):
                 train_one(service, name, Path(args.out))

@@ -85,15 +85,6 @@ def adapter_config(spec: TrainingJobSpec, base_model_id: str | None) -> dict[str
     return lora_config(spec, base_model_id) if spec.method == "lora" else miss_config(spec, base_model_id)
 
 
-def record_summary(spec: TrainingJobSpec) -> dict[str, Any]:
-    """The store's {type, variant, rank, target_modules} for a job's output."""
-    if spec.method == "lora":
-        variant = "rslora" if spec.use_rslora else "lora"
-    else:
-        variant = spec.variant
-    return {"type": spec.method, "variant": variant, "rank": spec.rank, "target_modules": _short_targets(spec)}
-
-
 def save_peft(directory: Path, adapters: Mapping[str, torch.nn.Module], spec: TrainingJobSpec,
               base_model_id: str | None) -> None:
     directory.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from server.adapters.service import AdapterService
 from server.errors import InvalidRequest
 from server.model.load import BaseModel
 from server.settings import Settings
@@ -29,8 +30,16 @@ DB_NAME = "jobs.sqlite3"
 MAX_IDEMPOTENCY_KEY = 255
 
 
+class Waker(Protocol):
+    """The engine loop, woken when a job is queued or cancelled (server.engine.loop.EngineLoop)."""
+
+    def wake(self) -> None: ...
+
+
 class TrainingService:
-    def __init__(self, settings: Settings, base: BaseModel, store: Any, engine: Any = None) -> None:
+    def __init__(self, settings: Settings, base: BaseModel, adapters: AdapterService,
+                 loop: Waker | None = None) -> None:
+        """`loop`: the engine loop that runs the worker's steps; None = nobody to wake (tests)."""
         self.settings = settings
         self.base = base
         root = Path(settings.store) / TRAINING_DIR
@@ -38,8 +47,8 @@ class TrainingService:
         recovered = self.jobs.recover(settings.train_max_attempts)
         if recovered:
             log.info("training jobs interrupted by the last shutdown: %s", recovered)
-        self.worker = TrainingWorker(self.jobs, base, store, settings, root / "checkpoints")
-        self.engine = engine
+        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints")
+        self.loop = loop
 
     # ------------------------------------------------------------- routes
     def submit(self, spec: TrainingJobSpec, tenant: str, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
@@ -55,8 +64,8 @@ class TrainingService:
             idempotency_key=idempotency_key))
         if created:
             self.worker.notify()
-            if self.engine is not None:
-                self.engine.wake()
+            if self.loop is not None:
+                self.loop.wake()
         return record, created
 
     def validate(self, spec: TrainingJobSpec) -> None:
@@ -73,8 +82,8 @@ class TrainingService:
 
     def cancel(self, job_id: str, tenant: str | None) -> dict[str, Any]:
         record = self.jobs.request_cancel(job_id, tenant)
-        if self.engine is not None:
-            self.engine.wake()
+        if self.loop is not None:
+            self.loop.wake()
         return record
 
     def close(self) -> None:
@@ -84,16 +93,3 @@ class TrainingService:
         finally:
             self.jobs.close()
 
-
-def attach_training(services: Any) -> TrainingService:
-    """Wire training into a built `Services` (call after the store and adapter layers are attached)."""
-    store = services.store
-    if store is None:
-        from server.adapters.store import AdapterStore
-
-        store = AdapterStore(Path(services.settings.store))
-    training = TrainingService(services.settings, services.base, store, services.engine)
-    services.jobs = training
-    services.engine.set_background_worker(training.worker)
-    services.add_shutdown_hook(training.close)
-    return training

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
 
-from server.adapters.types import check_adapter_id
+from server.adapters.ids import check_adapter_id
 from server import json_input
 from server.errors import InvalidRequest
 from server.settings import Settings

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.adapters.service import AdapterService
 from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
-from server.training.export import record_summary
 from server.training.jobs import JobStore
 from server.training.spec import TrainingJobSpec
 from server.training.trainer import Trainer
@@ -45,11 +45,12 @@ class ActiveJob:
 
 
 class TrainingWorker:
-    def __init__(self, jobs: JobStore, base: BaseModel, store: Any, settings: Settings,
+    def __init__(self, jobs: JobStore, base: BaseModel, adapters: AdapterService, settings: Settings,
                  checkpoint_root: Path) -> None:
+        """`adapters` publishes the output as an upload is published (validated, old files collected)."""
         self.jobs = jobs
         self.base = base
-        self.store = store  # server.adapters.store.AdapterStore
+        self.adapters = adapters
         self.settings = settings
         self.checkpoint_root = checkpoint_root
         self._job: ActiveJob | None = None
@@ -156,19 +157,16 @@ class TrainingWorker:
         existing = self._already_published(job)
         if existing is not None:
             return existing
-        summary = {**record_summary(job.spec), "training_job": job.id}
-        with self.store.staging() as staged:
+        with self.adapters.staging() as staged:
             job.trainer.save_output(staged, self.base.model_id)
-            if getattr(self.store, "describe", None) is not None:
-                # The serving side's own validator: what it refuses, we must not publish.
-                summary = {**self.store.describe(staged), "training_job": job.id}
-            stored = self.store.publish(job.tenant, job.adapter_id, staged, summary)
+            # The serving side's own validator: what it refuses, we must not publish.
+            stored = self.adapters.publish(job.tenant, job.adapter_id, staged, {"training_job": job.id})
         log.info("training job %s published %s", job.id, stored.ref.key)
         return dict(stored.record)
 
     def _already_published(self, job: ActiveJob) -> dict[str, Any] | None:
         try:
-            stored = self.store.get(job.tenant, job.adapter_id)
+            stored = self.adapters.get(job.tenant, job.adapter_id)
         except Exception:  # noqa: BLE001 - NotFound: nothing published yet
             return None
         return dict(stored.record) if stored.record.get("training_job") == job.id else None

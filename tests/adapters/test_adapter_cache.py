@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.manager import AdapterManager
 from server.adapters.mapping import AdapterMapping
@@ -42,13 +43,14 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache-src")
     peft_base = af.tiny_base(seed=0)
     ref = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(ref.model, af.adapter_settings(tmp, max_adapters_resident=1))
+    one_slot = AdapterLimits.from_settings(af.adapter_settings(tmp, max_adapters_resident=1))
+    layers = inject_adapter_layers(ref.model, one_slot)
     settings = af.adapter_settings(tmp)
     dirs, expected = {}, {}
     for i, kind in enumerate(KINDS + ["lora_qv"]):
         name = f"a{i}" if i < len(KINDS) else "a0-v2"
         af.make_peft(peft_base, kind, tmp / name, seed=40 + i)
-        layers.load_slot(0, read_adapter(tmp / name, ref, settings))
+        layers.load_slot(0, read_adapter(tmp / name, ref, AdapterLimits.from_settings(settings)))
         dirs[name], expected[name] = tmp / name, _logits(ref.model, 0)
     return dirs, expected
 
@@ -58,12 +60,12 @@ def env(files, tmp_path):
     dirs, expected = files
     settings = af.adapter_settings(tmp_path, max_adapters_resident=2, max_adapters_host=8)
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     store = AdapterStore(tmp_path / "store")
     for i in range(len(KINDS)):
         store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
     metrics = Metrics()
-    manager = AdapterManager(base, layers, store, settings, metrics=metrics)
+    manager = AdapterManager(base, layers, store, AdapterLimits.from_settings(settings), metrics=metrics)
     yield base, manager, store, dirs, expected, metrics
     manager.close()
 
@@ -170,7 +172,8 @@ def _small_host_tier(files, tmp_path, adapters: int) -> tuple:
     store = AdapterStore(tmp_path / "store")
     for i in range(adapters):
         store.add_from_dir("t1", f"a{i}", dirs[f"a{i}"], {})
-    return base, store, AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings)
+    limits = AdapterLimits.from_settings(settings)
+    return base, store, AdapterManager(base, inject_adapter_layers(base.model, limits), store, limits)
 
 
 async def test_host_tier_eviction_reloads_in_background(files, tmp_path):
@@ -205,7 +208,8 @@ async def test_a_reread_that_fails_on_the_file_system_fails_the_waiting_request(
             raise PermissionError(13, "Permission denied")
         return read_adapter(path, base_, settings_)
 
-    manager = AdapterManager(base, inject_adapter_layers(base.model, settings), store, settings, loader=loader)
+    limits = AdapterLimits.from_settings(settings)
+    manager = AdapterManager(base, inject_adapter_layers(base.model, limits), store, limits, loader=loader)
     try:
         keys = [await manager.prepare("t1", f"a{i}") for i in range(3)]  # a0 falls out of the host tier
         broken.add("a0")

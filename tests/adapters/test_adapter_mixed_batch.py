@@ -17,6 +17,7 @@ from transformers import DynamicCache
 import adapter_factory as af
 from layer_reference import reference
 from server.adapters.backend import CpuKernelBackend
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
 from server.adapters.peft_format import read_adapter
@@ -37,13 +38,13 @@ def served(request, tmp_path_factory):
                                    slot_dtype="float16" if request.param.endswith("f16") else "auto")
     peft_base = af.tiny_base(seed=0)
     ours = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(ours.model, settings)
+    layers = inject_adapter_layers(ours.model, AdapterLimits.from_settings(settings))
     bank = layers["model.layers.0.mlp.up_proj"].bank
     assert isinstance(layers["model.layers.0.mlp.up_proj"].backend, CpuKernelBackend) == kernel
     assert bank.slot_dtype == (torch.float16 if request.param.endswith("f16") else torch.float32)
     for slot, kind in enumerate(KINDS):
         af.make_peft(peft_base, kind, tmp / kind, seed=20 + slot)
-        layers.load_slot(slot, read_adapter(tmp / kind, ours, settings))
+        layers.load_slot(slot, read_adapter(tmp / kind, ours, AdapterLimits.from_settings(settings)))
     return ours.model, layers
 
 
@@ -128,7 +129,7 @@ def test_sixteen_adapters_decode_grouped_equals_reference(tmp_path):
     """The benchmark's shape, scaled down: 32 decode tokens over 16 resident adapters of mixed ranks."""
     settings = af.adapter_settings(tmp_path, max_adapters_resident=16)
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     layer = layers["model.layers.1.self_attn.o_proj"]
     from server.adapters.lora import LoraWeights
 

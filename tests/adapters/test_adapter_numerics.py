@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.mapping import AdapterMapping
 from server.adapters.peft_format import read_adapter
@@ -26,11 +27,11 @@ def zoo(tmp_path_factory):
     settings = af.adapter_settings(tmp, max_adapters_resident=len(KINDS))
     reference = af.tiny_base(seed=0)  # PEFT wraps deep copies of this one
     ours = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(ours.model, settings)
+    layers = inject_adapter_layers(ours.model, AdapterLimits.from_settings(settings))
     peft_models, slots = {}, {}
     for slot, kind in enumerate(KINDS):
         peft_models[kind] = af.make_peft(reference, kind, tmp / kind, seed=10 + slot)
-        layers.load_slot(slot, read_adapter(tmp / kind, ours, settings))
+        layers.load_slot(slot, read_adapter(tmp / kind, ours, AdapterLimits.from_settings(settings)))
         slots[kind] = slot
     return ours, peft_models, slots
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.limits import AdapterLimits
 from server.adapters.peft_format import read_adapter
 from server.errors import AdapterError
 
@@ -41,14 +42,14 @@ def fresh(originals, tmp_path):
 
 def refused(path: Path, base, settings, match: str) -> None:
     with pytest.raises(AdapterError, match=match) as err:
-        read_adapter(path, base, settings)
+        read_adapter(path, base, AdapterLimits.from_settings(settings))
     assert err.value.status == 422
 
 
 def test_valid_files_are_accepted(fresh):
     base, settings, copy = fresh
     for kind in ("lora_qv", "lora_embed", "miss_balance", "miss_mini", "miss_bat"):
-        assert read_adapter(copy(kind), base, settings).modules
+        assert read_adapter(copy(kind), base, AdapterLimits.from_settings(settings)).modules
 
 
 CONFIG_CASES = [
@@ -100,7 +101,7 @@ def test_regex_and_all_linear_targets_are_matched_like_peft(fresh):
     base, settings, copy = fresh
     path = copy()
     af.edit_config(path, target_modules=r".*\.(q|v)_proj")
-    assert len(read_adapter(path, base, settings).modules) == 4
+    assert len(read_adapter(path, base, AdapterLimits.from_settings(settings)).modules) == 4
     af.edit_config(path, target_modules="all-linear")
     refused(path, base, settings, "mlp.down_proj' has no weights")  # all-linear selects every projection
 
@@ -179,7 +180,7 @@ def test_embedding_base_copy_must_equal_base_weight(fresh):
     base, settings, copy = fresh
     path = copy("lora_embed")
     key = "base_model.model.model.embed_tokens.base_layer.weight"
-    assert read_adapter(path, base, settings).modules  # PEFT's identical copy is accepted
+    assert read_adapter(path, base, AdapterLimits.from_settings(settings)).modules  # PEFT's identical copy is accepted
     _edit(path, lambda t: {**t, key: t[key] + 1.0})
     refused(path, base, settings, "embed_tokens.base_layer.weight differs from the base model's weight")
 
@@ -295,7 +296,7 @@ def test_unaligned_and_mixed_dtype_tensors_load_exactly(fresh):
     text += b" " * ((8 - (8 + len(text)) % 8) + 1)  # one byte past alignment: every offset is odd
     weights.write_bytes(struct.pack("<Q", len(text)) + text + data)
     assert (8 + len(text)) % 2 == 1
-    loaded = read_adapter(path, base, settings)
+    loaded = read_adapter(path, base, AdapterLimits.from_settings(settings))
     for name in names:
         module = name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         w = loaded.modules[module]
@@ -316,8 +317,9 @@ def test_weights_beyond_float16_are_refused_only_with_float16_slots(fresh, tmp_p
         return tensors
 
     af.edit_tensors(path, huge)
-    assert read_adapter(path, base, settings).modules  # float32 slots (auto): the value fits
+    # float32 slots (auto): the value fits
+    assert read_adapter(path, base, AdapterLimits.from_settings(settings)).modules
     f16 = af.adapter_settings(tmp_path, slot_dtype="float16")
     refused(path, base, f16, r"magnitude [0-9.]+e\+0[5-7] does not fit the float16 adapter slots")
     af.make_peft(base, kind, tmp_path / "ok")
-    assert read_adapter(tmp_path / "ok", base, f16).modules  # ordinary weights fit
+    assert read_adapter(tmp_path / "ok", base, AdapterLimits.from_settings(f16)).modules  # ordinary weights fit

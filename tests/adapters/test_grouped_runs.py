@@ -14,6 +14,7 @@ import torch
 import adapter_factory as af
 from layer_reference import reference
 from server.adapters.backend import CpuKernelBackend
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.lora import LoraWeights
 from server.adapters.mapping import AdapterMapping
@@ -30,7 +31,7 @@ def layers(request, tmp_path_factory):
     settings = af.adapter_settings(tmp_path_factory.mktemp("runs"), max_adapters_resident=16,
                                    cpu_kernels=request.param == "cpu-kernel")
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     assert isinstance(layers["model.layers.0.mlp.up_proj"].backend, CpuKernelBackend) == (request.param == "cpu-kernel")
     g = torch.Generator().manual_seed(11)
     for name in ("model.layers.0.mlp.up_proj", "model.embed_tokens"):

@@ -19,6 +19,7 @@ import adapter_factory as af
 from layer_reference import reference
 from server.adapters.backend import TorchBackend
 from server.adapters.inject import inject_adapter_layers
+from server.adapters.limits import AdapterLimits
 from server.adapters.layers import AdaptedModule
 from server.adapters.mapping import AdapterMapping
 from server.adapters.miss import bat_delta
@@ -44,10 +45,11 @@ def half(request, tmp_path_factory):
     peft_base = af.tiny_base(seed=0)
     ours = af.tiny_base(seed=0)
     ours = dataclasses.replace(ours, model=ours.model.to(dtype), dtype=dtype)
-    layers = inject_adapter_layers(ours.model, settings)
+    limits = AdapterLimits.from_settings(settings)
+    layers = inject_adapter_layers(ours.model, limits)
     for slot, kind in enumerate(KINDS):
         af.make_peft(peft_base, kind, tmp / kind, seed=40 + slot, scale=0.3)
-        layers.load_slot(slot, read_adapter(tmp / kind, ours, settings))
+        layers.load_slot(slot, read_adapter(tmp / kind, ours, limits))
     layer = layers[LAYERS[0]]
     assert layer.bank.slot_dtype == (torch.float32 if slots else dtype)
     assert isinstance(layer.backend, TorchBackend)  # the CPU kernel serves float32 models only

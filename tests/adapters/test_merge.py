@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import adapter_factory as af
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.lora import LoraWeights, write_scaled_bt
 from server.adapters.merge import MARKER, MergeRegistry
@@ -34,11 +35,11 @@ def zoo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge-zoo")
     settings = af.adapter_settings(tmp, max_adapters_resident=len(af.ALL_KINDS))
     peft_base, ours = af.tiny_base(seed=0), af.tiny_base(seed=0)
-    layers = inject_adapter_layers(ours.model, settings)
+    layers = inject_adapter_layers(ours.model, AdapterLimits.from_settings(settings))
     adapters, copies = {}, {}
     for slot, kind in enumerate(af.ALL_KINDS):
         af.make_peft(peft_base, kind, tmp / kind, seed=20 + slot)
-        adapters[kind] = read_adapter(tmp / kind, ours, settings)
+        adapters[kind] = read_adapter(tmp / kind, ours, AdapterLimits.from_settings(settings))
         layers.load_slot(slot, adapters[kind])
         copies[kind] = build_merged_copy(layers, adapters[kind], AdapterKey("t", kind.replace("_", "-"), 1),
                                          LANE0 + slot)
@@ -139,12 +140,13 @@ def sources(tmp_path_factory):
 def registry(sources, tmp_path):
     settings = af.adapter_settings(tmp_path, max_merged=2)
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     store = AdapterStore(tmp_path / "store")
     for name, path in sources.items():
         store.add_from_dir("acme", name, path, {})
     metrics = Metrics()
-    reg = MergeRegistry(base, layers, store, settings, metrics)  # no engine: the step hook runs inline
+    # no engine: the step hook runs inline
+    reg = MergeRegistry(base, layers, store, AdapterLimits.from_settings(settings), metrics)
     yield reg, store, layers, metrics
     reg.close()
 
@@ -223,8 +225,8 @@ async def test_dedication_survives_a_restart(registry, sources, tmp_path):
     await reg.dedicate("acme", "bat")
     settings = af.adapter_settings(tmp_path, max_merged=2)
     base = af.tiny_base(seed=0)
-    layers = inject_adapter_layers(base.model, settings)
-    again = MergeRegistry(base, layers, AdapterStore(tmp_path / "store"), settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
+    again = MergeRegistry(base, layers, AdapterStore(tmp_path / "store"), AdapterLimits.from_settings(settings))
     try:
         again.restore()
         key = store.resolve("acme", "bat").key
@@ -247,8 +249,8 @@ def test_bf16_model_merges_the_files_unrounded_float32_factors(tmp_path):
     ours = af.tiny_base(seed=0)
     ours.model.to(torch.bfloat16)
     ours.dtype = torch.bfloat16
-    layers = inject_adapter_layers(ours.model, settings)
-    adapter = read_adapter(tmp_path / "a", ours, settings)
+    layers = inject_adapter_layers(ours.model, AdapterLimits.from_settings(settings))
+    adapter = read_adapter(tmp_path / "a", ours, AdapterLimits.from_settings(settings))
     name = "model.layers.0.self_attn.q_proj"
     lora = adapter.modules[name]
     assert isinstance(lora, LoraWeights) and lora.a.dtype == torch.float32 and lora.bt.dtype == torch.float32
@@ -286,7 +288,8 @@ async def test_a_merge_racing_a_reupload_or_delete_says_what_happened(sources, t
     store.armed = False
     store.add_from_dir("acme", "qv", sources["qv"], {})
     store.armed = True
-    reg = MergeRegistry(base, inject_adapter_layers(base.model, settings), store, settings, Metrics())
+    limits = AdapterLimits.from_settings(settings)
+    reg = MergeRegistry(base, inject_adapter_layers(base.model, limits), store, limits, Metrics())
     try:
         with pytest.raises(ApiError) as caught:
             await reg.dedicate("acme", "qv")

@@ -12,6 +12,7 @@ import torch
 
 import adapter_factory as af
 from layer_reference import reference
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.loaded import LoadedAdapter
 from server.adapters.lora import LoraWeights
@@ -26,7 +27,8 @@ Q, V, DOWN, EMB = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.
 @pytest.fixture
 def layers(tmp_path):
     base = af.tiny_base(seed=0)
-    return inject_adapter_layers(base.model, af.adapter_settings(tmp_path, max_adapters_resident=3, max_rank=16))
+    limits = AdapterLimits.from_settings(af.adapter_settings(tmp_path, max_adapters_resident=3, max_rank=16))
+    return inject_adapter_layers(base.model, limits)
 
 
 def _lora(layers, name: str, r: int, seed: int, embedding: bool = False) -> LoraWeights:
@@ -148,8 +150,8 @@ def test_growth_keeps_resident_slots_and_too_small_a_reservation_is_not_used(lay
 
 
 def test_a_reservation_smaller_than_the_write_is_replaced(layers, tmp_path):
-    wide = inject_adapter_layers(af.tiny_base(seed=0).model,
-                                 af.adapter_settings(tmp_path, max_adapters_resident=2, max_rank=32))
+    limits = AdapterLimits.from_settings(af.adapter_settings(tmp_path, max_adapters_resident=2, max_rank=32))
+    wide = inject_adapter_layers(af.tiny_base(seed=0).model, limits)
     bank = wide[V].bank
     bank.reserve(8)
     w = _lora(wide, V, 24, seed=3)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.peft_config import AdapterSpec, parse_config
 from server.errors import AdapterError
 from server.settings import Settings
@@ -34,7 +35,7 @@ NAMES = [
 
 
 def parse(**cfg) -> AdapterSpec:
-    return parse_config(json.dumps({"peft_type": "LORA", **cfg}).encode(), SETTINGS)
+    return parse_config(json.dumps({"peft_type": "LORA", **cfg}).encode(), AdapterLimits.from_settings(SETTINGS))
 
 
 def peft_selects(cfg: dict, name: str) -> bool:

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings as hsettings, strateg
 
 import adapter_factory as af
 from adapter_fuzz import EDITS, HEADER_EDITS, JSON, mutate_header
+from server.adapters.limits import AdapterLimits
 from server.adapters.peft_config import parse_config
 from server.adapters.peft_format import read_adapter
 from server.errors import AdapterError
@@ -50,7 +51,7 @@ def _fresh(sources, workdir: Path, kind: str) -> Path:
 def _validate(path: Path, base, settings) -> None:
     """The property: a loaded adapter or an AdapterError (422); anything else fails the test."""
     try:
-        assert read_adapter(path, base, settings).modules
+        assert read_adapter(path, base, AdapterLimits.from_settings(settings)).modules
         event("loaded")
     except AdapterError as e:
         assert e.status == 422 and str(e)
@@ -73,7 +74,7 @@ def test_mutated_configs_load_or_are_refused(sources, workdir, kind, edits):
                      st.integers(1, 200).map(lambda n: b'{"a":' * n + b"1" + b"}" * n)))
 def test_arbitrary_config_bytes_parse_or_are_refused(raw):
     try:
-        parse_config(raw, af.adapter_settings(Path("unused")))
+        parse_config(raw, AdapterLimits.from_settings(af.adapter_settings(Path("unused"))))
     except AdapterError as e:
         assert e.status == 422
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
-from server.api.auth import ApiKeysError, load_api_keys
+from server.api.keys import ApiKeysError, load_api_keys, load_keys
 from server.app import create_app
 from server.settings import Settings
 from tests.harness import REPO_ROOT, running_server, serve_command
@@ -153,8 +152,8 @@ def test_bad_keys_file_is_a_clear_startup_error(tmp_path: Path, content: object,
     path = write_keys(tmp_path / "keys.json", content)
     with pytest.raises(ApiKeysError, match=reason):
         load_api_keys(path)
-    with pytest.raises(ValidationError, match=reason) as info:
-        Settings(api_keys=path, store=tmp_path / "s")
+    with pytest.raises(ApiKeysError, match=reason) as info:  # start-up loads settings.api_keys once
+        load_keys(Settings(api_keys=path, store=tmp_path / "s").api_keys)
     assert "long-enough-key" not in str(info.value)  # a secret is never echoed
 
 
@@ -188,8 +187,8 @@ def test_keys_file_readable_by_others_is_warned(tmp_path: Path, caplog: pytest.L
 
 
 def test_missing_keys_file_is_a_clear_startup_error(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="cannot read --api-keys file"):
-        Settings(api_keys=tmp_path / "absent.json", store=tmp_path / "s")
+    with pytest.raises(ApiKeysError, match="cannot read --api-keys file"):
+        load_keys(Settings(api_keys=tmp_path / "absent.json", store=tmp_path / "s").api_keys)
 
 
 def test_lookup(tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def test_compose_service_settings(compose: dict, service: str) -> None:
 
 
 def test_compose_secret_file_and_example_keys(compose: dict) -> None:
-    from server.api.auth import load_api_keys
+    from server.api.keys import load_api_keys
 
     assert compose["secrets"]["api_keys"]["file"] == "./api_keys.json"
     example = DOCKER / "api_keys.example.json"

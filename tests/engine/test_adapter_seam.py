@@ -68,9 +68,8 @@ async def drain(r: Request):
 
 
 def test_rows_carry_their_slot_and_unready_adapters_do_not_block(make_engine, varied_base, mappings):
-    engine = make_engine(max_batch=4)
     manager = Manager({"ready": 3, "late": None})
-    engine.set_adapter_manager(manager)
+    engine = make_engine(max_batch=4, placement=manager)
 
     async def go():
         late, ready, plain = req(varied_base, "late"), req(varied_base, "ready"), req(varied_base, None)
@@ -91,8 +90,7 @@ def test_rows_carry_their_slot_and_unready_adapters_do_not_block(make_engine, va
 
 
 def test_manager_errors_fail_only_that_request(make_engine, varied_base):
-    engine = make_engine()
-    engine.set_adapter_manager(Manager({}))
+    engine = make_engine(placement=Manager({}))
 
     async def go():
         broken, ok = req(varied_base, "broken"), req(varied_base, None)
@@ -118,8 +116,7 @@ def test_adapter_request_without_a_manager_is_refused(make_engine, varied_base):
 
 
 def test_merged_lane_steps_are_never_mixed_with_the_shared_lane(make_engine, varied_base, mappings):
-    engine = make_engine(max_batch=4)
-    engine.set_adapter_manager(Manager({"dedicated": 2, "shared": 1}, lanes={"dedicated": 7}))
+    engine = make_engine(max_batch=4, placement=Manager({"dedicated": 2, "shared": 1}, lanes={"dedicated": 7}))
 
     async def go():
         rs = [req(varied_base, "dedicated", 10), req(varied_base, "shared", 10), req(varied_base, None, 10)]
@@ -142,9 +139,8 @@ def test_merged_lane_steps_are_never_mixed_with_the_shared_lane(make_engine, var
 
 def test_merged_lane_requests_need_no_device_slot(make_engine, varied_base, mappings):
     """Every slot taken (acquire says None): a request of a merged adapter still runs, in its lane, pinned."""
-    engine = make_engine(max_batch=4)
     manager = Manager({"dedicated": None}, lanes={"dedicated": 3})
-    engine.set_adapter_manager(manager)
+    engine = make_engine(max_batch=4, placement=manager)
 
     async def go():
         r = req(varied_base, "dedicated", 4)
@@ -158,8 +154,7 @@ def test_merged_lane_requests_need_no_device_slot(make_engine, varied_base, mapp
 
 def test_lm_head_gets_a_mapping_of_exactly_its_rows(make_engine, varied_base):
     """Adapters may target lm_head: it only sees sampling rows, and its mapping must match them."""
-    engine = make_engine(max_batch=4)
-    engine.set_adapter_manager(Manager({"a": 2}))
+    engine = make_engine(max_batch=4, placement=Manager({"a": 2}))
     seen: list[tuple[int, tuple[int, ...]]] = []
 
     def hook(module, args):

@@ -15,6 +15,7 @@ import asyncio
 import pytest
 import torch
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.engine.engine import Engine
@@ -92,11 +93,10 @@ def test_family_matches_transformers_and_peft_in_a_mixed_batch(family, budget):
     settings = Settings(model=str(tmp / "model"), store=tmp / "store", device="cpu", dtype="float32",
                         max_batch=4, max_tokens_per_step=budget, max_adapters_resident=2, max_rank=16)
     base = load_base(settings)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for slot, kind in enumerate(("lora", "miss")):
-        layers.load_slot(slot, read_adapter(tmp / kind, base, settings))
-    engine = Engine(base, settings)
-    engine.set_adapter_manager(SlotManager({"lora": 0, "miss": 1}))
+        layers.load_slot(slot, read_adapter(tmp / kind, base, AdapterLimits.from_settings(settings)))
+    engine = Engine(base, settings, placement=SlotManager({"lora": 0, "miss": 1}))
     engine.eos_ids = frozenset()
     engine.start()
     try:
@@ -138,4 +138,4 @@ def test_adapter_for_another_family_names_this_models_modules(tmp_path, embedded
     settings = Settings(model=str(ff.save_family("phi3", tmp_path / "phi3", embedded_model_dir)), device="cpu",
                         dtype="float32", store=tmp_path / "store")
     with pytest.raises(AdapterError, match="adaptable modules are named .*gate_up_proj.*qkv_proj"):
-        read_adapter(tmp_path / "a", load_base(settings), settings)
+        read_adapter(tmp_path / "a", load_base(settings), AdapterLimits.from_settings(settings))

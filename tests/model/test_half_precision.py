@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.engine.kv_cache import KVCache
@@ -62,8 +63,8 @@ def test_half_precision_logits_within_tolerance_of_peft(tmp_path, embedded_model
                         max_adapters_resident=1, max_rank=16)
     base = load_base(settings)
     assert next(base.model.parameters()).dtype == getattr(torch, dtype)
-    layers = inject_adapter_layers(base.model, settings)
-    layers.load_slot(0, read_adapter(tmp_path / "lora", base, settings))
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
+    layers.load_slot(0, read_adapter(tmp_path / "lora", base, AdapterLimits.from_settings(settings)))
     runner = Runner(base, KVCache.for_model(base.model.config, 2, 128, base.device, base.dtype))
     ids = torch.randint(3, ff.VOCAB, (4 * ff.WINDOW,), generator=torch.Generator().manual_seed(2)).tolist()
     seqs = [_Seq(ids, row=0, slot=-1), _Seq(ids, row=1, slot=0)]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.mapping import AdapterMapping
 from server.adapters.step import adapter_step
@@ -35,7 +36,7 @@ def train_settings(tiny_model_dir, tmp_path_factory) -> Settings:
 def tiny_served(train_settings) -> BaseModel:
     """The tiny base as the server holds it: frozen, with adapter-aware wrappers injected."""
     base = load_base(train_settings)
-    inject_adapter_layers(base.model, train_settings)
+    inject_adapter_layers(base.model, AdapterLimits.from_settings(train_settings))
     return base
 
 

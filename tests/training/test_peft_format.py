@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.adapters.step import adapter_step
@@ -57,8 +58,8 @@ def test_peft_loads_trained_adapter_and_logits_match(case, tiny_served, train_se
         ids = torch.tensor([tiny_served.tokenizer("Say hi: Ahoy there, sailor")["input_ids"]])
         with torch.no_grad():
             expected = peft_model(input_ids=ids).logits
-        layers = inject_adapter_layers(tiny_served.model, train_settings)
-        layers.load_slot(2, read_adapter(out, tiny_served, train_settings))
+        layers = inject_adapter_layers(tiny_served.model, AdapterLimits.from_settings(train_settings))
+        layers.load_slot(2, read_adapter(out, tiny_served, AdapterLimits.from_settings(train_settings)))
         try:
             got = served_logits(tiny_served, ids, slot=2)
         finally:

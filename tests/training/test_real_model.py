@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.model.load import load_base
@@ -15,7 +16,7 @@ from tests.training.conftest import greedy, make_spec, make_trainer
 def test_real_model_learns_a_target_completion(embedded_model_dir, tmp_path):
     settings = Settings(model=str(embedded_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
     base = load_base(settings)
-    layers = inject_adapter_layers(base.model, settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     before = {n: p.untyped_storage().data_ptr() for n, p in base.model.named_parameters()}
     data = [{"prompt": "The secret word is", "completion": " pineapple"},
             {"prompt": "Captain's greeting:", "completion": " Ahoy matey!"}]
@@ -25,7 +26,7 @@ def test_real_model_learns_a_target_completion(embedded_model_dir, tmp_path):
     losses = [trainer.train_step().loss for _ in range(spec.steps)]
     assert losses[-1] < 0.2 * losses[0], losses
     trainer.save_output(tmp_path / "out", base.model_id)
-    layers.load_slot(0, read_adapter(tmp_path / "out", base, settings))
+    layers.load_slot(0, read_adapter(tmp_path / "out", base, AdapterLimits.from_settings(settings)))
     tok = base.tokenizer
     for ex in data:
         prompt = tok(ex["prompt"])["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.inject import inject_adapter_layers
 from server.adapters.peft_format import read_adapter
 from server.training.trainer import Trainer, lr_factor
@@ -23,8 +24,8 @@ def test_loss_falls_and_adapter_reproduces_target_greedily(tiny_served, train_se
     trainer.save_output(tmp_path / "out", "tiny")
 
     # Serve it the way the server does: validated by the reader, copied into a device slot.
-    layers = inject_adapter_layers(tiny_served.model, train_settings)
-    layers.load_slot(1, read_adapter(tmp_path / "out", tiny_served, train_settings))
+    layers = inject_adapter_layers(tiny_served.model, AdapterLimits.from_settings(train_settings))
+    layers.load_slot(1, read_adapter(tmp_path / "out", tiny_served, AdapterLimits.from_settings(train_settings)))
     try:
         tok = tiny_served.tokenizer
         for ex in data:

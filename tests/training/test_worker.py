@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
+from server.adapters.limits import AdapterLimits
+from server.adapters.service import AdapterService
 from server.adapters.store import open_store
 from server.errors import InvalidRequest
 from server.training.service import TrainingService
@@ -17,7 +19,8 @@ def settings(tiny_model_dir, tmp_path):
 
 
 def service(settings, base) -> TrainingService:
-    return TrainingService(settings, base, open_store(settings.store, base, settings))
+    limits = AdapterLimits.from_settings(settings)
+    return TrainingService(settings, base, AdapterService(base, open_store(settings.store, base, limits), limits))
 
 
 def run_until_idle(svc: TrainingService, limit: int = 1000) -> int:
@@ -41,11 +44,23 @@ def test_job_trains_and_publishes_new_versions(settings, tiny_served):
     assert [d["status"] for d in done] == ["succeeded", "succeeded"]
     assert [d["adapter_version"] for d in done] == [1, 2]
     assert len(done[0]["loss_history"]) == 3 and done[0]["progress"] == {"step": 3, "steps": 3}
-    stored = svc.worker.store.get("acme", "pirate")
+    stored = svc.worker.adapters.store.get("acme", "pirate")
     assert stored.ref.key.version == 2 and stored.record["training_job"] == second["id"]
     assert stored.record["type"] == "lora" and stored.record["rank"] == 8
     assert not (settings.store / ".training" / "checkpoints" / first["id"]).exists()
     assert not svc.worker.has_work()
+    svc.close()
+
+
+def test_a_trained_version_supersedes_the_last_like_an_upload(settings, tiny_served):
+    """The worker publishes through the AdapterService: the version it replaces is collected, as after an
+    upload, instead of staying on disk until the next restart's sweep."""
+    svc = service(settings, tiny_served)
+    for seed in (0, 1):
+        svc.submit(make_spec(adapter_id="pirate", steps=1, seed=seed), "acme", None)
+    run_until_idle(svc)
+    adir = svc.worker.adapters.store.adapter_dir("acme", "pirate")
+    assert sorted(p.name for p in adir.iterdir() if p.name.startswith("v")) == ["v000002"]
     svc.close()
 
 
@@ -73,7 +88,7 @@ def test_cancel_takes_effect_within_one_step(settings, tiny_served):
     assert got["status"] == "cancelled" and got["progress"]["step"] == step
     assert svc.worker.active_job_id is None
     with pytest.raises(Exception, match="not found"):
-        svc.worker.store.get("acme", "t")
+        svc.worker.adapters.store.get("acme", "t")
     svc.close()
 
 
@@ -84,7 +99,7 @@ def test_crash_mid_job_resumes_from_checkpoint_to_the_same_adapter(settings, tin
     ref = service(ref_settings, tiny_served)
     ref.submit(spec, "acme", None)
     run_until_idle(ref)
-    ref_weights = load_file(ref.worker.store.resolve("acme", "t").path / "adapter_model.safetensors")
+    ref_weights = load_file(ref.worker.adapters.store.resolve("acme", "t").path / "adapter_model.safetensors")
     ref.close()
 
     svc = service(settings, tiny_served)
@@ -104,7 +119,7 @@ def test_crash_mid_job_resumes_from_checkpoint_to_the_same_adapter(settings, tin
     got = again.get(record["id"], "acme")
     assert got["status"] == "succeeded" and got["attempts"] == 2
     assert [h["step"] for h in got["loss_history"]] == list(range(1, 8))
-    weights = load_file(again.worker.store.resolve("acme", "t").path / "adapter_model.safetensors")
+    weights = load_file(again.worker.adapters.store.resolve("acme", "t").path / "adapter_model.safetensors")
     assert weights.keys() == ref_weights.keys()
     assert all((weights[k] == ref_weights[k]).all() for k in weights)
     # Same key, same body after the restart: still the one job.
@@ -129,7 +144,7 @@ def test_crash_after_publish_does_not_publish_twice(settings, tiny_served):
     run_until_idle(again)
     got = again.get(record["id"], "acme")
     assert got["status"] == "succeeded" and got["adapter_version"] == 1
-    assert again.worker.store.resolve("acme", "t").key.version == 1
+    assert again.worker.adapters.store.resolve("acme", "t").key.version == 1
     again.close()
 
 

@@ -16,7 +16,7 @@ from server.api.responses import SSE
 from server.api.schemas import GenerateRequest, GenerateResponse, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent
 from server.errors import ApiError
-from server.services import Services, get_services
+from server.api.services import Services, get_services
 
 router = APIRouter()
 

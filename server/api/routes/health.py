@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.api.deps import Principal, get_principal
 from server.api.responses import PROMETHEUS, Health, NotReady, Ready
-from server.services import get_services
+from server.api.services import get_services
 
 router = APIRouter()
 
@@ -19,7 +19,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", responses={200: {"model": Ready}, 503: {"model": NotReady}})
 async def ready(request: Request) -> JSONResponse:
-    services = getattr(request.app.state, "services", None)
+    services = request.app.state.services
     if services is None:
         return _not_ready("starting")
     if not services.engine.alive:

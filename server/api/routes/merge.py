@@ -15,21 +15,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.merge import MergeRegistry
-from server.adapters.types import check_adapter_id
+from server.adapters.ids import check_adapter_id
 from server.api.deps import Principal, get_principal
 from server.api.responses import AdapterRecord, ok
-from server.api.routes.adapters import present, store_of, target_tenant
-from server.errors import Unavailable
-from server.services import Services, get_services
+from server.api.routes.adapters import present, target_tenant
+from server.api.services import get_services
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-
-
-def registry_of(services: Services) -> MergeRegistry:
-    if services.merge is None:
-        raise Unavailable("the merge path is not available on this server (no adapter layers)")
-    return services.merge
 
 
 @router.post("/{adapter_id}/merge", responses=ok(AdapterRecord, 200, 201))
@@ -38,8 +30,8 @@ async def merge_adapter(adapter_id: str, request: Request, tenant: str | None = 
     check_adapter_id(adapter_id)
     owner = target_tenant(principal, tenant)
     services = get_services(request)
-    created = await registry_of(services).dedicate(owner, adapter_id)
-    stored = await run_in_threadpool(store_of(services).get, owner, adapter_id)
+    created = await services.merge.dedicate(owner, adapter_id)
+    stored = await run_in_threadpool(services.store.get, owner, adapter_id)
     return JSONResponse(present(services, stored), status_code=201 if created else 200)
 
 
@@ -49,8 +41,7 @@ async def unmerge_adapter(adapter_id: str, request: Request, tenant: str | None 
     check_adapter_id(adapter_id)
     owner = target_tenant(principal, tenant)
     services = get_services(request)
-    store = store_of(services)
-    await run_in_threadpool(store.get, owner, adapter_id)  # 404 before anything changes
-    await registry_of(services).undedicate(owner, adapter_id)
-    stored = await run_in_threadpool(store.get, owner, adapter_id)
+    await run_in_threadpool(services.store.get, owner, adapter_id)  # 404 before anything changes
+    await services.merge.undedicate(owner, adapter_id)
+    stored = await run_in_threadpool(services.store.get, owner, adapter_id)
     return JSONResponse(present(services, stored), status_code=200)

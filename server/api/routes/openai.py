@@ -23,7 +23,7 @@ from server.api.routes.generate import SSE_HEADERS, sse
 from server.api.schemas import ChatRequest, CompletionRequest, OpenAIFields, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent, TokenLogprob
 from server.errors import ApiError
-from server.services import Services, get_services
+from server.api.services import Services, get_services
 
 router = APIRouter()
 
@@ -39,9 +39,7 @@ async def list_models(request: Request, principal: Principal = Depends(get_princ
     services = get_services(request)
     created = int(time.time())
     ids = [services.base.model_id]
-    lister = getattr(services.store, "adapter_ids", None)
-    if lister is not None:
-        ids += [a for a in lister(principal.tenant) if a != services.base.model_id]
+    ids += [a for a in services.store.adapter_ids(principal.tenant) if a != services.base.model_id]
     owners = ["loraplex"] + [principal.tenant] * (len(ids) - 1)
     return {"object": "list",
             "data": [{"id": i, "object": "model", "created": created, "owned_by": o} for i, o in zip(ids, owners)]}

@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.store import check_tenant
+from server.adapters.ids import check_tenant
 from server.api.deps import Principal, get_principal
 from server.api.responses import JobList, JobRecord, ok
 from server.errors import InvalidRequest, Unavailable
-from server.services import get_services
+from server.api.services import get_services
 from server.training.spec import Example, TrainingJobSpec, parse_jsonl
 
 router = APIRouter(prefix="/v1/training", tags=["training"])

@@ -1,8 +1,8 @@
 """The bundle of long-lived objects the routes use, built once in the lifespan.
 
-Routes read it through `get_services(request)`; other parts of the server attach
-their pieces (`adapters`, `store`, `jobs`) during start-up and register
-shutdown hooks (run after the engine drains, in registration order).
+Routes read it through `get_services(request)`; the app builds every piece
+before the bundle (server/app.py) and registers their shutdown hooks (run after
+the engine drains, in registration order).
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ from typing import Any
 
 from fastapi import Request
 
+from server.adapters.manager import AdapterManager
+from server.adapters.merge import MergeRegistry
+from server.adapters.service import AdapterService
+from server.adapters.store import AdapterStore
+from server.api.prompts import PromptEncoder
+from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.errors import Unavailable
+from server.metrics import Metrics
+from server.model.load import BaseModel
 from server.settings import Settings
+from server.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +33,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     settings: Settings
-    base: Any  # server.model.load.BaseModel
-    engine: Any  # server.engine.engine.Engine
-    metrics: Any  # server.metrics.Metrics
-    prompts: Any  # server.api.prompts.PromptEncoder (bounded tokenization)
-    adapters: Any = None  # AdapterManager (adapter work); None = base model only
-    store: Any = None  # AdapterStore
-    merge: Any = None  # MergeRegistry (merge path for dedicated tenants)
-    jobs: Any = None  # training queue
-    grammars: Any = None  # server.engine.grammar.GrammarCompiler (structured output)
+    base: BaseModel
+    engine: Engine
+    metrics: Metrics
+    prompts: PromptEncoder  # bounded tokenization
+    grammars: GrammarCompiler  # structured output
+    store: AdapterStore
+    adapters: AdapterManager  # host and device tiers of adapters
+    merge: MergeRegistry  # merged copies for dedicated adapters
+    adapter_service: AdapterService  # publish / delete: uploads, trained outputs
+    jobs: TrainingService  # training queue and worker
     shutdown_hooks: list[Callable[[], Any]] = field(default_factory=list)
     accepting: bool = True  # False once draining (SIGTERM): new requests get 503
 
@@ -48,7 +59,7 @@ class Services:
 
 
 def get_services(request: Request) -> Services:
-    services = getattr(request.app.state, "services", None)
+    services: Services | None = request.app.state.services
     if services is None:
         raise Unavailable("the server is still starting")
     return services
