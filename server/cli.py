@@ -121,7 +121,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
-    from server.adapters.store_lock import StoreInUse, acquire_store_lock
+    from server.adapters.store.store_lock import StoreInUse, acquire_store_lock
 
     try:  # before the model loads: a second server on this store is refused at once, in one line
         release_store = acquire_store_lock(settings.store)

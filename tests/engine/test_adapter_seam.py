@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.adapters.step import current_step
+from server.adapters.runtime.step import current_step
 from server.engine.request import Request, RequestStream, SamplingParams
 
 

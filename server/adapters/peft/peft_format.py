@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from server.adapters.inject import ModuleInfo, all_linear_names, module_table
-from server.adapters.arena import Arena
-from server.adapters.carve import Piece, carve, source
-from server.adapters.loaded import LoadedAdapter, ModuleWeights
-from server.adapters.lora import LoraWeights, lora_scale
-from server.adapters.miss import BatWeights, MissWeights
-from server.adapters.peft_config import AdapterSpec, parse_config
-from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
+from server.adapters.runtime.inject import ModuleInfo, all_linear_names, module_table
+from server.adapters.peft.arena import Arena
+from server.adapters.peft.carve import Piece, carve, source
+from server.adapters.weights.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.weights.lora import LoraWeights, lora_scale
+from server.adapters.weights.miss import BatWeights, MissWeights
+from server.adapters.peft.peft_config import AdapterSpec, parse_config
+from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
 from server.errors import AdapterError
 from server.adapters.limits import AdapterLimits
 

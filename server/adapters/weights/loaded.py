@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from server.adapters.lora import LoraWeights
-from server.adapters.miss import BatWeights, MissWeights
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.weights.miss import BatWeights, MissWeights
 
 ModuleWeights = Union[LoraWeights, MissWeights, BatWeights]
 

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
+from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft_config import summary_from_config
-from server.adapters.peft_format import read_adapter
-from server.adapters.store_lock import acquire_store_lock
+from server.adapters.peft.peft_config import summary_from_config
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.store.store_lock import acquire_store_lock
 from server.adapters.ids import TENANT_RE, check_adapter_id, check_tenant
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
