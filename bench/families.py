@@ -57,7 +57,7 @@ class Slots:
     def release(self, key: int) -> None:
         pass
 
-    def merged_id(self, key: int) -> None:
+    def lane_of(self, key: int) -> None:
         return None
 
     def pin(self, key: int) -> None:

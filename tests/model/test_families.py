@@ -43,7 +43,7 @@ class SlotManager:
     def release(self, key: str) -> None:
         pass
 
-    def merged_id(self, key: str) -> int | None:
+    def lane_of(self, key: str) -> int | None:
         return None
 
     def pin(self, key: str) -> None:

@@ -270,7 +270,7 @@ class AdapterManager:
                        for k in self.slots.slot_of)
 
     # -- merge path: the MergeRegistry (server/adapters/merge/merge.py) decides --
-    def merged_id(self, key: AdapterKey) -> int | None:
+    def lane_of(self, key: AdapterKey) -> int | None:
         """The scheduler's lane seam: the merged copy new requests of `key` run on (engine thread)."""
         return None if self.merge is None else self.merge.lane_of(key)
 
