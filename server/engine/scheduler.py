@@ -24,9 +24,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.adapters.runtime.mapping import BASE_SLOT
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
-from server.engine.sequence import BASE_SLOT, Sequence
+from server.engine.sequence import Sequence
 from server.errors import NotFound, QueueFull
 
 log = logging.getLogger(__name__)
