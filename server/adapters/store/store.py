@@ -42,7 +42,7 @@ from typing import Any
 from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import summary_from_config
-from server.adapters.peft.peft_format import read_adapter
+from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from server.adapters.store.store_lock import acquire_store_lock
 from server.adapters.ids import TENANT_RE, check_adapter_id, check_tenant
 from server.adapters.types import AdapterKey, AdapterRef
@@ -50,8 +50,6 @@ from server.errors import ClientGone, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 RECORD_NAME = "loraplex_record.json"
 DELETED_NAME = ".deleted_through"
 TMP_DIR = ".tmp"
