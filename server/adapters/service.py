@@ -35,13 +35,8 @@ class RequestQueue(Protocol):
 
 
 def summarize(loaded: LoadedAdapter) -> dict[str, Any]:
-    """The record fields the validator knows (type, variant, rank, target modules, tensor bytes).
-
-    target_modules are reported as PEFT's short names (`q_proj`), as a user wrote them.
-    """
-    summary = dict(loaded.summary())
-    summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary.get("target_modules", [])})
-    return summary
+    """The record fields the validator knows (type, variant, rank, target modules, tensor bytes)."""
+    return dict(loaded.summary())
 
 
 class AdapterService:

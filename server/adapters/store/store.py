@@ -384,9 +384,7 @@ def open_store(root: Path, base: Any = None, limits: AdapterLimits | None = None
     describe: Describer | None = None
     if base is not None and limits is not None:
         def describe(path: Path) -> dict[str, Any]:
-            summary = dict(read_adapter(path, base, limits).summary())
-            summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary["target_modules"]})
-            return summary
+            return read_adapter(path, base, limits).summary()
     try:
         store = AdapterStore(root, describe=describe)
         store.sweep()
