@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.peft_format import read_adapter
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.families import FAMILIES
@@ -57,7 +57,7 @@ class Slots:
     def release(self, key: int) -> None:
         pass
 
-    def merged_id(self, key: int) -> None:
+    def lane_of(self, key: int) -> None:
         return None
 
     def pin(self, key: int) -> None:

@@ -51,12 +51,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.adapters.backend import TorchBackend
+from server.adapters.runtime.backend import TorchBackend
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import AdapterLayers, all_linear_names, inject_adapter_layers, module_table
-from server.adapters.loaded import LoadedAdapter
-from server.adapters.lora import LoraWeights
-from server.adapters.miss import MissWeights
+from server.adapters.runtime.inject import AdapterLayers, all_linear_names, inject_adapter_layers, module_table
+from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.weights.miss import MissWeights
 from server.engine.kv_cache import KVCache
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan

@@ -19,12 +19,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.adapters.inject import inject_adapter_layers
+from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
-from server.adapters.manager import AdapterManager
-from server.adapters.merge import MergeRegistry
+from server.adapters.residency.manager import AdapterManager
+from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
-from server.adapters.store import AdapterStore, open_store
+from server.adapters.store.store import AdapterStore, open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.keys import ApiKeys

@@ -11,12 +11,12 @@ through the app's lifespan, exit 0. A second signal forces the exit.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 from types import FrameType
 
 # Before torch loads: idle OpenMP workers sleep instead of spinning, so the
@@ -31,7 +31,6 @@ from server.api.keys import ApiKeys, ApiKeysError, load_keys
 from server.settings import Settings
 
 CLIENT_COMMANDS = ("generate", "adapters", "train", "jobs", "bench")
-DRAIN_POLL_S = 0.05
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,17 +110,16 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
+        from server.app import drain  # the one drain loop (the lifespan's shutdown runs it too)
+
         services = self.config.app.state.services  # type: ignore[union-attr]
         if services is not None:
-            services.accepting = False
-            deadline = time.monotonic() + services.settings.drain_timeout_s
-            while not services.engine.idle() and services.engine.alive and time.monotonic() < deadline:
-                time.sleep(DRAIN_POLL_S)
+            asyncio.run(drain(services, services.settings.drain_timeout_s))  # this thread has no loop of its own
         self.should_exit = True
 
 
 def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
-    from server.adapters.store_lock import StoreInUse, acquire_store_lock
+    from server.adapters.store.store_lock import StoreInUse, acquire_store_lock
 
     try:  # before the model loads: a second server on this store is refused at once, in one line
         release_store = acquire_store_lock(settings.store)

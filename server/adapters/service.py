@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.loaded import LoadedAdapter
-from server.adapters.manager import AdapterManager
-from server.adapters.merge import MergeRegistry
-from server.adapters.peft_format import read_adapter
-from server.adapters.store import AdapterStore, StoredVersion
+from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.residency.manager import AdapterManager
+from server.adapters.merge.merge import MergeRegistry
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.store.store import AdapterStore, StoredVersion
 from server.adapters.types import AdapterKey
 from server.errors import AdapterError, ApiError
 from server.model.load import BaseModel
@@ -35,13 +35,8 @@ class RequestQueue(Protocol):
 
 
 def summarize(loaded: LoadedAdapter) -> dict[str, Any]:
-    """The record fields the validator knows (type, variant, rank, target modules, tensor bytes).
-
-    target_modules are reported as PEFT's short names (`q_proj`), as a user wrote them.
-    """
-    summary = dict(loaded.summary())
-    summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary.get("target_modules", [])})
-    return summary
+    """The record fields the validator knows (type, variant, rank, target modules, tensor bytes)."""
+    return dict(loaded.summary())
 
 
 class AdapterService:

@@ -14,10 +14,10 @@ from typing import Any
 
 from fastapi import Request
 
-from server.adapters.manager import AdapterManager
-from server.adapters.merge import MergeRegistry
+from server.adapters.residency.manager import AdapterManager
+from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
-from server.adapters.store import AdapterStore
+from server.adapters.store.store import AdapterStore
 from server.api.prompts import PromptEncoder
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler

@@ -23,7 +23,7 @@ from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, par
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
-from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME
+from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from server.errors import AdapterError, ApiError, InsufficientStorage, InvalidRequest, PayloadTooLarge, is_out_of_space
 
 MAX_CONFIG_BYTES = 1024 * 1024

@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from server.adapters.step import current_step
+from server.adapters.runtime.step import current_step
 from server.engine.attention_math import attend, capped_attention, decode_window_mask, span_mask
 from server.engine.kv_cache import KVCache
 from server.model.families import UnsupportedModel

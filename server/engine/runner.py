@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from server.adapters.mapping import AdapterMapping
-from server.adapters.plan import AdapterBatch
-from server.adapters.step import StepContext, use_step
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.plan import AdapterBatch
+from server.adapters.runtime.step import StepContext, use_step
 from server.engine.attention import AttentionMetadata, PrefillSpan, register
 from server.engine.attention_math import span_mask
 from server.engine.kv_cache import KVCache

@@ -24,9 +24,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.adapters.runtime.mapping import BASE_SLOT
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
-from server.engine.sequence import BASE_SLOT, Sequence
+from server.engine.sequence import Sequence
 from server.errors import NotFound, QueueFull
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class AdapterPlacement(Protocol):
 
     def release(self, key: Hashable) -> None: ...
 
-    def merged_id(self, key: Hashable) -> int | None:
+    def lane_of(self, key: Hashable) -> int | None:
         """The lane of a merged copy serving `key` (no adapter math), or None."""
 
     def pin(self, key: Hashable) -> None:
@@ -190,7 +191,7 @@ class Scheduler:
             return BASE_SLOT, None
         if self.adapters is None:
             raise NotFound("adapter not available: no adapter manager is attached")
-        lane = self.adapters.merged_id(key)
+        lane = self.adapters.lane_of(key)
         if lane is not None:  # a merged lane runs no adapter math: no device slot, the pin guards the version
             self.adapters.pin(key)
             return BASE_SLOT, lane

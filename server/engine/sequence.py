@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
+from server.adapters.runtime.mapping import BASE_SLOT
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import Request
-
-BASE_SLOT = -1
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@
  * hardware: F16C / AVX-512). Decode with many adapters is bound by reading their weights, so
  * half the bytes is most of the time saved (settings.slot_dtype).
  *
- * The pure-torch path in server/adapters/layers.py is the reference; tests compare the two.
+ * The pure-torch path in server/adapters/runtime/layers.py is the reference; tests compare the two.
  * Built at first use with the machine's C compiler (server/kernels/cpu.py), -march=native.
  */
 #include <stdint.h>

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from server.adapters.inject import inject_adapter_layers
+from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
 from server.adapters.service import AdapterService
-from server.adapters.store import CONFIG_NAME, WEIGHTS_NAME, open_store
+from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from server.adapters.store.store import open_store
 from server.model.load import load_base
 from server.settings import Settings
 from server.training.service import TrainingService

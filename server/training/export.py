@@ -16,11 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from server.adapters.peft.peft_format import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
 from server.training.spec import TrainingJobSpec
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the format we write (and test against)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.adapters.weights.miss import bat_delta
 from server.errors import InvalidRequest
 from server.training.spec import TrainingJobSpec
 
@@ -119,12 +120,7 @@ class MissBat(TrainableAdapter):
         self._base = (base_weight,)  # a tuple: not registered, not in state_dict
 
     def delta_weight(self) -> torch.Tensor:  # [out, in]
-        w = self._base[0].to(PARAM_DTYPE)
-        out_features, in_features = w.shape
-        r = self.r
-        blocks = w.reshape(out_features // r, r, in_features // r, r).permute(2, 0, 1, 3)  # [in/r, out/r, r, r]
-        delta = blocks @ self.miss_block + self.miss_block  # [in/r, out/r, r, r]
-        return delta.permute(1, 2, 0, 3).reshape(out_features, in_features)
+        return bat_delta(self._base[0], self.miss_block, PARAM_DTYPE)  # the serving path's formula, autograd-safe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         return F.linear(x.to(PARAM_DTYPE), self.delta_weight()).to(x.dtype)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
-from server.adapters.step import adapter_step
+from server.adapters.runtime.mapping import TRAIN_SLOT, AdapterMapping
+from server.adapters.runtime.step import adapter_step
 from server.training.data import IGNORE_INDEX, Batch, BatchOrder, TokenizedExample, collate
 from server.training.export import load_peft_state_dict, load_tensors, peft_state_dict, save_peft
 from server.training.modules import TrainableAdapter, base_of, build_adapters, is_wrapper

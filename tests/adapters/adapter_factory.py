@@ -113,8 +113,8 @@ def token_ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
 
 def logits_under(model, ids: torch.Tensor, slot: int, lane: int | None = None) -> torch.Tensor:
     """Full-forward logits with every row on adapter `slot` (or on merged copy `lane`)."""
-    from server.adapters.mapping import AdapterMapping
-    from server.adapters.step import adapter_step
+    from server.adapters.runtime.mapping import AdapterMapping
+    from server.adapters.runtime.step import adapter_step
 
     mapping = AdapterMapping.from_row_slots([slot] * ids.shape[0], ids.shape[1], lane=lane)
     with torch.no_grad(), adapter_step(mapping):

@@ -11,11 +11,11 @@ import dataclasses
 
 import torch
 
-from server.adapters.layers import AdaptedEmbedding, AdaptedModule
-from server.adapters.loaded import ModuleWeights
-from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping
-from server.adapters.slots import SlotBank
+from server.adapters.runtime.layers import AdaptedEmbedding, AdaptedModule
+from server.adapters.weights.loaded import ModuleWeights
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.slots import SlotBank
 
 
 def reference(layer: AdaptedModule, x: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:

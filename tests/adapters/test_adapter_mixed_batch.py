@@ -16,13 +16,13 @@ from transformers import DynamicCache
 
 import adapter_factory as af
 from layer_reference import reference
-from server.adapters.backend import CpuKernelBackend
+from server.adapters.runtime.backend import CpuKernelBackend
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
-from server.adapters.peft_format import read_adapter
-from server.adapters.plan import AdapterBatch
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.runtime.mapping import TRAIN_SLOT, AdapterMapping
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.runtime.plan import AdapterBatch
+from server.adapters.runtime.step import adapter_step
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
 BASE = -1
@@ -131,7 +131,7 @@ def test_sixteen_adapters_decode_grouped_equals_reference(tmp_path):
     base = af.tiny_base(seed=0)
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     layer = layers["model.layers.1.self_attn.o_proj"]
-    from server.adapters.lora import LoraWeights
+    from server.adapters.weights.lora import LoraWeights
 
     g = torch.Generator().manual_seed(5)
     for slot in range(16):

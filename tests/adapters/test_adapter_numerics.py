@@ -12,10 +12,10 @@ import torch
 
 import adapter_factory as af
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import AdapterMapping
-from server.adapters.peft_format import read_adapter
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.runtime.step import adapter_step
 
 KINDS = af.ALL_KINDS
 EOS = af.EOS

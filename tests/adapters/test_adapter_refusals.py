@@ -12,7 +12,7 @@ import torch
 
 import adapter_factory as af
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft_format import read_adapter
+from server.adapters.peft.peft_format import read_adapter
 from server.errors import AdapterError
 
 PREFIX = "base_model.model.model.layers.0.self_attn."

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from server.adapters import arena
-from server.adapters.arena import Arena, SpareBuffer, prefault
+from server.adapters.peft import arena
+from server.adapters.peft.arena import Arena, SpareBuffer, prefault
 
 MiB = 1 << 20
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.adapters.backend import KERNEL_MAX_T, CpuKernelBackend, TorchBackend
-from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping
-from server.adapters.plan import AdapterBatch
-from server.adapters.slots import SlotBank
+from server.adapters.runtime.backend import KERNEL_MAX_T, CpuKernelBackend, TorchBackend
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.plan import AdapterBatch
+from server.adapters.runtime.slots import SlotBank
 from server.kernels.cpu import load_kernel
 
 IN, OUT, R, SLOTS = 24, 16, 4, 3

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.adapters.arena import Arena
-from server.adapters.carve import Piece, _runs, carve, source
-from server.adapters.safetensors_check import TensorInfo, check_safetensors
+from server.adapters.peft.arena import Arena
+from server.adapters.peft.carve import Piece, _runs, carve, source
+from server.adapters.peft.safetensors_check import TensorInfo, check_safetensors
 
 LAYERS = 12  # two-digit layer numbers: name order is 0, 1, 10, 11, 2, ... and must not matter
 P = "base_model.model.model.layers.{}."

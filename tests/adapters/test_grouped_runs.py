@@ -13,13 +13,13 @@ import torch
 
 import adapter_factory as af
 from layer_reference import reference
-from server.adapters.backend import CpuKernelBackend
+from server.adapters.runtime.backend import CpuKernelBackend
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping
-from server.adapters.plan import AdapterBatch
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.plan import AdapterBatch
+from server.adapters.runtime.step import adapter_step
 
 BASE = -1
 ACTIVE = [0, 3, 4, 5, 9, 15]  # runs: [0], [3..5], [9], [15]

@@ -17,14 +17,14 @@ import torch
 
 import adapter_factory as af
 from layer_reference import reference
-from server.adapters.backend import TorchBackend
-from server.adapters.inject import inject_adapter_layers
+from server.adapters.runtime.backend import TorchBackend
+from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
-from server.adapters.layers import AdaptedModule
-from server.adapters.mapping import AdapterMapping
-from server.adapters.miss import bat_delta
-from server.adapters.peft_format import read_adapter
-from server.adapters.step import adapter_step
+from server.adapters.runtime.layers import AdaptedModule
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.weights.miss import bat_delta
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.runtime.step import adapter_step
 
 KINDS = ["lora_all", "lora_embed", "miss_balance", "miss_bat"]
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj",

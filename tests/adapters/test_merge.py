@@ -16,12 +16,12 @@ import torch
 
 import adapter_factory as af
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.lora import LoraWeights, write_scaled_bt
-from server.adapters.merge import MARKER, MergeRegistry
-from server.adapters.merged_copy import UnsafeMerge, build_merged_copy, install, merged_weight
-from server.adapters.peft_format import read_adapter
-from server.adapters.store import AdapterStore
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.weights.lora import LoraWeights, write_scaled_bt
+from server.adapters.merge.merge import MARKER, MergeRegistry
+from server.adapters.merge.merged_copy import UnsafeMerge, build_merged_copy, install, merged_weight
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.store.store import AdapterStore
 from server.adapters.types import AdapterKey
 from server.errors import AdapterError, ApiError, Conflict
 from server.metrics import Metrics

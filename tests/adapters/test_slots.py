@@ -13,12 +13,12 @@ import torch
 import adapter_factory as af
 from layer_reference import reference
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.loaded import LoadedAdapter
-from server.adapters.lora import LoraWeights
-from server.adapters.mapping import AdapterMapping
-from server.adapters.miss import BatWeights, MissWeights
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.weights.miss import BatWeights, MissWeights
+from server.adapters.runtime.step import adapter_step
 
 Q, V, DOWN, EMB = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
                    "model.layers.1.mlp.down_proj", "model.embed_tokens")

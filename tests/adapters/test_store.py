@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.adapters.ids import check_tenant
-from server.adapters.store import CONFIG_NAME, DELETED_NAME, TMP_DIR, TRASH_DIR, WEIGHTS_NAME, AdapterStore
+from server.adapters.store.store import CONFIG_NAME, DELETED_NAME, TMP_DIR, TRASH_DIR, WEIGHTS_NAME, AdapterStore
 from server.adapters.types import AdapterKey
 from server.errors import InvalidRequest, NotFound
 

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft_config import AdapterSpec, parse_config
+from server.adapters.peft.peft_config import AdapterSpec, parse_config
 from server.errors import AdapterError
 from server.settings import Settings
 

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings as hsettings, strateg
 import adapter_factory as af
 from adapter_fuzz import EDITS, HEADER_EDITS, JSON, mutate_header
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft_config import parse_config
-from server.adapters.peft_format import read_adapter
+from server.adapters.peft.peft_config import parse_config
+from server.adapters.peft.peft_format import read_adapter
 from server.errors import AdapterError
 
 FUZZ = hsettings(max_examples=120, derandomize=True, deadline=3000, database=None,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.adapters.step import current_step
+from server.adapters.runtime.step import current_step
 from server.engine.request import Request, RequestStream, SamplingParams
 
 
@@ -31,7 +31,7 @@ class Manager:
         self.pins[key] -= 1
         self.released.append(key)
 
-    def merged_id(self, key: str) -> int | None:
+    def lane_of(self, key: str) -> int | None:
         return self.lanes.get(key)
 
     def pin(self, key: str) -> None:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.peft_format import read_adapter
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.families import FAMILIES as SUPPORTED
@@ -43,7 +43,7 @@ class SlotManager:
     def release(self, key: str) -> None:
         pass
 
-    def merged_id(self, key: str) -> int | None:
+    def lane_of(self, key: str) -> int | None:
         return None
 
     def pin(self, key: str) -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.peft_format import read_adapter
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.peft.peft_format import read_adapter
 from server.engine.kv_cache import KVCache
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.mapping import AdapterMapping
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.step import adapter_step
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
 from server.training.data import tokenize_all

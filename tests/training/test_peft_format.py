@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.peft_format import read_adapter
-from server.adapters.step import adapter_step
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.runtime.step import adapter_step
 from server.training.export import CONFIG_NAME
 from server.training.trainer import attached, train_mapping
 from tests.training.conftest import make_spec, make_trainer, served_logits

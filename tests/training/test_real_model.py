@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.inject import inject_adapter_layers
-from server.adapters.peft_format import read_adapter
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.adapters.peft.peft_format import read_adapter
 from server.model.load import load_base
 from server.settings import Settings
 from tests.training.conftest import greedy, make_spec, make_trainer

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from server.adapters.limits import AdapterLimits
 from server.adapters.service import AdapterService
-from server.adapters.store import open_store
+from server.adapters.store.store import open_store
 from server.errors import InvalidRequest
 from server.training.service import TrainingService
 from tests.training.conftest import make_spec, settings_for

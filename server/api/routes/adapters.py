@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.ids import ADAPTER_ID_RE, check_adapter_id, check_tenant
-from server.adapters.store import StoredVersion
+from server.adapters.store.store import StoredVersion
 from server.api.deps import Principal, get_principal
 from server.api.errors import allowed_methods
 from server.api.responses import AdapterList, AdapterRecord, ok

@@ -6,7 +6,7 @@ it already was merged. `DELETE /v1/adapters/{id}/merge` answers 200 with the
 record (`mode: "unmerged"`) once new requests run unmerged; requests already in
 the merged lane finish there. Both are idempotent and tenant-scoped like every
 adapter route (another tenant's adapter is 404). The work lives in
-server/adapters/merge.py; these handlers only resolve who asks for what.
+server/adapters/merge/merge.py; these handlers only resolve who asks for what.
 """
 
 from __future__ import annotations

@@ -18,21 +18,22 @@ from typing import Any
 
 import torch
 
-from server.adapters.inject import ModuleInfo, all_linear_names, module_table
-from server.adapters.arena import Arena
-from server.adapters.carve import Piece, carve, source
-from server.adapters.loaded import LoadedAdapter, ModuleWeights
-from server.adapters.lora import LoraWeights, lora_scale
-from server.adapters.miss import BatWeights, MissWeights
-from server.adapters.peft_config import AdapterSpec, parse_config
-from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
+from server.adapters.runtime.inject import ModuleInfo, all_linear_names, module_table
+from server.adapters.peft.arena import Arena
+from server.adapters.peft.carve import Piece, carve, source
+from server.adapters.weights.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.weights.lora import LoraWeights, lora_scale
+from server.adapters.weights.miss import BatWeights, MissWeights
+from server.adapters.peft.peft_config import AdapterSpec, parse_config
+from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
 from server.errors import AdapterError
 from server.adapters.limits import AdapterLimits
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT's on-disk names, for every reader and writer in the server (store, upload, trainer export).
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # every tensor key starts so: PEFT's wrapper path
 # Tensor-name suffix -> role, per adapter type.
 SUFFIXES = {
     "LORA": {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "EA",
@@ -56,9 +57,9 @@ def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
     path = Path(path)
     _refuse_pickles(path)
     spec = parse_config(_read_config(path), limits)
-    weights_path = path / WEIGHTS_FILE
+    weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
-        raise AdapterError(f"{WEIGHTS_FILE} is missing (only safetensors weights are accepted)")
+        raise AdapterError(f"{WEIGHTS_NAME} is missing (only safetensors weights are accepted)")
     infos = check_safetensors(weights_path, limits.max_adapter_bytes)
     model_base = _base_of(base.model)
     roles = _tensors_by_module(infos, spec)
@@ -101,9 +102,9 @@ def _refuse_pickles(path: Path) -> None:
 
 
 def _read_config(path: Path) -> bytes:
-    cfg = path / CONFIG_FILE
+    cfg = path / CONFIG_NAME
     if not cfg.is_file():
-        raise AdapterError(f"{CONFIG_FILE} is missing")
+        raise AdapterError(f"{CONFIG_NAME} is missing")
     with cfg.open("rb") as f:
         return f.read(2 * 1024 * 1024)
 
@@ -115,9 +116,9 @@ def _tensors_by_module(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[
         for telltale, message in TELLTALE.items():
             if telltale in key:
                 raise AdapterError(message)
-        if not key.startswith(PREFIX):
-            raise AdapterError(f"unexpected tensor {key!r}: PEFT keys start with {PREFIX!r}")
-        rest = key[len(PREFIX):]
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterError(f"unexpected tensor {key!r}: PEFT keys start with {PEFT_PREFIX!r}")
+        rest = key[len(PEFT_PREFIX):]
         for suffix, role in SUFFIXES[spec.peft_type].items():
             if rest.endswith(suffix):
                 name = rest[: -len(suffix)]
@@ -130,7 +131,7 @@ def _tensors_by_module(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[
         if info.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"tensor {key!r} has dtype {info.dtype}; adapters must be floating point")
     if not roles:
-        raise AdapterError(f"{WEIGHTS_FILE} holds no adapter tensors")
+        raise AdapterError(f"{WEIGHTS_NAME} holds no adapter tensors")
     return roles
 
 
@@ -153,7 +154,7 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
             raise AdapterError(f"tensors for module {name!r}, which target_modules does not select")
     for name in targeted:
         if name not in roles or set(roles[name]) <= {"BASE"}:
-            raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_FILE} (target_modules "
+            raise AdapterError(f"target module {name!r} has no weights in {WEIGHTS_NAME} (target_modules "
                                f"{spec.targeting.shown} select {len(targeted)} modules of this model)")
 
 
@@ -256,7 +257,7 @@ def _read_buffer(path: Path, end: int) -> Iterator[torch.Tensor]:
     with path.open("rb") as f:
         got = f.readinto(view)
     if got != end:
-        raise AdapterError(f"{WEIGHTS_FILE} changed while it was being read")
+        raise AdapterError(f"{WEIGHTS_NAME} changed while it was being read")
     try:
         yield torch.frombuffer(buf, dtype=torch.uint8, count=end)
     finally:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.adapters.backend import AdapterBackend, CpuKernelBackend, TorchBackend
-from server.adapters.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
-from server.adapters.loaded import LoadedAdapter
-from server.adapters.slots import SlotBank
+from server.adapters.runtime.backend import AdapterBackend, CpuKernelBackend, TorchBackend
+from server.adapters.runtime.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
+from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.runtime.slots import SlotBank
 from server.adapters.limits import AdapterLimits
 from server.kernels.cpu import load_kernel
 

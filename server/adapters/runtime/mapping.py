@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-BASE_SLOT = -1
+BASE_SLOT = -1  # a token that runs on the base alone: the one value, engine and runtime alike
 # Slot id the trainer uses for its trainable adapter (see training/trainer.py).
 TRAIN_SLOT = -2
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.mapping import TRAIN_SLOT, AdapterMapping
+from server.adapters.runtime.mapping import TRAIN_SLOT, AdapterMapping
 from server.kernels.cpu import Blocks
 
 # Runs at least this long are served per segment (prefill); shorter ones go through the grouped bmm.

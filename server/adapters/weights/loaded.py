@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from server.adapters.lora import LoraWeights
-from server.adapters.miss import BatWeights, MissWeights
+from server.adapters.weights.lora import LoraWeights
+from server.adapters.weights.miss import BatWeights, MissWeights
 
 ModuleWeights = Union[LoraWeights, MissWeights, BatWeights]
 
@@ -26,12 +26,15 @@ class LoadedAdapter:
         return any(not w.batched for w in self.modules.values())
 
     def summary(self) -> dict[str, Any]:
-        """What the store puts in the adapter record (API.md: type, variant, rank, target_modules)."""
+        """What the store puts in the adapter record (API.md: type, variant, rank, target_modules).
+
+        target_modules are PEFT's short names (`q_proj`), as a user wrote them, whoever builds the record.
+        """
         return {
             "type": self.kind,
             "variant": self.variant,
             "rank": self.rank,
-            "target_modules": list(self.target_modules),
+            "target_modules": sorted({str(m).rsplit(".", 1)[-1] for m in self.target_modules}),
             "tensor_bytes": self.nbytes,
         }
 

@@ -39,19 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.adapters.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
+from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft_config import summary_from_config
-from server.adapters.peft_format import read_adapter
-from server.adapters.store_lock import acquire_store_lock
+from server.adapters.peft.peft_config import summary_from_config
+from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from server.adapters.store.store_lock import acquire_store_lock
 from server.adapters.ids import TENANT_RE, check_adapter_id, check_tenant
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 RECORD_NAME = "loraplex_record.json"
 DELETED_NAME = ".deleted_through"
 TMP_DIR = ".tmp"
@@ -386,9 +384,7 @@ def open_store(root: Path, base: Any = None, limits: AdapterLimits | None = None
     describe: Describer | None = None
     if base is not None and limits is not None:
         def describe(path: Path) -> dict[str, Any]:
-            summary = dict(read_adapter(path, base, limits).summary())
-            summary["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in summary["target_modules"]})
-            return summary
+            return read_adapter(path, base, limits).summary()
     try:
         store = AdapterStore(root, describe=describe)
         store.sweep()

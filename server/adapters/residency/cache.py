@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from server.adapters.loaded import LoadedAdapter
+from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.types import AdapterKey
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.arena import Arena
-from server.adapters.lora import write_scaled_bt
-from server.adapters.safetensors_check import FLOAT_DTYPES, TensorInfo
+from server.adapters.peft.arena import Arena
+from server.adapters.weights.lora import write_scaled_bt
+from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo
 
 _INDEX = re.compile(r"\.\d+\.")  # `.layers.12.` -> `.layers.#.`
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from server import json_input
-from server.adapters.targeting import ALL_LINEAR, PatternMap, Targeting, layers_patterns, pattern_map
-from server.adapters.user_regex import UserRegex, user_regex
+from server.adapters.peft.targeting import ALL_LINEAR, PatternMap, Targeting, layers_patterns, pattern_map
+from server.adapters.peft.user_regex import UserRegex, user_regex
 from server.errors import AdapterError
 from server.adapters.limits import AdapterLimits
 

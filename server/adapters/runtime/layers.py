@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.adapters.backend import AdapterBackend
-from server.adapters.mapping import TRAIN_SLOT
-from server.adapters.miss import bat_delta
-from server.adapters.plan import AdapterBatch
-from server.adapters.slots import SlotBank
-from server.adapters.step import current_step
+from server.adapters.runtime.backend import AdapterBackend
+from server.adapters.runtime.mapping import TRAIN_SLOT
+from server.adapters.weights.miss import bat_delta
+from server.adapters.runtime.plan import AdapterBatch
+from server.adapters.runtime.slots import SlotBank
+from server.adapters.runtime.step import current_step
 
 
 class AdaptedModule(nn.Module):

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from server.adapters.mapping import AdapterMapping
-from server.adapters.plan import AdapterBatch
+from server.adapters.runtime.mapping import AdapterMapping
+from server.adapters.runtime.plan import AdapterBatch
 
 AttentionT = TypeVar("AttentionT")
 

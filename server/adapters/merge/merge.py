@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.adapters.inject import AdapterLayers
+from server.adapters.runtime.inject import AdapterLayers
 from server.adapters.limits import AdapterLimits
-from server.adapters.merged_copy import MergedCopy, build_merged_copy, install, uninstall
-from server.adapters.peft_format import read_adapter
-from server.adapters.store import AdapterStore
+from server.adapters.merge.merged_copy import MergedCopy, build_merged_copy, install, uninstall
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.store.store import AdapterStore
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError, ApiError, Conflict, NotFound, Unavailable
 from server.metrics import Metrics, NullMetrics

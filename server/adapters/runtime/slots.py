@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-from server.adapters.loaded import ModuleWeights
+from server.adapters.weights.loaded import ModuleWeights
 
 
 def _round_up(n: int, step: int = 8) -> int:

@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from server.adapters.plan import AdapterBatch, Grouped
-from server.adapters.slots import SlotBank
+from server.adapters.runtime.plan import AdapterBatch, Grouped
+from server.adapters.runtime.slots import SlotBank
 from server.kernels.cpu import GroupedLoraKernel
 
 # Up to this many tokens per slot, the shrink runs as A·xᵀ (A the left operand): on CPU MKL's

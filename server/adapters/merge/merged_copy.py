@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.inject import AdapterLayers
-from server.adapters.loaded import LoadedAdapter, ModuleWeights
+from server.adapters.runtime.inject import AdapterLayers
+from server.adapters.weights.loaded import LoadedAdapter, ModuleWeights
 from server.adapters.types import AdapterKey
 from server.errors import AdapterError
 

@@ -27,13 +27,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from server.adapters.cache import HostCache, SlotTable
-from server.adapters.inject import AdapterLayers
+from server.adapters.residency.cache import HostCache, SlotTable
+from server.adapters.runtime.inject import AdapterLayers
 from server.adapters.limits import AdapterLimits
-from server.adapters.merge import MergeRegistry
-from server.adapters.loaded import LoadedAdapter
-from server.adapters.peft_format import read_adapter
-from server.adapters.store import AdapterStore
+from server.adapters.merge.merge import MergeRegistry
+from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.store.store import AdapterStore
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError
 from server.metrics import Metrics, NullMetrics
@@ -269,8 +269,8 @@ class AdapterManager:
             return any((k.tenant, k.adapter_id) == (tenant, adapter_id) and k not in self.slots.doomed
                        for k in self.slots.slot_of)
 
-    # -- merge path: the MergeRegistry (server/adapters/merge.py) decides --
-    def merged_id(self, key: AdapterKey) -> int | None:
+    # -- merge path: the MergeRegistry (server/adapters/merge/merge.py) decides --
+    def lane_of(self, key: AdapterKey) -> int | None:
         """The scheduler's lane seam: the merged copy new requests of `key` run on (engine thread)."""
         return None if self.merge is None else self.merge.lane_of(key)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from server.adapters.user_regex import UserRegex, user_regex
+from server.adapters.peft.user_regex import UserRegex, user_regex
 
 ALL_LINEAR = "all-linear"
 # The templates PEFT formats a client string into (tuners_utils / utils.other).

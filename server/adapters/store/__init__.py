@@ -1,0 +1,1 @@
+"""Adapter storage on disk: versioned records, the publish lock, atomic file writes."""

@@ -1,0 +1,1 @@
+"""Adapter weights in compute form (LoRA, MiSS, a loaded adapter): plain tensors, importing nothing else here."""
