@@ -21,6 +21,23 @@ def serve(model_dir: Path, store: Path, **overrides: Any) -> Iterator[str]:
         yield url
 
 
+def serve_with_adapters(model_dir: Path, store: Path, adapters: dict[str, Path]) -> Iterator[str]:
+    """`serve`, with each PEFT adapter dir uploaded under its name first."""
+    from tests.api.adapter_http import adapter_files
+
+    for url in serve(model_dir, store):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for name, path in adapters.items():
+                assert c.put(f"/v1/adapters/{name}", files=adapter_files(path)).status_code == 201
+        yield url
+
+
+def openai_client(url: str) -> "openai.OpenAI":
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def generate(client: httpx.Client, **body: Any) -> dict[str, Any]:
     """POST /generate (greedy, 12 tokens, logprobs 3 unless given); asserts 200."""
     payload = {"prompt": PROMPT, "max_new_tokens": 12, "logprobs": 3, **body}

@@ -10,12 +10,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 import torch
 
-from tests.api.adapter_http import adapter_files, build_adapter, load_tiny
-from tests.api.decoding_http import PROMPT, serve, token_ids
+from tests.api.adapter_http import build_adapter, load_tiny
+from tests.api.decoding_http import PROMPT, openai_client, serve_with_adapters, token_ids
 
 ATOL = 1e-4
 K = 5
@@ -31,16 +30,12 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, adapter_dirs):
-    for url in serve(tiny_model_dir, tmp_path_factory.mktemp("store")):
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for name, path in adapter_dirs.items():
-                assert c.put(f"/v1/adapters/{name}", files=adapter_files(path)).status_code == 201
-        yield url
+    yield from serve_with_adapters(tiny_model_dir, tmp_path_factory.mktemp("store"), adapter_dirs)
 
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def _peft_logprobs(model_dir, adapter_dir, ids: list[int]) -> torch.Tensor:

@@ -16,8 +16,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.api.adapter_http import adapter_files, build_adapter, load_tiny
-from tests.api.decoding_http import PROMPT, serve
+from tests.api.adapter_http import build_adapter, load_tiny
+from tests.api.decoding_http import PROMPT, openai_client, serve_with_adapters
 from tests.harness import app_of
 
 SCHEMAS = [
@@ -36,16 +36,12 @@ def server(tiny_model_dir, tmp_path_factory):
     base = load_tiny(tiny_model_dir)
     dirs = {"lora": build_adapter(base, "lora_all", out / "lora", seed=5, scale=0.5),
             "miss": build_adapter(base, "miss_balance", out / "miss", seed=6, scale=0.5)}
-    for url in serve(tiny_model_dir, tmp_path_factory.mktemp("store")):
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for name, path in dirs.items():
-                assert c.put(f"/v1/adapters/{name}", files=adapter_files(path)).status_code == 201
-        yield url
+    yield from serve_with_adapters(tiny_model_dir, tmp_path_factory.mktemp("store"), dirs)
 
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def test_schemas_and_adapters_in_one_concurrent_batch(server, oai, tiny_model_dir):
