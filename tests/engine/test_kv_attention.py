@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from server.engine.attention import ATTN_IMPL, current_attention
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan
 from tests.engine.conftest import run
+from tests.engine.fake_sequence import FakeSequence
 
 PROMPTS = ["Hello world", "The capital of France is", "def fibonacci(n):\n    return",
            "Once upon a time, in a land far away, there lived a dragon who loved riddles and"]
@@ -70,31 +70,7 @@ def test_lazy_zeroing_never_touches_written_positions(monkeypatch):
     assert torch.all(cache.k[0][0, :, 3:10] == 0) and torch.all(cache.k[0][1, :, :10] == 0)
 
 
-@dataclass(eq=False)
-class _Seq:
-    """The fields Runner reads from an engine Sequence."""
-
-    prompt_ids: list[int]
-    row: int
-    slot: int = -1
-    prefilled: int = 0
-    generated: int = 0
-    last_token: int = 5
-
-    @property
-    def request(self) -> "_Seq":
-        return self
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def position(self) -> int:
-        return self.prompt_len + self.generated - 1
-
-
-def _decode_logits(runner: Runner, seqs: list[_Seq]) -> torch.Tensor:
+def _decode_logits(runner: Runner, seqs: list[FakeSequence]) -> torch.Tensor:
     return runner.forward(StepPlan(None, seqs, []))
 
 
@@ -104,7 +80,7 @@ def test_decode_rows_with_holes_match_the_gathered_rows(varied_base, monkeypatch
     Same logits as the gather path and as each sequence alone, whatever a hole's cache holds."""
     cache = kv_cache.KVCache.for_model(varied_base.model.config, 8, 64, varied_base.device, varied_base.dtype)
     runner = Runner(varied_base, cache)
-    seqs = [_Seq(list(range(3, 3 + n)), row=i) for i, n in enumerate((5, 9, 7, 12, 6, 8))]
+    seqs = [FakeSequence(list(range(3, 3 + n)), row=i) for i, n in enumerate((5, 9, 7, 12, 6, 8))]
     for s in seqs:
         runner.forward(StepPlan(None, [], [(s, s.prompt_len)]))
         s.prefilled, s.generated = s.prompt_len, 1

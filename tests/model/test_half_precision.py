@@ -11,7 +11,6 @@ float32 logits than PEFT's own half-precision run is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -25,27 +24,10 @@ from server.engine.scheduler import StepPlan
 from server.model.load import load_base
 from server.settings import Settings
 from tests.model import family_factory as ff
+from tests.engine.fake_sequence import FakeSequence
 
 # Max |ours - PEFT| over the vocabulary, as a fraction of the float32 logits' standard deviation.
 HALF_TOLERANCE = {"bfloat16": 0.08, "float16": 0.01}
-
-
-@dataclass(eq=False)
-class _Seq:
-    """The fields Runner reads from an engine Sequence (one whole-prompt prefill)."""
-
-    prompt_ids: list[int]
-    row: int
-    slot: int
-    prefilled: int = 0
-
-    @property
-    def request(self) -> "_Seq":
-        return self
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
 
 
 def _last_logits(model, ids: list[int]) -> torch.Tensor:
@@ -67,7 +49,7 @@ def test_half_precision_logits_within_tolerance_of_peft(tmp_path, embedded_model
     layers.load_slot(0, read_adapter(tmp_path / "lora", base, AdapterLimits.from_settings(settings)))
     runner = Runner(base, KVCache.for_model(base.model.config, 2, 128, base.device, base.dtype))
     ids = torch.randint(3, ff.VOCAB, (4 * ff.WINDOW,), generator=torch.Generator().manual_seed(2)).tolist()
-    seqs = [_Seq(ids, row=0, slot=-1), _Seq(ids, row=1, slot=0)]
+    seqs = [FakeSequence(ids, row=0, slot=-1), FakeSequence(ids, row=1, slot=0)]
     got = runner.forward(StepPlan(None, [], [(s, len(ids)) for s in seqs]))  # [2, vocab] float32
 
     half = getattr(torch, dtype)
