@@ -6,7 +6,7 @@ adapters): boundary cases stay cheap on 2 CPU cores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +14,7 @@ import pytest
 
 from server.settings import Settings
 from tests.api.adapter_http import adapter_files, build_adapter, load_tiny
+from tests.harness import running_server
 
 MiB = 1024 * 1024
 CONTEXT = 128  # max_seq_len: the served context in this suite
@@ -25,6 +26,19 @@ def hardening_settings(model_dir: Path, store: Path, **overrides) -> Settings:
               max_adapters_resident=2, train_interleave_steps=1, max_train_steps=200)
     kw.update(overrides)
     return Settings(**kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A server on the suite's settings, one per test module: (base url, store root)."""
+    store = tmp_path_factory.mktemp("hardening") / "store"
+    with running_server(hardening_settings(tiny_model_dir, store)) as url:
+        yield url, store
+
+
+@pytest.fixture(scope="module")
+def url(server: tuple[str, Path]) -> str:
+    return server[0]
 
 
 @pytest.fixture(scope="session")

@@ -14,32 +14,17 @@ mistyped bodies, and unknown routes and methods.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.api.adapter_http import adapter_files
-from tests.hardening.conftest import CONTEXT, hardening_settings
+from tests.hardening.conftest import CONTEXT
 from tests.hardening.helpers import (assert_error, assert_serving, raw_request, safetensors_bytes, store_files,
                                      train_body)
-from tests.harness import running_server
 
 K_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 K_B = K_A.replace("lora_A", "lora_B")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    store = tmp_path_factory.mktemp("bad-inputs") / "store"
-    with running_server(hardening_settings(tiny_model_dir, store)) as url:
-        yield url, store
-
-
-@pytest.fixture(scope="module")
-def url(server) -> str:
-    return server[0]
 
 
 # --- ids --------------------------------------------------------------------------------------------

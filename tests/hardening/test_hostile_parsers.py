@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,9 +19,8 @@ from hypothesis import HealthCheck, event, given, settings as hsettings, strateg
 
 from tests.adapters.adapter_fuzz import EDITS, HEADER_EDITS, mutate_header
 from tests.api.adapter_http import ALICE, adapter_files, auth, store_files, write_keys
-from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import assert_error, assert_serving, train_body
-from tests.harness import running_server, spawn_server
+from tests.harness import spawn_server
 
 # Each takes minutes to hours per module name on Python's re; on RE2 microseconds.
 REGEX_CASES = {
@@ -67,18 +65,6 @@ def test_backtracking_regexes_in_configs_never_stall_the_server(tiny_model_dir: 
                 assert_error(r, status, words)
                 assert store_files(store) == before, case
         assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    store = tmp_path_factory.mktemp("hostile-parsers") / "store"
-    with running_server(hardening_settings(tiny_model_dir, store)) as base_url:
-        yield base_url, store
-
-
-@pytest.fixture(scope="module")
-def url(server) -> str:
-    return server[0]
 
 
 @hsettings(max_examples=40, derandomize=True, deadline=10_000, database=None,
