@@ -23,14 +23,11 @@ from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, par
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
+from server.adapters.peft.peft_config import MAX_CONFIG_BYTES
 from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from server.api.limits import DISCARD_MAX  # also after refusing an upload mid-stream
 from server.errors import AdapterError, ApiError, InsufficientStorage, InvalidRequest, PayloadTooLarge, is_out_of_space
 
-MAX_CONFIG_BYTES = 1024 * 1024
-# After refusing an upload mid-stream, read and drop up to this much more of it:
-# closing a socket with unread input makes the kernel send RST and the client
-# would lose the error it is about to read. Past it we answer and close anyway.
-DISCARD_MAX = 64 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PART_FILES = {"config": CONFIG_NAME, "weights": WEIGHTS_NAME}
 
