@@ -72,7 +72,7 @@ class RecordingCopier:
 
 
 def _logits(model, slot: int, ids: torch.Tensor = IDS) -> torch.Tensor:
-    with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots([slot], ids.shape[1])):
+    with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots([slot], ids.shape[1], device=ids.device)):
         return model(input_ids=ids).logits
 
 
@@ -167,6 +167,7 @@ def test_one_upload_of_an_arena_rebuilds_every_factor(files, tmp_path):
             torch.testing.assert_close(view_in(whole, t.T), t.T, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_copies_from_pinned_arenas_on_a_side_stream(files, tmp_path):
     dirs, expected = files
@@ -182,4 +183,4 @@ def test_cuda_copies_from_pinned_arenas_on_a_side_stream(files, tmp_path):
     torch.cuda.synchronize()
     assert fence.done()
     fence.order_before_compute()
-    torch.testing.assert_close(_logits(base.model, 1, IDS.cuda()).cpu(), expected["a1"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(base.model, 1, IDS.cuda()).cpu(), expected["a1"], atol=1e-3, rtol=1e-3)
