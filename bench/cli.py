@@ -28,7 +28,8 @@ from bench.prepare import make_all_adapters, make_references
 from bench.process import spawn
 from bench.report import clean_nans, machine_info, text_table, write_results
 from bench.scale import scenario4
-from bench.scenarios import scenario1, scenario1_half_slots, scenario2, scenario5, wait_for_prefetch
+from bench.scenarios import (scenario1, scenario1_defaults, scenario1_half_slots, scenario2, scenario5,
+                             wait_for_prefetch)
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
@@ -109,6 +110,7 @@ def _main_server(ctx: Bench) -> None:
             ctx.failures.append({"run": "main server", "error": f"server exited with {h.proc.returncode}"})
     if 1 in cfg.scenarios:
         scenario1_half_slots(ctx)
+        scenario1_defaults(ctx)
 
 
 def _finish(ctx: Bench, elapsed: float) -> int:

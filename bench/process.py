@@ -62,24 +62,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_args(cfg: BenchConfig, store: Path, port: int, *, max_batch: int, resident: int) -> list[str]:
-    args = ["--store", str(store), "--host", "127.0.0.1", "--port", str(port),
-            "--device", cfg.device, "--dtype", cfg.dtype,
-            "--max-batch", str(max_batch), "--max-adapters-resident", str(resident)]
+def server_args(cfg: BenchConfig, store: Path, port: int, *, max_batch: int | None,
+                resident: int | None) -> list[str]:
+    """None for both sizes: a plain `loraplex serve` (store, loopback port and model only)."""
+    args = ["--store", str(store), "--host", "127.0.0.1", "--port", str(port)]
+    if max_batch is not None and resident is not None:
+        args += ["--device", cfg.device, "--dtype", cfg.dtype,
+                 "--max-batch", str(max_batch), "--max-adapters-resident", str(resident)]
     if cfg.model:
         args += ["--model", cfg.model]
     return args
 
 
 @contextlib.contextmanager
-def spawn(cfg: BenchConfig, store: Path, log_path: Path, *, max_batch: int, resident: int,
+def spawn(cfg: BenchConfig, store: Path, log_path: Path, *, max_batch: int | None, resident: int | None,
           env: Mapping[str, str] | None = None, startup_timeout_s: float = 300.0) -> Iterator[ServerHandle]:
-    """Start the server, wait for /ready, yield it; SIGTERM (then SIGKILL) on exit."""
+    """Start the server, wait for /ready, yield it; SIGTERM (then SIGKILL) on exit. `max_batch` and
+    `resident` None: the server's defaults, with no sizing flag or setting from the bench either."""
     port = free_port()
     args = server_args(cfg, store, port, max_batch=max_batch, resident=resident)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_MAX_RANK": str(max(64, cfg.rank)),
-                "LORAPLEX_MAX_QUEUE": str(max(256, 4 * cfg.concurrency)),
-                **cfg.extra_server_env, **(env or {})}
+    sizes = {} if max_batch is None else {"LORAPLEX_MAX_RANK": str(max(64, cfg.rank)),
+                                          "LORAPLEX_MAX_QUEUE": str(max(256, 4 * cfg.concurrency))}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **sizes, **cfg.extra_server_env, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
     cmd = [sys.executable, "-m", "server.cli", "serve", *args]

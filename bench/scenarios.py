@@ -27,6 +27,7 @@ THROUGHPUT_TARGET_16 = 0.90
 NAIVE_TARGET = 10.0
 MIXED_TARGET = 2.0
 MERGED_TARGET = 0.98
+DEFAULTS_TARGET = 0.70  # adapters on a server run with its defaults, against its own base-only load
 
 
 # --- scenario 1 -----------------------------------------------------------------------------
@@ -121,6 +122,33 @@ def scenario1_half_slots(ctx: Bench) -> None:
     ctx.rows.append(Row(1, f"decode throughput / base, {name}, float16 slots (opt-in)", r["decode_tok_per_s"],
                         info=f"{dec:.0f} vs base {base_dec:.0f} tok/s on a server with LORAPLEX_SLOT_DTYPE=float16; "
                              f"ITL p50 {r['itl_p50_ms']:.2f}x, p99 {r['itl_p99_ms']:.2f}x of base"))
+
+
+def scenario1_defaults(ctx: Bench) -> None:
+    """Base vs 16 adapters on a plain `loraplex serve`: no sizing flag or setting at all (the server's
+    defaults, e.g. `auto` device slots), each round paired with that server's own base run.
+
+    Why: a new user runs the defaults; the main server's slots are sized by the bench to fit every
+    scenario, so its rows say nothing about what the defaults cost (8 slots measured 0.48-0.64x base).
+    """
+    cfg = ctx.cfg
+    n = min(16, len(ctx.lora))
+    name = f"lora x{n}"
+    configs: dict[str, list[str | None]] = {"base": [None], name: [s.adapter_id for s in ctx.lora[:n]]}
+    ctx.log(f"scenario 1, default settings: base vs {name}, {cfg.s1_repeats} interleaved round(s)")
+    with spawn(cfg, ctx.store, ctx.work / "server-defaults.log", max_batch=None, resident=None) as h:
+        wait_for_prefetch(ctx, h)
+        ctx.warm_up(h, configs[name])
+        runs = _s1_rounds(ctx, h, configs, "s1 defaults")
+    r = _s1_ratios(runs)[name]
+    tput, base_tput = (median([x["tok_per_s"] for x in runs[k]]) for k in (name, "base"))
+    each = ", ".join(f"{ratio(a['tok_per_s'], b['tok_per_s']):.2f}" for a, b in zip(runs[name], runs["base"]))
+    ctx.data["s1_defaults"] = {"config": name, "runs": runs, "ratios": r}
+    ctx.rows.append(Row(1, f"throughput / base, {name}, plain `loraplex serve` (defaults)", r["tok_per_s"],
+                        target=DEFAULTS_TARGET,
+                        info=f"{tput:.0f} vs base {base_tput:.0f} tok/s over HTTP, {cfg.concurrency} concurrent; "
+                             f"rounds {each}; decode {r['decode_tok_per_s']:.2f}x, ITL p50 "
+                             f"{r['itl_p50_ms']:.2f}x of base"))
 
 
 def wait_for_prefetch(ctx: Bench, h: ServerHandle) -> None:

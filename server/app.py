@@ -17,11 +17,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits
 from server.adapters.residency.manager import AdapterManager
+from server.adapters.residency.sizing import SlotPlan, bytes_per_slot_rank, plan_slots
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
 from server.adapters.store.store import AdapterStore, open_store
@@ -36,6 +38,7 @@ from server.api.routes import adapters, generate, health, merge, openai, trainin
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
 from server.engine.grammar import GrammarCompiler
+from server.engine.kv_cache import KVCache
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
@@ -90,7 +93,9 @@ def build_services(settings: Settings, base: BaseModel | None = None) -> Service
     """Construction order: each component gets its collaborators when it is built (one exception:
     the engine's background worker, see `_build_on`)."""
     base = base or load_base(settings)
-    limits = AdapterLimits.from_settings(settings)
+    slots = slot_plan(settings, base)
+    log.info(slots.describe())
+    limits = AdapterLimits.from_settings(settings, resident=slots.slots)
     store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
     try:
         return _build_on(store, settings, base, limits)
@@ -126,6 +131,18 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
     metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     adapter_service.start()  # warm the host tier, rebuild dedicated adapters' merged copies
     return services
+
+
+def slot_plan(settings: Settings, base: BaseModel) -> SlotPlan:
+    """Device slots per adapted module; `auto` on a GPU is capped by the memory left once the model is
+    loaded and the KV cache (sized here on the meta device: nothing allocated) is taken."""
+    slot_dtype = base.dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
+    free = torch.cuda.mem_get_info(base.device)[0] if base.device.type == "cuda" else None
+    kv = KVCache.for_model(base.model.config, settings.max_batch, base.max_context, torch.device("meta"),
+                           base.dtype).nbytes()
+    return plan_slots(settings.max_adapters_resident, max_batch=settings.max_batch, max_rank=settings.max_rank,
+                      bytes_per_rank=bytes_per_slot_rank(base.model, slot_dtype.itemsize),
+                      free_device_bytes=free, reserved_bytes=kv, fraction=settings.slot_memory_fraction)
 
 
 async def drain(services: Services, timeout: float) -> bool:

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--max-batch", type=int, dest="max_batch", help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, dest="max_queue", help="waiting requests before 429")
-    serve.add_argument("--max-adapters-resident", type=int, dest="max_adapters_resident")
+    serve.add_argument("--max-adapters-resident", dest="max_adapters_resident", metavar="N|auto",
+                       help="device slots per adapted module (default auto: max-batch, capped on GPU)")
     serve.add_argument("--api-keys", dest="api_keys", help="JSON file {key: {tenant, admin}}")
     serve.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
                        help="allow a non-loopback host without --api-keys")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -56,7 +56,13 @@ class Settings(BaseSettings):
     train_interleave_steps: int = Field(4, ge=1, description="When busy, a training step at least every N serving steps")
 
     # --- adapters ----------------------------------------------------------
-    max_adapters_resident: int = Field(8, ge=1, description="Device slots per adapted module")
+    max_adapters_resident: int | Literal["auto"] = Field(
+        "auto", description="Device slots per adapted module: a positive integer, or auto = max_batch (a full "
+        "batch of distinct adapters runs at once), capped on a GPU by slot_memory_fraction. Slots are "
+        "allocated as adapters arrive, so unused ones cost nothing")
+    slot_memory_fraction: float = Field(0.5, gt=0, le=1, description="GPU, max_adapters_resident auto: the "
+                                        "slots (at max_rank) may take at most this fraction of the device "
+                                        "memory free after the base model and KV cache")
     max_adapters_host: int = Field(128, ge=1, description="Host-memory LRU capacity (adapters)")
     prefetch_adapters: bool = Field(True, description="Warm the host tier at start-up (newest first, never "
                                     "past max_adapters_host) and with each upload, so a first request "
@@ -102,6 +108,17 @@ class Settings(BaseSettings):
     train_max_attempts: int = Field(3, ge=1)
     train_checkpoint_every: int = Field(10, ge=1, description="Optimizer steps between job checkpoints")
     max_train_upload_bytes: int = Field(64 * MiB, ge=1024, description="JSONL upload to /v1/training/jobs/upload")
+
+    @field_validator("max_adapters_resident", mode="before")
+    @classmethod
+    def _slots(cls, value: object) -> int | str:
+        """One clear message for a bad value (pydantic's union error would list both branches)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+            return number
+        raise ValueError(f"must be a positive integer or 'auto', not {value!r}")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -68,6 +68,10 @@ def test_bad_flag_values_are_clean_errors():
     done = subprocess.run(serve_command(["--max-batch", "0"]), cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "max_batch" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(serve_command(["--max-adapters-resident", "many"]), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "max_adapters_resident: Value error, must be a positive integer or 'auto'" in done.stderr
 
 
 def test_env_twins_and_flags(varied_model_dir, tmp_path):
@@ -81,6 +85,7 @@ def test_env_twins_and_flags(varied_model_dir, tmp_path):
         assert proc.wait(60) == 0
     log = read_log(proc)
     assert "max_batch=3" in log and "max_queue=7" in log
+    assert "adapter device slots: 3 per adapted module (auto" in log, "auto slots follow max_batch, logged"
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def test_a_failed_load_leaves_the_slot_empty_not_half_replaced(layers, monkeypat
     layers.load_slot(0, old)
     broken = _adapter({Q: _lora(layers, Q, 4, seed=12), DOWN: _lora(layers, DOWN, 4, seed=13)})
 
-    def refuse(slot, weights):
+    def refuse(slot, weights, stage=None):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(layers[DOWN].bank, "write", refuse)

@@ -26,10 +26,14 @@ class Arena:
     `flat` checks every value. Loaders write straight into `take(...)` views, so
     no intermediate copy of the adapter exists. The buffer is the pre-faulted
     spare when one of this exact size is ready (SpareBuffer).
+
+    `pin` (slots on a GPU): page-locked memory from torch's pinned-memory allocator, so copies
+    into device slots run asynchronously on a copy stream (runtime/transfer.py); that allocator
+    caches freed blocks (rounded up to a power of two) for the next adapter's arena.
     """
 
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        self.flat = _spare.take(numel, dtype)  # [numel]
+    def __init__(self, numel: int, dtype: torch.dtype, pin: bool = False) -> None:
+        self.flat = torch.empty(numel, dtype=dtype, pin_memory=True) if pin else _spare.take(numel, dtype)  # [numel]
         self._used = 0
 
     def take(self, *shape: int) -> torch.Tensor:

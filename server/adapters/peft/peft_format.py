@@ -68,7 +68,8 @@ def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
         _check_shapes(spec, model_base.table[name], parts)
     # float32 host copy whatever the model's dtype: the slots round it once, and a merge (float32 math)
     # starts from the file's unrounded factors; a 16-bit model's adapters cost 2x the host bytes.
-    modules = _load(weights_path, spec, roles, model_base, torch.float32)
+    # Pinned when the slots are on a GPU: their copies then run asynchronously, off the engine thread.
+    modules = _load(weights_path, spec, roles, model_base, torch.float32, pin=base.device.type == "cuda")
     _check_slot_range(modules, limits, base.dtype)
     return LoadedAdapter(
         kind=spec.kind,
@@ -209,7 +210,7 @@ def _expect_shape(info: ModuleInfo, t: TensorInfo, expected: tuple[int, ...]) ->
 
 
 def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]], base: _Base,
-          dtype: torch.dtype) -> dict[str, ModuleWeights]:
+          dtype: torch.dtype, pin: bool = False) -> dict[str, ModuleWeights]:
     infos = [t for parts in roles.values() for t in parts.values()]
     with _read_buffer(path, max(t.offset + t.nbytes for t in infos)) as whole:
         names = sorted(roles)
@@ -220,7 +221,7 @@ def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]]
                 _check_base_copy(info, source(whole, parts["BASE"]))
             pieces.extend(_pieces(spec, info, parts))
         # Own the bytes, in one buffer per adapter: the read buffer is reused by this thread's next load.
-        arena = Arena(sum(p.numel for p in pieces), dtype)
+        arena = Arena(sum(p.numel for p in pieces), dtype, pin=pin)
         views = iter(carve(whole, pieces, arena))
         modules = {name: _module_weights(spec, base.table[name], views) for name in names}
         _check_finite(arena.flat, lambda: {p.src.name: source(whole, p.src) for p in pieces})

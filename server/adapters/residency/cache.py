@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Container
 
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.types import AdapterKey
@@ -95,12 +96,11 @@ class SlotTable:
         used = set(self.slot_of.values())
         return next((s for s in range(self.num_slots) if s not in used), None)
 
-    def victim(self) -> AdapterKey | None:
-        """The doomed or least recently used unpinned resident key, if any."""
-        for key in self.slot_of:
-            if key in self.doomed and not self.is_pinned(key):
-                return key
-        return next((k for k in self.slot_of if not self.is_pinned(k)), None)
+    def victim(self, busy: Container[AdapterKey] = ()) -> AdapterKey | None:
+        """The doomed or least recently used unpinned resident key, if any, never one of `busy`
+        (keys whose slot copy is still in flight)."""
+        free = [k for k in self.slot_of if not self.is_pinned(k) and k not in busy]
+        return next((k for k in free if k in self.doomed), None) or next(iter(free), None)
 
     def assign(self, key: AdapterKey, slot: int) -> None:
         self.slot_of[key] = slot

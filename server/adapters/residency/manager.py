@@ -6,10 +6,12 @@ Threads and who calls what:
     in host memory; disk reads and validation run on a small loader pool, and
     concurrent prepares of one key share one load.
   - Engine thread, between steps: `acquire(key)` returns the device slot (pinned)
-    or None when the adapter cannot be placed yet (all slots pinned, or it is
-    being re-read after falling out of the host tier); the request simply waits
-    and the batch goes on. `release(key)` unpins when a request ends. Only this
-    thread copies tensors into slots.
+    or None when the adapter cannot be placed yet (all slots pinned, it is
+    being re-read after falling out of the host tier, or its slot copy is still
+    in flight on the GPU's copy stream); the request simply waits and the batch
+    goes on. `release(key)` unpins when a request ends. Only this thread issues
+    slot copies; a slot is handed out once its copy's fence is done (transfer.py),
+    and a slot whose copy is in flight is never evicted.
   - Any thread: `forget(tenant, adapter_id)` after delete / re-upload, `stats()`,
     `is_pinned(key)` (the store's garbage collector), `adopt(ref, adapter)` after
     an upload validated it, `prefetch(refs)` to warm the host tier in the background.
@@ -29,6 +31,7 @@ from typing import Literal
 
 from server.adapters.residency.cache import HostCache, SlotTable
 from server.adapters.runtime.inject import AdapterLayers
+from server.adapters.runtime.transfer import Fence
 from server.adapters.limits import AdapterLimits
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.weights.loaded import LoadedAdapter
@@ -62,6 +65,7 @@ class AdapterManager:
         # it fails instead of retrying every step; a later successful read clears it.
         self._read_failures: dict[AdapterKey, AdapterError] = {}
         self._inflight: dict[AdapterKey, Future] = {}
+        self._landing: dict[AdapterKey, Fence] = {}  # slot copies issued, not yet known complete
         self._pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
         self._closed = False
@@ -185,6 +189,8 @@ class AdapterManager:
         with self._lock:
             slot = self.slots.lookup(key)
             if slot is not None:
+                if key in self._landing:  # the miss was counted when its copy was issued
+                    return self._pin_landed(key, slot)
                 self.slots.pin(key)
                 self.hits += 1
                 self._count("hit", "device")
@@ -196,14 +202,24 @@ class AdapterManager:
             if slot is None:
                 return None
             started = time.perf_counter()
-            self.layers.load_slot(slot, adapter)
-            self._observe_load("device", time.perf_counter() - started)
+            self._landing[key] = self.layers.load_slot(slot, adapter)
+            self._observe_load("device", time.perf_counter() - started)  # issuing it (the engine thread's cost)
             self.slots.assign(key, slot)
-            self.slots.pin(key)
             self.misses += 1
             self._count("miss", "device")
             self._set_resident()
-            return slot
+            return self._pin_landed(key, slot)
+
+    def _pin_landed(self, key: AdapterKey, slot: int) -> int | None:
+        """Pin `key` if its slot copy has completed (the next step then reads it), else None: the
+        request waits a step instead of every running stream waiting for the copy."""
+        fence = self._landing[key]
+        if not fence.done():
+            return None
+        fence.order_before_compute()
+        del self._landing[key]
+        self.slots.pin(key)
+        return slot
 
     def _host_copy(self, key: AdapterKey) -> LoadedAdapter | None:
         adapter = self.host.get(key)
@@ -223,7 +239,10 @@ class AdapterManager:
         slot = self.slots.free_slot()
         if slot is not None:
             return slot
-        victim = self.slots.victim()
+        for key, fence in list(self._landing.items()):  # landed, its request gone (cancelled): evictable
+            if fence.done():
+                del self._landing[key]
+        victim = self.slots.victim(busy=self._landing)
         if victim is None:
             return None  # every slot is pinned by a running request
         slot = self.slots.remove(victim)  # its weights stay until load_slot overwrites them (one pass)

@@ -19,6 +19,7 @@ from server.adapters.runtime.backend import AdapterBackend, CpuKernelBackend, To
 from server.adapters.runtime.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.runtime.slots import SlotBank
+from server.adapters.runtime.transfer import Fence, InlineCopier, SlotCopier, copier_for
 from server.adapters.limits import AdapterLimits
 from server.kernels.cpu import load_kernel
 
@@ -75,9 +76,11 @@ def all_linear_names(model: nn.Module, table: dict[str, ModuleInfo]) -> set[str]
 class AdapterLayers:
     """Registry of injected wrappers; writes/clears whole adapters into device slots."""
 
-    def __init__(self, layers: dict[str, AdaptedModule], num_slots: int) -> None:
+    def __init__(self, layers: dict[str, AdaptedModule], num_slots: int,
+                 copier: SlotCopier | None = None) -> None:
         self.layers = layers
         self.num_slots = num_slots
+        self.copier = copier or InlineCopier()
         self._slot_modules: list[set[str]] = [set() for _ in range(num_slots)]
 
     def __getitem__(self, name: str) -> AdaptedModule:
@@ -86,23 +89,37 @@ class AdapterLayers:
     def __contains__(self, name: str) -> bool:
         return name in self.layers
 
-    def load_slot(self, slot: int, adapter: LoadedAdapter) -> None:
+    def load_slot(self, slot: int, adapter: LoadedAdapter) -> Fence:
         """Copy an adapter into `slot` of every module it targets (engine thread, between steps), replacing
-        what the slot held: modules both target are overwritten in place, the old adapter's others cleared."""
+        what the slot held: modules both target are overwritten in place, the old adapter's others cleared.
+        The copies may still be running when this returns: no step may read the slot before the fence is
+        done (`Fence.done`, then `order_before_compute`; on CPU it is done at once)."""
         missing = [n for n in adapter.modules if n not in self.layers]
         if missing:
             raise KeyError(f"adapter targets modules that were not injected: {missing[:3]}")
         old = self._slot_modules[slot]
         try:
-            for name in old.difference(adapter.modules):
-                self.layers[name].bank.clear(slot)
-            for name, weights in adapter.modules.items():
-                self.layers[name].bank.write(slot, weights)
+            self._grow_for(adapter)
+            with self.copier.writes() as stage:
+                for name in old.difference(adapter.modules):
+                    self.layers[name].bank.clear(slot)
+                for name, weights in adapter.modules.items():
+                    self.layers[name].bank.write(slot, weights, stage)
         except BaseException:
             self._slot_modules[slot] = old | set(adapter.modules)
             self.clear_slot(slot)  # never half of one adapter and half of another
             raise
         self._slot_modules[slot] = set(adapter.modules)
+        return self.copier.fence()
+
+    def _grow_for(self, adapter: LoadedAdapter) -> None:
+        """Grow the banks this adapter outranks on the compute stream, after every write in flight
+        (they may target the tensors being replaced), so the writes themselves never allocate."""
+        grow = [(bank, rank) for bank, rank in self._slotted(adapter) if rank > bank.r_cap]
+        if grow:
+            self.copier.join()
+            for bank, rank in grow:
+                bank.grow(rank)
 
     def needs_growth(self, adapter: LoadedAdapter) -> bool:
         return any(bank.needs(rank) for bank, rank in self._slotted(adapter))
@@ -119,8 +136,9 @@ class AdapterLayers:
                 yield self.layers[name].bank, weights.rank
 
     def clear_slot(self, slot: int) -> None:
-        for name in self._slot_modules[slot]:
-            self.layers[name].bank.clear(slot)
+        with self.copier.writes():  # ordered with the slot's writes, after the steps that read it
+            for name in self._slot_modules[slot]:
+                self.layers[name].bank.clear(slot)
         self._slot_modules[slot] = set()
 
     def set_train_adapters(self, modules: dict[str, nn.Module] | None) -> None:
@@ -132,7 +150,8 @@ class AdapterLayers:
         return sum(layer.bank.nbytes() for layer in self.layers.values())
 
 
-def inject_adapter_layers(model: nn.Module, limits: AdapterLimits) -> AdapterLayers:
+def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, copier: SlotCopier | None = None) -> AdapterLayers:
+    """`copier`: how slot writes reach the device; None = by the model's device (transfer.copier_for)."""
     existing = getattr(model, "_loraplex_layers", None)
     if existing is not None:
         return existing
@@ -147,7 +166,7 @@ def inject_adapter_layers(model: nn.Module, limits: AdapterLimits) -> AdapterLay
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
         layers[name] = _wrap(model, name, mod, slots, limits.max_rank, slot_dtype, backend)
-    registry = AdapterLayers(layers, slots)
+    registry = AdapterLayers(layers, slots, copier or copier_for(next(model.parameters()).device))
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
 

@@ -15,7 +15,9 @@ adapter needs it: sizing every module for the maximum rank up front would cost
 4× the memory and the compute at the default max rank 64 for typical rank-16
 adapters. Compute slices to `r_used`, the largest rank resident here.
 
-Only the engine thread writes slots, and only between steps. Growing a bank
+Only the engine thread issues slot writes, and only between steps; on a GPU they
+run asynchronously on a side stream (transfer.py says which orderings keep them
+safe), `stage` giving each host source's device copy. Growing a bank
 allocates and zeroes `[slots, r_cap, in]` + `[slots, r_cap, out]` for every
 module an adapter targets (1.25 GB for 64 slots of SmolLM2 at rank 16): done on
 the engine thread, every running stream would stall for it (measured 0.5 s, and
@@ -29,6 +31,7 @@ import threading
 
 import torch
 
+from server.adapters.runtime.transfer import Stage
 from server.adapters.weights.loaded import ModuleWeights
 
 
@@ -63,20 +66,21 @@ class SlotBank:
     def empty(self) -> bool:
         return self.r_used == 0 and not self.bat
 
-    def write(self, slot: int, weights: ModuleWeights) -> None:
+    def write(self, slot: int, weights: ModuleWeights, stage: Stage = lambda t: t) -> None:
         """Put `weights` in `slot`, replacing whatever it held: the new rows are copied over the old
-        ones and only the old rows past the new rank are zeroed (a reload writes each byte once)."""
+        ones and only the old rows past the new rank are zeroed (a reload writes each byte once).
+        `stage` maps a host tensor to the copy of it the device reads (transfer.SlotCopier)."""
         old_rank = self.ranks[slot]
         self.bat.pop(slot, None)
         self.weights[slot] = weights
         if not weights.batched:
             self._zero_rows(slot, 0, old_rank)
             self._set_rank(slot, 0)
-            self.bat[slot] = weights.block.to(self.device, self.dtype)  # type: ignore[attr-defined]
+            self.bat[slot] = stage(weights.block).to(self.device, self.dtype)  # type: ignore[attr-defined]
             return
-        a, bt = weights.factors()  # [r, in], [r, out]
+        a, bt = (stage(t) for t in weights.factors())  # [r, in], [r, out]
         r = int(a.shape[0])
-        self._ensure_rank(r)
+        self.grow(r)
         assert self.a is not None and self.bt is not None
         if self.embedding:
             self.a[slot, :, :r].copy_(a.T)
@@ -116,7 +120,10 @@ class SlotBank:
         """Any thread: allocate the zeroed tensors a write of `rank` will need, if it needs larger ones."""
         with self._grow_lock:
             if self.needs(rank):
-                self._pending = self._zeros(self._cap_for(rank))
+                pending = self._zeros(self._cap_for(rank))
+                if self.device.type == "cuda":  # zeroed on this thread's stream: done before the engine's sees it
+                    torch.cuda.current_stream(self.device).synchronize()
+                self._pending = pending
 
     def _cap_for(self, rank: int) -> int:
         return max(rank, min(_round_up(rank), self.max_rank))
@@ -127,7 +134,7 @@ class SlotBank:
         bt = torch.zeros(self.num_slots, cap, self.out_features, device=self.device, dtype=self.slot_dtype)
         return a, bt
 
-    def _ensure_rank(self, rank: int) -> None:
+    def grow(self, rank: int) -> None:
         """Engine thread: grow to hold `rank`, from the reservation when it is large enough.
 
         Under the lock, so a reservation never outlives a growth that made it useless (it would hold
