@@ -33,7 +33,7 @@ def peft_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     Weights at scale 0.5 (the factory's default 0.1 is too weak to move the
     tiny model's greedy tokens, and the tests check that the adapter does).
     """
-    from adapter_factory import make_peft  # on sys.path via tests.api.adapter_http
+    from tests.adapters.adapter_factory import make_peft
 
     out = tmp_path_factory.mktemp("client-peft") / "lora"
     make_peft(load_tiny(tiny_model_dir), "lora_qv", out, seed=1, scale=0.5)
