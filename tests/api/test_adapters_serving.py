@@ -18,9 +18,8 @@ import pytest
 
 from server.adapters.types import AdapterKey
 from server.app import create_app
-from server.settings import Settings
 from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import Gate, app_of, running_server, wait_until
+from tests.harness import Gate, app_of, cpu_settings, running_server, wait_until
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
 SCALE = {"miss_mini": 4.0}  # mini repeats a small block: it needs larger values to move greedy tokens
@@ -46,8 +45,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_
         dest.mkdir(parents=True)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(src / f, dest / f)
-    settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
+    settings = cpu_settings(tiny_model_dir, store,
+                            api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
     app = create_app(settings)
     with running_server(app) as url:
         assert app.state.services.adapters is not None
@@ -191,9 +190,9 @@ def tight_server(tiny_model_dir: Path, tmp_path: Path, peft_dirs) -> Iterator[tu
     dest.mkdir(parents=True)
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copyfile(peft_dirs["lora_qv"] / f, dest / f)
-    settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp_path / "keys.json"), max_adapters_resident=2, max_batch=1,
-                        max_adapters_host=1)
+    settings = cpu_settings(tiny_model_dir, store,
+                            api_keys=write_keys(tmp_path / "keys.json"), max_adapters_resident=2, max_batch=1,
+                            max_adapters_host=1)
     app = create_app(settings)
     with running_server(app) as url:
         gate = Gate()  # parks the engine between steps, so a request stays queued without sleeps

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import httpx
 import pytest
 
 from server.settings import Settings
-from tests.harness import Gate, running_server, wait_until
+from tests.harness import Gate, raw_socket_post, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +183,7 @@ def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
     engine.set_background_worker(gate)
     cancelled_before = _cancelled_count(services)
     try:
-        sock = _raw_post(server, "/generate", {"prompt": "Hello", "max_new_tokens": 450, "stream": stream})
+        sock = raw_socket_post(server, "/generate", {"prompt": "Hello", "max_new_tokens": 450, "stream": stream})
         if stream:
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # headers (and maybe a first event) arrived
         assert wait_until(lambda: engine.stats()["running"] == 1 and engine.stats()["tokens_generated"] > 0)
@@ -200,16 +199,6 @@ def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
     finally:
         gate.release()
         engine.set_background_worker(None)
-
-
-def _raw_post(base_url: str, path: str, body: dict) -> socket.socket:
-    """Send a request on a bare socket (so the test controls exactly when the client disappears)."""
-    host, port = base_url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
 
 
 def _cancelled_count(services) -> float:

@@ -12,11 +12,12 @@ from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
+from tests.harness import cpu_settings
 
 
 @pytest.fixture(scope="session")
 def varied_base(varied_model_dir) -> BaseModel:
-    return load_base(Settings(model=str(varied_model_dir), device="cpu", dtype="float32"))
+    return load_base(cpu_settings(varied_model_dir))
 
 
 @pytest.fixture

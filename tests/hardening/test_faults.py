@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import (assert_engine_clean, assert_error, assert_serving, metric_value, scrape,
-                                     services_of, store_files, train_body, wait_job)
-from tests.harness import Gate, running_server, wait_until
+                                     services_of, store_files, train_body)
+from tests.harness import Gate, running_server, wait_job, wait_until
 
 WEIGHTS = "adapter_model.safetensors"
 

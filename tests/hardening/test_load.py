@@ -19,8 +19,8 @@ import pytest
 
 from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import (assert_engine_clean, assert_serving, live_engine_requests, metric_value,
-                                     raw_socket_post, scrape, services_of)
-from tests.harness import Gate, running_server, wait_until
+                                     scrape, services_of)
+from tests.harness import Gate, raw_socket_post, running_server, wait_until
 
 MAX_BATCH, MAX_QUEUE = 2, 4
 PROMPTS = [f"Request number {i}: tell me about the sea" for i in range(6)]
