@@ -1,8 +1,8 @@
 """create_app and the lifespan that builds and tears down the services.
 
 Start-up order: settings → base model → store → adapter layers injected →
-merge registry → adapter manager → engine → adapter service → training; the
-engine thread starts last. Shutdown: stop admitting
+merge registry → adapter manager → waiting queue → adapter service → training →
+engine (given the training worker); the engine thread starts last. Shutdown: stop admitting
 (503), drain in-flight requests (bounded by `drain_timeout_s`), stop the
 engine, then run the services' shutdown hooks (e.g. persisting job state).
 """
@@ -35,6 +35,7 @@ from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
+from server.engine.waiting import WaitingQueue
 from server.engine.grammar import GrammarCompiler
 from server.logging import RequestIdMiddleware
 from server.metrics import Metrics
@@ -87,8 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
-    """Construction order: each component gets its collaborators when it is built (one exception:
-    the engine's background worker, see `_build_on`)."""
+    """Construction order: each component gets its collaborators when it is built."""
     base = base or load_base(settings)
     limits = AdapterLimits.from_settings(settings)
     store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
@@ -106,13 +106,14 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
     # Dedicated adapters run on merged copies, swapped in by the engine loop between steps.
     merge = MergeRegistry(base, layers, store, limits, metrics, loop)
     adapters = AdapterManager(base, layers, store, limits, metrics, merge)
-    engine = Engine(base, settings, metrics, placement=adapters, loop=loop)
-    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=engine,
+    # Built before the engine: the adapter service asks it which versions queued requests wait for,
+    # and the training worker the engine is given publishes through that service.
+    waiting = WaitingQueue(settings.max_queue)
+    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=waiting,
                                      keep_uploads=settings.prefetch_adapters)
     training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
-    # The one assignment after construction: the worker publishes through a service that asks the engine
-    # which versions queued requests wait for, so the engine exists first.
-    engine.set_background_worker(training.worker)
+    engine = Engine(base, settings, metrics, placement=adapters, loop=loop, waiting=waiting,
+                    background=training.worker)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
     grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
                                timeout_s=settings.grammar_compile_timeout_s,

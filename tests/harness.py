@@ -162,11 +162,14 @@ def build_varied_llama(path: Path, tokenizer_dir: Path) -> Path:
 
 
 class Gate:
-    """A background worker that parks the engine thread on demand.
+    """Parks the engine thread on demand, between steps.
 
-    `arm()` makes the engine's next background slot block until `release()`:
+    `arm()` makes the engine thread block at its next pass until `release()`:
     tests use it to hold requests in the queue (429) or in the batch
-    (cancellation) deterministically, without sleeps.
+    (cancellation) deterministically, without sleeps. An engine built in a test
+    takes it as its background worker (`Engine(..., background=gate)`); a
+    server's engine, which has the trainer there, takes it as a step hook
+    (`gate_engine`).
     """
 
     def __init__(self) -> None:
@@ -189,6 +192,18 @@ class Gate:
     def run_one_step(self) -> None:
         self.entered.set()
         self._open.wait(timeout=60)
+
+    def hold(self) -> None:
+        """The step hook: park here while armed."""
+        if self._armed.is_set():
+            self.run_one_step()
+
+
+def gate_engine(engine: Any) -> Gate:
+    """A Gate on a running engine's loop, as a step hook (it runs before every scheduling pass)."""
+    gate = Gate()
+    engine.loop.add_step_hook(gate.hold)
+    return gate
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from tests.harness import Gate, raw_socket_post, running_server, wait_until
+from tests.harness import gate_engine, raw_socket_post, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,7 @@ def test_body_and_header_limits(server):
 
 def test_queue_full_is_429_with_retry_after(server):
     services = services_of(server)
-    gate = Gate()
-    services.engine.set_background_worker(gate)
+    gate = gate_engine(services.engine)
     results: list[httpx.Response] = []
     try:
         gate.arm()
@@ -169,7 +168,6 @@ def test_queue_full_is_429_with_retry_after(server):
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["message"]
     finally:
         gate.release()
-        services.engine.set_background_worker(None)
     for t in threads:
         t.join(60)
     assert [x.status_code for x in results] == [200, 200]
@@ -179,8 +177,7 @@ def test_queue_full_is_429_with_retry_after(server):
 def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
     services = services_of(server)
     engine = services.engine
-    gate = Gate()
-    engine.set_background_worker(gate)
+    gate = gate_engine(engine)
     cancelled_before = _cancelled_count(services)
     try:
         sock = raw_socket_post(server, "/generate", {"prompt": "Hello", "max_new_tokens": 450, "stream": stream})
@@ -198,7 +195,6 @@ def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
         assert wait_until(lambda: _cancelled_count(services) == cancelled_before + 1)
     finally:
         gate.release()
-        engine.set_background_worker(None)
 
 
 def _cancelled_count(services) -> float:

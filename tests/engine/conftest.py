@@ -24,10 +24,10 @@ def varied_base(varied_model_dir) -> BaseModel:
 def make_engine(varied_base) -> Iterator:
     engines: list[Engine] = []
 
-    def make(base: BaseModel | None = None, placement=None, **settings) -> Engine:
+    def make(base: BaseModel | None = None, placement=None, background=None, **settings) -> Engine:
         base = base or varied_base
         s = Settings(model="unused", device=base.device.type, dtype="float32", **settings)
-        engine = Engine(base, s, placement=placement)
+        engine = Engine(base, s, placement=placement, background=background)
         engine.start()
         engines.append(engine)
         return engine
