@@ -76,8 +76,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     if app.state.freeze_gc:
         # The model, tokenizer and every other start-up object live as long as the process, yet a
-        # full (gen 2) collection walks them all: 0.2 s pauses on CPU, landing in adapter loads
-        # and engine steps. Freezing moves them out of the collector's sight; refcounting still frees.
+        # full (gen 2) collection walks them all, pausing adapter loads and engine steps
+        # (bench/NOTES.md, "Start-up"). Freezing moves them out of the collector's sight; refcounting still frees.
         gc.collect()
         gc.freeze()
     services.engine.start()
