@@ -1,8 +1,8 @@
 """create_app and the lifespan that builds and tears down the services.
 
 Start-up order: settings → base model → store → adapter layers injected →
-merge registry → adapter manager → engine → adapter service → training; the
-engine thread starts last. Shutdown: stop admitting
+merge registry → adapter manager → waiting queue → adapter service → training →
+engine (given the training worker); the engine thread starts last. Shutdown: stop admitting
 (503), drain in-flight requests (bounded by `drain_timeout_s`), stop the
 engine, then run the services' shutdown hooks (e.g. persisting job state).
 """
@@ -37,6 +37,7 @@ from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, merge, openai, training
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
+from server.engine.waiting import WaitingQueue
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
 from server.logging import RequestIdMiddleware
@@ -78,8 +79,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     if app.state.freeze_gc:
         # The model, tokenizer and every other start-up object live as long as the process, yet a
-        # full (gen 2) collection walks them all: 0.2 s pauses on CPU, landing in adapter loads
-        # and engine steps. Freezing moves them out of the collector's sight; refcounting still frees.
+        # full (gen 2) collection walks them all, pausing adapter loads and engine steps
+        # (bench/NOTES.md, "Start-up"). Freezing moves them out of the collector's sight; refcounting still frees.
         gc.collect()
         gc.freeze()
     services.engine.start()
@@ -90,8 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
-    """Construction order: each component gets its collaborators when it is built (one exception:
-    the engine's background worker, see `_build_on`)."""
+    """Construction order: each component gets its collaborators when it is built."""
     base = base or load_base(settings)
     slots = slot_plan(settings, base)
     log.info(slots.describe())
@@ -111,13 +111,14 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
     # Dedicated adapters run on merged copies, swapped in by the engine loop between steps.
     merge = MergeRegistry(base, layers, store, limits, metrics, loop)
     adapters = AdapterManager(base, layers, store, limits, metrics, merge)
-    engine = Engine(base, settings, metrics, placement=adapters, loop=loop)
-    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=engine,
+    # Built before the engine: the adapter service asks it which versions queued requests wait for,
+    # and the training worker the engine is given publishes through that service.
+    waiting = WaitingQueue(settings.max_queue)
+    adapter_service = AdapterService(base, store, limits, adapters, merge, queue=waiting,
                                      keep_uploads=settings.prefetch_adapters)
     training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
-    # The one assignment after construction: the worker publishes through a service that asks the engine
-    # which versions queued requests wait for, so the engine exists first.
-    engine.set_background_worker(training.worker)
+    engine = Engine(base, settings, metrics, placement=adapters, loop=loop, waiting=waiting,
+                    background=training.worker)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
     grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
                                timeout_s=settings.grammar_compile_timeout_s,

@@ -21,7 +21,7 @@ from types import FrameType
 
 # Before torch loads: idle OpenMP workers sleep instead of spinning, so the
 # engine thread, the HTTP loop and the loaders do not fight over CPU cores
-# (measured 10x+ slower steps on a busy 2-core box). Override by setting it.
+# (bench/NOTES.md, "Start-up"). Override by setting it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import uvicorn  # noqa: E402

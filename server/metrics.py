@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Hashable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -124,7 +124,7 @@ class Metrics:
         if first_token_s is not None:
             self.adapter_ttft.labels(*labels).observe(first_token_s)
 
-    def bind(self, services: Any) -> None:
+    def bind(self, services: LiveState) -> None:
         """Read live state (engine, adapter manager, training queue) from `services` at every scrape."""
         if self._live is None:
             self._live = LiveCollector(services)
@@ -167,10 +167,60 @@ class TenantView:
                 yield view
 
 
+class EngineState(Protocol):
+    """What a scrape reads of the engine (server.engine.engine.Engine)."""
+
+    @property
+    def alive(self) -> bool: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class AdapterState(Protocol):
+    """What a scrape reads of the adapter manager (server.adapters.residency.manager.AdapterManager)."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class JobCounts(Protocol):
+    """The training job table (server.training.jobs.JobStore)."""
+
+    def count(self, status: str) -> int: ...
+    def get(self, job_id: str, tenant: str | None, history: bool = True) -> dict[str, Any]: ...
+
+
+class ActiveJob(Protocol):
+    """The training worker (server.training.worker.TrainingWorker)."""
+
+    @property
+    def active_job_id(self) -> str | None: ...
+
+
+class TrainingState(Protocol):
+    """What a scrape reads of training (server.training.service.TrainingService)."""
+
+    @property
+    def jobs(self) -> JobCounts: ...
+    @property
+    def worker(self) -> ActiveJob: ...
+
+
+class LiveState(Protocol):
+    """The live state the scrape-time gauges read (server.api.services.Services)."""
+
+    @property
+    def engine(self) -> EngineState: ...
+    @property
+    def adapters(self) -> AdapterState: ...
+    @property
+    def jobs(self) -> TrainingState: ...
+    @property
+    def accepting(self) -> bool: ...
+
+
 class LiveCollector:
     """Scrape-time gauges for state owned by other objects; one failing source never breaks a scrape."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: LiveState) -> None:
         self.services = services
 
     def describe(self) -> list[Metric]:
@@ -185,9 +235,10 @@ class LiveCollector:
 
     def _engine(self) -> Iterator[Metric]:
         engine = self.services.engine
+        stats = engine.stats()
         yield _gauge("loraplex_engine_alive", "1 while the engine thread runs", float(bool(engine.alive)))
-        yield _gauge("loraplex_kv_rows_free", "KV-cache rows (batch slots) free", engine.cache.free_rows)
-        yield _gauge("loraplex_kv_rows", "KV-cache rows (batch slots) in all", engine.scheduler.max_batch)
+        yield _gauge("loraplex_kv_rows_free", "KV-cache rows (batch slots) free", stats["free_kv_rows"])
+        yield _gauge("loraplex_kv_rows", "KV-cache rows (batch slots) in all", stats["max_batch"])
         yield _gauge("loraplex_accepting", "0 while draining (SIGTERM)", float(bool(self.services.accepting)))
 
     def _adapters(self) -> Iterator[Metric]:

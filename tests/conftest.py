@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from server.model.load import ensure_embedded_cache
 from server.settings import Settings, default_cache_dir
+from tests.harness import cpu_settings
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -78,4 +79,4 @@ def varied_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
 
 @pytest.fixture
 def tiny_settings(tiny_model_dir, tmp_path) -> Settings:
-    return Settings(model=str(tiny_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
+    return cpu_settings(tiny_model_dir, tmp_path / "store")

@@ -1,14 +1,15 @@
-"""Real servers for tests: uvicorn in a thread, or `loraplex serve` as a subprocess.
+"""The tests' shared support module: real servers, CPU settings, and the HTTP helpers every suite uses.
 
 `running_server` is for ordinary HTTP tests (fast, shares the test process);
 `spawn_server` is for process-level behaviour (SIGTERM drain, kill -9, restart).
 Both bind 127.0.0.1 on a free port and yield the base URL only once the server
-answers.
+answers. Helpers that only one suite needs stay with that suite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,8 +25,19 @@ import httpx
 import uvicorn
 
 from bench.process import wait_ready
+from server.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Two examples the tiny model learns in a few steps (training tests over HTTP and in process).
+TRAIN_DATA = [{"prompt": "Say hi:", "completion": " Ahoy matey, welcome aboard!"},
+              {"prompt": "Sky colour?", "completion": " Blue as the briny deep."}]
+
+
+def cpu_settings(model_dir: Path, store: Path | None = None, **overrides: Any) -> Settings:
+    """Settings serving `model_dir` in float32 on the CPU (every test model is built in float32)."""
+    if store is not None:
+        overrides["store"] = store
+    return Settings(model=str(model_dir), device="cpu", dtype="float32", **overrides)
 
 
 def free_port() -> int:
@@ -150,11 +162,14 @@ def build_varied_llama(path: Path, tokenizer_dir: Path) -> Path:
 
 
 class Gate:
-    """A background worker that parks the engine thread on demand.
+    """Parks the engine thread on demand, between steps.
 
-    `arm()` makes the engine's next background slot block until `release()`:
+    `arm()` makes the engine thread block at its next pass until `release()`:
     tests use it to hold requests in the queue (429) or in the batch
-    (cancellation) deterministically, without sleeps.
+    (cancellation) deterministically, without sleeps. An engine built in a test
+    takes it as its background worker (`Engine(..., background=gate)`); a
+    server's engine, which has the trainer there, takes it as a step hook
+    (`gate_engine`).
     """
 
     def __init__(self) -> None:
@@ -178,6 +193,18 @@ class Gate:
         self.entered.set()
         self._open.wait(timeout=60)
 
+    def hold(self) -> None:
+        """The step hook: park here while armed."""
+        if self._armed.is_set():
+            self.run_one_step()
+
+
+def gate_engine(engine: Any) -> Gate:
+    """A Gate on a running engine's loop, as a step hook (it runs before every scheduling pass)."""
+    gate = Gate()
+    engine.loop.add_step_hook(gate.hold)
+    return gate
+
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
@@ -189,6 +216,39 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool
 
 
 _apps: dict[str, Any] = {}
+
+
+# --- HTTP helpers ---------------------------------------------------------------
+
+def raw_socket_post(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
+    """A request on a bare socket, so the test decides exactly when the client vanishes."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def wait_job(url: str, job_id: str, done, headers: dict[str, str] | None = None, timeout: float = 180.0) -> dict:
+    """Poll a training job until `done(job)`; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/v1/training/jobs/{job_id}", headers=headers or {}, timeout=30)
+        if r.status_code == 200:
+            job = r.json()
+            if done(job):
+                return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {job}")
+
+
+def openai_client(url: str) -> "openai.OpenAI":  # noqa: F821 - imported lazily, only the OpenAI tests need it
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def app_of(base_url: str) -> Any:

@@ -92,8 +92,7 @@ def test_the_cycle_finder_sees_function_level_imports(tmp_path: Path) -> None:
 @pytest.mark.parametrize("leaf", LEAVES)
 def test_leaves_import_no_other_project_module(leaf: str) -> None:
     graph = import_graph()
-    allowed = {"server.errors"} if leaf == "server.adapters.ids" else set()  # ids raise the API's 4xx
-    assert graph[leaf] <= allowed, f"{leaf} imports {sorted(graph[leaf] - allowed)}"
+    assert not graph[leaf], f"{leaf} imports {sorted(graph[leaf])}"
 
 
 def test_adapters_know_neither_settings_nor_api() -> None:

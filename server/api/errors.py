@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, InsufficientStorage, is_out_of_space
+from server.adapters.ids import InvalidName
+from server.errors import ApiError, InsufficientStorage, InvalidRequest, is_out_of_space
 from server.logging import request_id_var
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request, exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(InvalidName)
+    async def _invalid_name(request: Request, exc: InvalidName) -> JSONResponse:
+        """An id or tenant breaking the naming rule (raised by the leaf `adapters.ids`): a 422 like any bad input."""
+        return error_response(request, InvalidRequest.status, InvalidRequest.type, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

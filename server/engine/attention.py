@@ -138,7 +138,7 @@ def _decode(ctx: AttentionMetadata, query: torch.Tensor, k_cache: torch.Tensor, 
     """One batched attention for every decode token, over a view of the cache rows when possible.
 
     Why a slice with holes: indexing the cache with a row tensor copies every
-    row's keys and values (per layer, per step: ~7 % of a 32-sequence step), and
+    row's keys and values per layer and step (bench/NOTES.md, "Decode attention"), and
     rows stop being contiguous as soon as one request finishes before its
     batch-mates. Attending over the whole slice instead costs the holes'
     attention (zero queries, outputs dropped; rows are independent in SDPA, so

@@ -33,6 +33,7 @@ from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request
 from server.engine.runner import Runner
 from server.engine.scheduler import AdapterPlacement, Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
+from server.engine.waiting import WaitingQueue
 from server.errors import ApiError, Unavailable
 from server.metrics import Metrics, NullMetrics
 from server.model.load import BaseModel
@@ -56,10 +57,11 @@ class EngineStepError(ApiError):
 class Engine:
     def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics | None = None,
                  placement: AdapterPlacement | None = None, loop: EngineLoop | None = None,
-                 background: BackgroundWorker | None = None) -> None:
+                 waiting: WaitingQueue | None = None, background: BackgroundWorker | None = None) -> None:
         """`placement`: where adapter requests run (the adapter manager); None = base model only.
-        `loop`: the wake-up and step hooks, when something built before the engine needs them.
-        `background`: the worker given steps between serving steps (the trainer)."""
+        `loop`, `waiting`: the wake-up and step hooks and the waiting queue, when something built
+        before the engine needs them. `background`: the worker given steps between serving steps
+        (the trainer)."""
         self.base = base
         self.settings = settings
         self.metrics = metrics or NullMetrics()
@@ -67,7 +69,8 @@ class Engine:
         self.cache = KVCache.for_model(base.model.config, settings.max_batch, base.max_context,
                                        base.device, base.dtype)
         self.runner = Runner(base, self.cache)
-        self.scheduler = Scheduler(self.cache, settings.max_batch, settings.max_queue,
+        self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
+        self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
                                    settings.max_tokens_per_step, self._new_sequence, placement)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
@@ -108,10 +111,6 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
-    def set_background_worker(self, worker: BackgroundWorker | None) -> None:
-        self._worker = worker
-        self.loop.wake()
-
     def wake(self) -> None:
         self.loop.wake()
 
@@ -119,26 +118,23 @@ class Engine:
     def submit(self, request: Request) -> None:
         if not self.alive:
             raise Unavailable("the generation engine is not running")
-        self.scheduler.submit(request)
-        if not self.alive and self.scheduler.discard(request):  # the loop exited meanwhile
+        self.waiting.push(request)
+        if not self.alive and self.waiting.discard(request):  # the loop exited meanwhile
             raise Unavailable("the generation engine is not running")
         self.loop.wake()
-
-    def is_queued(self, adapter_key: Any) -> bool:
-        return self.scheduler.is_queued(adapter_key)
 
     def cancel(self, request: Request) -> None:
         request.cancel()
         self.loop.wake()
 
     def idle(self) -> bool:
-        return not self.scheduler.running and self.scheduler.num_waiting == 0
+        return not self.scheduler.running and len(self.waiting) == 0
 
     def stats(self) -> dict[str, Any]:
         return {
             "alive": self.alive,
             "running": len(self.scheduler.running),
-            "waiting": self.scheduler.num_waiting,
+            "waiting": len(self.waiting),
             "free_kv_rows": self.cache.free_rows,
             "max_batch": self.scheduler.max_batch,
             "steps": self.steps,
@@ -294,7 +290,7 @@ class Engine:
         for s in list(self.scheduler.running):
             self.scheduler.finish(s)
             s.request.stream.put(ErrorEvent(error))
-        for request in self.scheduler.drain_waiting():
+        for request in self.waiting.drain():
             request.stream.put(ErrorEvent(error))
 
     def _background_step(self, busy: bool) -> bool:
@@ -338,7 +334,7 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(self.scheduler.num_waiting)
+        self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.scheduler.running))
 
 

@@ -11,15 +11,13 @@ Lanes: a sequence whose adapter is served by a merged copy of the base (an
 `AdapterMapping.lane`) runs in that copy's lane; a step runs one lane
 only, and lanes with work take turns (round-robin), the shared lane included.
 
-Thread-safety: `submit`/`cancel_waiting` may be called from any thread; every
-other method runs on the engine thread.
+Thread-safety: the waiting queue (`server/engine/waiting.py`) may be used from any
+thread; every method here runs on the engine thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,7 +26,8 @@ from server.adapters.runtime.mapping import BASE_SLOT
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.engine.sequence import Sequence
-from server.errors import NotFound, QueueFull
+from server.engine.waiting import WaitingQueue
+from server.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -75,51 +74,17 @@ class Removals:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch: int, max_queue: int, token_budget: int,
+    def __init__(self, cache: KVCache, max_batch: int, waiting: WaitingQueue, token_budget: int,
                  new_sequence: NewSequence, adapters: AdapterPlacement | None = None) -> None:
         self.cache = cache
         self.max_batch = min(max_batch, cache.max_batch)
-        self.max_queue = max_queue
+        self.waiting = waiting
         self.token_budget = token_budget
         self.new_sequence = new_sequence
         self.adapters = adapters  # None: base model only, an adapter request fails
-        self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
-        self._lock = threading.Lock()
         self._lane_turn = 0
 
-    # --- any thread ---------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull()
-            self.waiting.append(request)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    def is_queued(self, adapter_key: Any) -> bool:
-        """Whether a waiting request holds this adapter version: it has no device pin yet, but the version's
-        files must outlive it (the store's garbage collector asks, beside the manager's pins)."""
-        with self._lock:
-            return any(r.adapter_key == adapter_key for r in self.waiting)
-
-    def discard(self, request: Request) -> bool:
-        with self._lock:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                return False
-            return True
-
-    def drain_waiting(self) -> list[Request]:
-        with self._lock:
-            out = list(self.waiting)
-            self.waiting.clear()
-        return out
-
-    # --- engine thread ------------------------------------------------------
     def schedule(self, removals: Removals) -> StepPlan | None:
         self._reap(removals)
         self._admit(removals)
@@ -155,22 +120,17 @@ class Scheduler:
         for seq in [s for s in self.running if s.request.cancelled]:
             self.finish(seq)
             removals.cancelled.append(seq)
-        with self._lock:
-            if any(r.cancelled for r in self.waiting):
-                removals.cancelled.extend(r for r in self.waiting if r.cancelled)
-                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        removals.cancelled.extend(self.waiting.take_cancelled())
 
     def _admit(self, removals: Removals) -> None:
-        with self._lock:
-            candidates = list(self.waiting)
-        for request in candidates:
+        for request in self.waiting.snapshot():
             need = request.params.n  # n sequences: n KV rows, admitted together
             if len(self.running) + need > self.max_batch or self.cache.free_rows < need:
                 return
             try:
                 placement = self._place(request)
             except Exception as exc:  # noqa: BLE001 - the adapter manager refused: fail this request only
-                self._remove_waiting(request)
+                self.waiting.discard(request)
                 removals.failed.append((request, exc))
                 continue
             if placement is None:
@@ -178,7 +138,7 @@ class Scheduler:
             slot, lane = placement
             rows = [self.cache.allocate() for _ in range(need)]
             assert None not in rows
-            self._remove_waiting(request)
+            self.waiting.discard(request)
             first, *others = [self.new_sequence(request, row, slot, lane, i) for i, row in enumerate(rows)]
             for other in others:
                 other.awaiting_fork = True
@@ -197,10 +157,6 @@ class Scheduler:
             return BASE_SLOT, lane
         slot = self.adapters.acquire(key)
         return None if slot is None else (int(slot), None)
-
-    def _remove_waiting(self, request: Request) -> None:
-        with self._lock:
-            self.waiting.remove(request)
 
     def _pick_lane(self) -> int | None:
         lanes = sorted({s.lane for s in self.running}, key=lambda lane: -1 if lane is None else lane)

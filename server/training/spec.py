@@ -16,6 +16,7 @@ from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
 
 from server.adapters.ids import check_adapter_id
+from server.adapters.store.store import names_as_422
 from server import json_input
 from server.errors import InvalidRequest
 from server.settings import Settings
@@ -106,7 +107,8 @@ class TrainingJobSpec(PydanticModel):
 
 def check_spec(spec: TrainingJobSpec, settings: Settings) -> None:
     """Limits that come from the server's settings (the model-dependent ones live in data/modules)."""
-    check_adapter_id(spec.adapter_id)
+    with names_as_422():
+        check_adapter_id(spec.adapter_id)
     if not spec.data:
         raise InvalidRequest("data is empty: give at least one example")
     if len(spec.data) > settings.max_train_examples:

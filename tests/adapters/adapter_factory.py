@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import tiny_llama_config  # noqa: E402
-
-from server.model.load import BaseModel  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from server.model.load import BaseModel
+from server.settings import Settings
+from tests.conftest import tiny_llama_config
 
 # A smaller vocabulary than SmolLM2's keeps the lm_head matmul (most of a tiny forward) cheap.
 VOCAB = 4096

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -12,8 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-from adapter_factory import make_peft  # noqa: E402
+from tests.adapters.adapter_factory import make_peft
 
 KEYS = {
     "alice-key-0001": {"tenant": "alice"},

@@ -8,15 +8,13 @@ from typing import Any
 
 import httpx
 
-from server.settings import Settings
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 PROMPT = "The cat sat on the mat and"
 
 
 def serve(model_dir: Path, store: Path, **overrides: Any) -> Iterator[str]:
-    settings = Settings(model=str(model_dir), store=store, device="cpu", dtype="float32",
-                        **{"max_batch": 8, **overrides})
+    settings = cpu_settings(model_dir, store, **{"max_batch": 8, **overrides})
     with running_server(settings) as url:
         yield url
 
@@ -30,12 +28,6 @@ def serve_with_adapters(model_dir: Path, store: Path, adapters: dict[str, Path])
             for name, path in adapters.items():
                 assert c.put(f"/v1/adapters/{name}", files=adapter_files(path)).status_code == 201
         yield url
-
-
-def openai_client(url: str) -> "openai.OpenAI":
-    import openai
-
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def generate(client: httpx.Client, **body: Any) -> dict[str, Any]:

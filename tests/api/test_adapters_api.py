@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.app import create_app
-from server.settings import Settings
 from tests.api.adapter_http import (
     ADMIN, ALICE, BOB, adapter_files, auth, build_adapter, load_tiny, raw_request, store_files, upload,
     write_keys,
 )
 from tests.conftest import tiny_llama_config
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 MAX_ADAPTER_BYTES = 512 * 1024
 
@@ -46,8 +45,8 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("adapters-api")
-    settings = Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapter_bytes=MAX_ADAPTER_BYTES)
+    settings = cpu_settings(tiny_model_dir, tmp / "store",
+                            api_keys=write_keys(tmp / "keys.json"), max_adapter_bytes=MAX_ADAPTER_BYTES)
     with running_server(create_app(settings)) as url:
         yield url, settings.store
 

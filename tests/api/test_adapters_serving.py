@@ -18,9 +18,8 @@ import pytest
 
 from server.adapters.types import AdapterKey
 from server.app import create_app
-from server.settings import Settings
 from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import Gate, app_of, running_server, wait_until
+from tests.harness import Gate, app_of, cpu_settings, gate_engine, running_server, wait_until
 
 KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone"]
 SCALE = {"miss_mini": 4.0}  # mini repeats a small block: it needs larger values to move greedy tokens
@@ -46,8 +45,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_
         dest.mkdir(parents=True)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(src / f, dest / f)
-    settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
+    settings = cpu_settings(tiny_model_dir, store,
+                            api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=2)
     app = create_app(settings)
     with running_server(app) as url:
         assert app.state.services.adapters is not None
@@ -191,13 +190,12 @@ def tight_server(tiny_model_dir: Path, tmp_path: Path, peft_dirs) -> Iterator[tu
     dest.mkdir(parents=True)
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copyfile(peft_dirs["lora_qv"] / f, dest / f)
-    settings = Settings(model=str(tiny_model_dir), store=store, device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp_path / "keys.json"), max_adapters_resident=2, max_batch=1,
-                        max_adapters_host=1)
+    settings = cpu_settings(tiny_model_dir, store,
+                            api_keys=write_keys(tmp_path / "keys.json"), max_adapters_resident=2, max_batch=1,
+                            max_adapters_host=1)
     app = create_app(settings)
     with running_server(app) as url:
-        gate = Gate()  # parks the engine between steps, so a request stays queued without sleeps
-        app.state.services.engine.set_background_worker(gate)
+        gate = gate_engine(app.state.services.engine)  # parks the engine between steps: a request stays queued
         yield url, gate
 
 
@@ -217,7 +215,7 @@ def test_reupload_keeps_the_files_of_a_queued_request_that_left_the_host_tier(ti
             waiter = threading.Thread(
                 target=lambda: result.append(generate(httpx.Client(base_url=url, timeout=120), "q")))
             waiter.start()
-            assert wait_until(lambda: services.engine.is_queued(v1.key), timeout=30)
+            assert wait_until(lambda: services.engine.waiting.is_queued(v1.key), timeout=30)
             assert upload(client, "other", peft_dirs["lora_v2"]).status_code == 201  # adopted: evicts q v1
             assert services.adapters.host.get(v1.key) is None
             assert upload(client, "q", peft_dirs["lora_v2"]).json()["version"] == 2  # collects old versions
@@ -245,7 +243,7 @@ def test_queued_request_whose_files_are_gone_fails_cleanly(tight_server, peft_di
             waiter = threading.Thread(target=lambda: answer.append(
                 httpx.post(f"{url}/generate", json=body, headers=auth(ALICE), timeout=60)))
             waiter.start()
-            assert wait_until(lambda: services.engine.is_queued(key), timeout=30)
+            assert wait_until(lambda: services.engine.waiting.is_queued(key), timeout=30)
             assert upload(client, "other", peft_dirs["lora_v2"]).status_code == 201  # evicts it from the host tier
             assert client.delete("/v1/adapters/doomed", headers=auth(ALICE)).status_code == 204
         finally:

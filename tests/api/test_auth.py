@@ -15,7 +15,7 @@ import pytest
 from server.api.keys import ApiKeysError, load_api_keys, load_keys
 from server.app import create_app
 from server.settings import Settings
-from tests.harness import REPO_ROOT, running_server, serve_command
+from tests.harness import REPO_ROOT, cpu_settings, running_server, serve_command
 
 KEYS = {
     "alice-key-0001": {"tenant": "alice", "admin": False},
@@ -37,8 +37,7 @@ def auth(key: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def keyed_settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp = tmp_path_factory.mktemp("auth")
-    return Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                    api_keys=write_keys(tmp / "keys.json", KEYS))
+    return cpu_settings(tiny_model_dir, tmp / "store", api_keys=write_keys(tmp / "keys.json", KEYS))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.api.decoding_http import PROMPT, generate, serve, token_ids, top
+from tests.harness import openai_client
 
 EOS = 2
 X, Y = 665, 1000  # two ordinary tokens, both biased far above the rest in the definition tests
@@ -30,7 +31,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def _diffs(result) -> list[float]:

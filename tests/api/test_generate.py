@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import httpx
 import pytest
 
 from server.settings import Settings
-from tests.harness import Gate, running_server, wait_until
+from tests.harness import gate_engine, raw_socket_post, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +152,7 @@ def test_body_and_header_limits(server):
 
 def test_queue_full_is_429_with_retry_after(server):
     services = services_of(server)
-    gate = Gate()
-    services.engine.set_background_worker(gate)
+    gate = gate_engine(services.engine)
     results: list[httpx.Response] = []
     try:
         gate.arm()
@@ -170,7 +168,6 @@ def test_queue_full_is_429_with_retry_after(server):
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["message"]
     finally:
         gate.release()
-        services.engine.set_background_worker(None)
     for t in threads:
         t.join(60)
     assert [x.status_code for x in results] == [200, 200]
@@ -180,11 +177,10 @@ def test_queue_full_is_429_with_retry_after(server):
 def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
     services = services_of(server)
     engine = services.engine
-    gate = Gate()
-    engine.set_background_worker(gate)
+    gate = gate_engine(engine)
     cancelled_before = _cancelled_count(services)
     try:
-        sock = _raw_post(server, "/generate", {"prompt": "Hello", "max_new_tokens": 450, "stream": stream})
+        sock = raw_socket_post(server, "/generate", {"prompt": "Hello", "max_new_tokens": 450, "stream": stream})
         if stream:
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # headers (and maybe a first event) arrived
         assert wait_until(lambda: engine.stats()["running"] == 1 and engine.stats()["tokens_generated"] > 0)
@@ -199,17 +195,6 @@ def test_client_disconnect_cancels_and_frees_the_slot(server, stream):
         assert wait_until(lambda: _cancelled_count(services) == cancelled_before + 1)
     finally:
         gate.release()
-        engine.set_background_worker(None)
-
-
-def _raw_post(base_url: str, path: str, body: dict) -> socket.socket:
-    """Send a request on a bare socket (so the test controls exactly when the client disappears)."""
-    host, port = base_url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
 
 
 def _cancelled_count(services) -> float:

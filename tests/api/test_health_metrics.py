@@ -6,13 +6,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.settings import Settings
-from tests.harness import app_of, running_server
+from tests.harness import app_of, cpu_settings, running_server
 
 
 @pytest.fixture
 def settings(varied_model_dir, tmp_path):
-    return Settings(model=str(varied_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
+    return cpu_settings(varied_model_dir, tmp_path / "store")
 
 
 def samples(text: str) -> dict[str, float]:
@@ -41,6 +40,9 @@ def test_health_ready_metrics(settings):
     assert values["loraplex_step_latency_seconds_count"] >= 5
     assert values["loraplex_batch_size_count"] >= 5
     assert values["loraplex_queue_depth"] == 0
+    # The live gauges read at scrape time: an idle engine, every KV row free, serving.
+    assert values["loraplex_engine_alive"] == 1 and values["loraplex_accepting"] == 1
+    assert values["loraplex_kv_rows_free"] == values["loraplex_kv_rows"] == settings.max_batch
     for name in ("adapter_cache_hits", "adapter_cache_misses", "adapter_cache_evictions"):
         assert any(k.startswith(f"loraplex_{name}") for k in _families(m.text)), name
 
@@ -88,8 +90,7 @@ def test_metrics_show_a_tenant_only_its_own_series(tiny_model_dir, tmp_path):
     from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
 
     adapter = build_adapter(load_tiny(tiny_model_dir), "lora_qv", tmp_path / "lora")
-    settings = Settings(model=str(tiny_model_dir), store=tmp_path / "store", device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp_path / "keys.json"))
+    settings = cpu_settings(tiny_model_dir, tmp_path / "store", api_keys=write_keys(tmp_path / "keys.json"))
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         assert upload(client, "alice-secret-project", adapter).status_code == 201
         for key, adapter_id in ((ALICE, "alice-secret-project"), (BOB, None)):

@@ -6,10 +6,9 @@ import time
 
 import pytest
 
-from server.settings import Settings
 from tests.api.adapter_http import ALICE, store_files, write_keys
 from tests.api.raw_http import closed_by_peer, connect, json_body, read_response, trickle
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 MiB = 1024 * 1024
 
@@ -17,9 +16,9 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    settings = Settings(model=str(tiny_model_dir), store=root / "store", device="cpu", dtype="float32",
-                        api_keys=write_keys(root / "keys.json"), max_adapter_bytes=MiB,
-                        header_timeout_s=1.0, body_idle_timeout_s=1.0, body_read_timeout_s=2.5)
+    settings = cpu_settings(tiny_model_dir, root / "store",
+                            api_keys=write_keys(root / "keys.json"), max_adapter_bytes=MiB,
+                            header_timeout_s=1.0, body_idle_timeout_s=1.0, body_read_timeout_s=2.5)
     with running_server(settings) as url:
         yield url, settings.store
 

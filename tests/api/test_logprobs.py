@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.api.adapter_http import build_adapter, load_tiny
-from tests.api.decoding_http import PROMPT, openai_client, serve_with_adapters, token_ids
+from tests.api.decoding_http import PROMPT, serve_with_adapters, token_ids
+from tests.harness import openai_client
 
 ATOL = 1e-4
 K = 5

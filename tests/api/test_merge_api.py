@@ -20,10 +20,9 @@ import pytest
 
 from server.adapters.types import AdapterKey
 from server.app import create_app
-from server.settings import Settings
 from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
 from tests.api.test_adapters_serving import stream_events
-from tests.harness import Gate, running_server, wait_until
+from tests.harness import Gate, cpu_settings, gate_engine, running_server, wait_until
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog and then", "Once upon a time, in a land far away,"]
 SOURCES = {"v1": ("lora_qv", 1, 1.0), "v2": ("lora_all", 7, 1.0), "bat": ("miss_bat", 2, 1.0),
@@ -42,14 +41,13 @@ def dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object, Gate]]:
     tmp = tmp_path_factory.mktemp("merge-server")
-    settings = Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=6,
-                        max_merged=2)
+    settings = cpu_settings(tiny_model_dir, tmp / "store",
+                            api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=6,
+                            max_merged=2)
     app = create_app(settings)
     with running_server(app) as url:
         services = app.state.services
-        gate = Gate()  # parks the engine between steps on demand (replaces the training worker here)
-        services.engine.set_background_worker(gate)
+        gate = gate_engine(services.engine)  # parks the engine between steps on demand
         yield url, services, gate
 
 
@@ -157,7 +155,7 @@ def parked(services, gate: Gate) -> Iterator[None]:
     """The engine thread waits between steps until the block ends (running requests stay running)."""
     gate.arm()
     services.engine.wake()
-    assert gate.entered.wait(30), "the engine never reached its background slot"
+    assert gate.entered.wait(30), "the engine never reached the gate"
     try:
         yield
     finally:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
 from tests.api.decoding_http import PROMPT, serve
-from tests.harness import app_of, wait_until
+from tests.harness import app_of, openai_client, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def _engine(server):

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from server.settings import Settings
-from tests.harness import running_server
+from tests.harness import openai_client, running_server
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def server(varied_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

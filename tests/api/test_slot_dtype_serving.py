@@ -17,7 +17,7 @@ import torch
 from server.app import create_app
 from server.settings import Settings
 from tests.api.adapter_http import ALICE, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 KINDS = ["lora_all", "lora_embed", "miss_balance"]
 PROMPTS = ["The quick brown fox jumps over the lazy dog and then", "Once upon a time"]
@@ -33,9 +33,9 @@ def peft_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def _serve_and_generate(tiny_model_dir: Path, tmp: Path, peft_dirs: dict[str, Path], slot_dtype: str,
                         ) -> dict[tuple[str | None, str], str]:
     tmp.mkdir()
-    settings = Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                        api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=8,
-                        slot_dtype=slot_dtype)
+    settings = cpu_settings(tiny_model_dir, tmp / "store",
+                            api_keys=write_keys(tmp / "keys.json"), max_adapters_resident=4, max_batch=8,
+                            slot_dtype=slot_dtype)
     app = create_app(settings)
     texts: dict[tuple[str | None, str], str] = {}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from tests.api.adapter_http import build_adapter, load_tiny
-from tests.api.decoding_http import PROMPT, openai_client, serve_with_adapters
+from tests.api.decoding_http import PROMPT, serve_with_adapters
+from tests.harness import openai_client
 from tests.harness import app_of
 
 SCHEMAS = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,20 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.settings import Settings
-from tests.harness import app_of, running_server, spawn_server
+from tests.api.adapter_http import ADMIN as ADMIN_KEY, ALICE as ALICE_KEY, BOB as BOB_KEY, auth, write_keys
+from tests.harness import TRAIN_DATA, app_of, cpu_settings, running_server, spawn_server, wait_job
 
-KEYS = {"alice-key-0001": {"tenant": "alice"}, "bob-key-000001": {"tenant": "bob"},
-        "root-key-00001": {"tenant": "ops", "admin": True}}
-ALICE, BOB, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
+ALICE, BOB, ADMIN = (auth(k) for k in (ALICE_KEY, BOB_KEY, ADMIN_KEY))
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DATA = [{"prompt": "Say hi:", "completion": " Ahoy matey, welcome aboard!"},
-        {"prompt": "Sky colour?", "completion": " Blue as the briny deep."}]
 
 
 def body(**kw) -> dict:
     spec = dict(adapter_id="pirate", method="lora", rank=8, alpha=16, target_modules=["q_proj", "v_proj"],
-                data=DATA, steps=5, learning_rate=1e-2, batch_size=2, seed=0)
+                data=TRAIN_DATA, steps=5, learning_rate=1e-2, batch_size=2, seed=0)
     spec.update(kw)
     return spec
 
@@ -34,21 +29,11 @@ def body(**kw) -> dict:
 @pytest.fixture(scope="module")
 def url(tiny_model_dir: Path, tmp_path_factory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("training-api")
-    (tmp / "keys.json").write_text(json.dumps(KEYS))
-    settings = Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                        api_keys=tmp / "keys.json", max_rank=32, train_interleave_steps=1, max_train_steps=20_000)
+    settings = cpu_settings(tiny_model_dir, tmp / "store", api_keys=write_keys(tmp / "keys.json"), max_rank=32,
+                            train_interleave_steps=1, max_train_steps=20_000)
     with running_server(settings) as base_url:
         yield base_url
 
-
-def wait_for(url: str, job_id: str, done, headers=ALICE, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/training/jobs/{job_id}", headers=headers, timeout=30).json()
-        if done(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {job}")
 
 
 def finished(job: dict) -> bool:
@@ -70,7 +55,7 @@ def test_job_trains_an_adapter_that_serves_at_once(url):
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["tenant"] == "alice" and job["progress"] == {"step": 0, "steps": 50}
-    job = wait_for(url, job["id"], finished)
+    job = wait_job(url, job["id"], finished, headers=ALICE)
     assert job["status"] == "succeeded", job["error"]
     assert len(job["loss_history"]) == 50 and job["loss_history"][-1]["loss"] < 0.05 * job["loss_history"][0]["loss"]
     assert job["adapter"]["version"] == job["adapter_version"] == 1 and job["adapter"]["type"] == "lora"
@@ -79,7 +64,7 @@ def test_job_trains_an_adapter_that_serves_at_once(url):
     assert sum(p.numel() * p.element_size() for p in services.base.model.parameters()) == param_bytes
     rec = httpx.get(f"{url}/v1/adapters/pirate", headers=ALICE).json()
     assert rec["version"] == 1 and rec["rank"] == 8
-    for ex in DATA:
+    for ex in TRAIN_DATA:
         out = httpx.post(f"{url}/generate", headers=ALICE, timeout=60,
                          json={"prompt": ex["prompt"], "adapter_id": "pirate", "max_new_tokens": 20}).json()
         assert out["text"] == ex["completion"] and out["finish_reason"] == "stop", out
@@ -132,19 +117,19 @@ def test_idempotent_resubmission(url):
                      headers={**BOB, "Idempotency-Key": "retry-me-1"})
     assert bob.status_code == 202 and bob.json()["id"] != first.json()["id"]
     for job, who in ((first.json(), ALICE), (bob.json(), BOB)):
-        wait_for(url, job["id"], finished, headers=who)
+        wait_job(url, job["id"], finished, headers=who)
 
 
 def test_cancel_running_within_one_step_and_queued_at_once(url):
     long = httpx.post(f"{url}/v1/training/jobs", json=body(adapter_id="long", steps=10_000), headers=ALICE).json()
     queued = httpx.post(f"{url}/v1/training/jobs", json=body(adapter_id="later"), headers=ALICE).json()
-    wait_for(url, long["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
+    wait_job(url, long["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, headers=ALICE)
     r = httpx.post(f"{url}/v1/training/jobs/{queued['id']}/cancel", headers=ALICE)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = httpx.post(f"{url}/v1/training/jobs/{long['id']}/cancel", headers=ALICE)
     assert r.status_code in (200, 202) and r.json()["cancel_requested"]
     step_at_cancel = r.json()["progress"]["step"]
-    job = wait_for(url, long["id"], finished)
+    job = wait_job(url, long["id"], finished, headers=ALICE)
     assert job["status"] == "cancelled" and job["progress"]["step"] <= step_at_cancel + 1
     assert httpx.get(f"{url}/v1/adapters/long", headers=ALICE).status_code == 404
     assert httpx.get(f"{url}/v1/training/jobs/{queued['id']}", headers=ALICE).json()["progress"]["step"] == 0
@@ -160,7 +145,7 @@ def test_generation_during_training_completes_correctly(url):
     expected = [generate(p).json()["text"] for p in prompts]  # nothing training yet
     job = httpx.post(f"{url}/v1/training/jobs", json=body(adapter_id="busy", steps=10_000, batch_size=4,
                                                           target_modules=ALL_LINEAR), headers=ALICE).json()
-    wait_for(url, job["id"], lambda j: j["progress"]["step"] >= 1)
+    wait_job(url, job["id"], lambda j: j["progress"]["step"] >= 1, headers=ALICE)
     step_before = httpx.get(f"{url}/v1/training/jobs/{job['id']}", headers=ALICE).json()["progress"]["step"]
     with ThreadPoolExecutor(len(prompts)) as pool:
         responses = list(pool.map(generate, prompts))
@@ -169,17 +154,17 @@ def test_generation_during_training_completes_correctly(url):
     assert [r.json()["text"] for r in responses] == expected
     assert step_after > step_before  # training kept going meanwhile
     httpx.post(f"{url}/v1/training/jobs/{job['id']}/cancel", headers=ALICE)
-    assert wait_for(url, job["id"], finished)["status"] == "cancelled"
+    assert wait_job(url, job["id"], finished, headers=ALICE)["status"] == "cancelled"
 
 
 def test_jsonl_upload(url):
-    lines = "\n".join(json.dumps(ex) for ex in DATA * 3) + "\n"
+    lines = "\n".join(json.dumps(ex) for ex in TRAIN_DATA * 3) + "\n"
     spec = {k: v for k, v in body(adapter_id="uploaded", steps=2).items() if k != "data"}
     r = httpx.post(f"{url}/v1/training/jobs/upload", headers=ALICE,
                    data={"spec": json.dumps(spec)}, files={"data": ("train.jsonl", lines, "application/jsonl")})
     assert r.status_code == 202, r.text
     assert r.json()["num_examples"] == 6
-    assert wait_for(url, r.json()["id"], finished)["status"] == "succeeded"
+    assert wait_job(url, r.json()["id"], finished, headers=ALICE)["status"] == "succeeded"
     for files, needle in (({"data": ("d.jsonl", "{not json}\n", "application/jsonl")}, "line 1"),
                           ({"data": ("d.jsonl", '{"prompt": "p"}\n', "application/jsonl")}, "completion"),
                           ({}, "'data' file")):
@@ -196,7 +181,7 @@ def test_restart_mid_job_resumes_never_vanishes_or_duplicates(tiny_model_dir, tm
     headers = {"Idempotency-Key": "restart-1"}
     with spawn_server(args, env=env) as (proc, base):
         job = httpx.post(f"{base}/v1/training/jobs", json=spec, headers=headers).json()
-        wait_for(base, job["id"], lambda j: j["progress"]["step"] >= 7, headers={})
+        wait_job(base, job["id"], lambda j: j["progress"]["step"] >= 7, headers={})
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     with spawn_server(args, env=env) as (proc, base):
@@ -204,7 +189,7 @@ def test_restart_mid_job_resumes_never_vanishes_or_duplicates(tiny_model_dir, tm
         assert seen["status"] in ("queued", "running") and seen["progress"]["step"] >= 6
         again = httpx.post(f"{base}/v1/training/jobs", json=spec, headers=headers)
         assert again.status_code == 200 and again.json()["id"] == job["id"]
-        done = wait_for(base, job["id"], finished, headers={}, timeout=300)
+        done = wait_job(base, job["id"], finished, headers={}, timeout=300)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done
         assert [h["step"] for h in done["loss_history"]] == list(range(1, 61))
         listed = httpx.get(f"{base}/v1/training/jobs").json()["data"]

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
 from tests.api.adapter_http import load_tiny
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 KEY = "client-key-alice-01"
 OTHER_KEY = "client-key-bob-0001"
@@ -33,7 +32,7 @@ def peft_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     Weights at scale 0.5 (the factory's default 0.1 is too weak to move the
     tiny model's greedy tokens, and the tests check that the adapter does).
     """
-    from adapter_factory import make_peft  # on sys.path via tests.api.adapter_http
+    from tests.adapters.adapter_factory import make_peft
 
     out = tmp_path_factory.mktemp("client-peft") / "lora"
     make_peft(load_tiny(tiny_model_dir), "lora_qv", out, seed=1, scale=0.5)
@@ -45,8 +44,7 @@ def server_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     tmp = tmp_path_factory.mktemp("client-server")
     keys = tmp / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    settings = Settings(model=str(tiny_model_dir), store=tmp / "store", device="cpu", dtype="float32",
-                        api_keys=keys, max_rank=32, max_adapters_resident=4)
+    settings = cpu_settings(tiny_model_dir, tmp / "store", api_keys=keys, max_rank=32, max_adapters_resident=4)
     with running_server(settings) as url:
         yield url
 

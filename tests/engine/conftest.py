@@ -12,21 +12,22 @@ from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
+from tests.harness import cpu_settings
 
 
 @pytest.fixture(scope="session")
 def varied_base(varied_model_dir) -> BaseModel:
-    return load_base(Settings(model=str(varied_model_dir), device="cpu", dtype="float32"))
+    return load_base(cpu_settings(varied_model_dir))
 
 
 @pytest.fixture
 def make_engine(varied_base) -> Iterator:
     engines: list[Engine] = []
 
-    def make(base: BaseModel | None = None, placement=None, **settings) -> Engine:
+    def make(base: BaseModel | None = None, placement=None, background=None, **settings) -> Engine:
         base = base or varied_base
         s = Settings(model="unused", device=base.device.type, dtype="float32", **settings)
-        engine = Engine(base, s, placement=placement)
+        engine = Engine(base, s, placement=placement, background=background)
         engine.start()
         engines.append(engine)
         return engine

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from server.model.load import load_base
-from server.settings import Settings
+from tests.harness import cpu_settings
 from tests.engine.conftest import run
 
 # Eight prompts of clearly different lengths (1 to ~60 tokens).
@@ -75,7 +75,7 @@ def test_more_requests_than_rows_wait_their_turn(make_engine, varied_base):
 
 @pytest.mark.slow
 def test_real_model_batch_invariance(make_engine, embedded_model_dir):
-    base = load_base(Settings(model=str(embedded_model_dir), device="cpu", dtype="float32"))
+    base = load_base(cpu_settings(embedded_model_dir))
     engine = make_engine(base=base, max_batch=8)
     tok = base.tokenizer
     chat = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)

@@ -21,9 +21,8 @@ async def next_event(request: Request, timeout: float = 30):
 
 
 def test_queue_full_raises_and_the_queue_drains(make_engine, varied_base):
-    engine = make_engine(max_batch=1, max_queue=2)
     gate = Gate()
-    engine.set_background_worker(gate)
+    engine = make_engine(max_batch=1, max_queue=2, background=gate)
 
     async def go():
         gate.arm()
@@ -48,9 +47,8 @@ def test_queue_full_raises_and_the_queue_drains(make_engine, varied_base):
 
 
 def test_cancel_frees_the_row_at_the_next_step(make_engine, varied_base):
-    engine = make_engine(max_batch=2, train_interleave_steps=1)
     gate = Gate()
-    engine.set_background_worker(gate)
+    engine = make_engine(max_batch=2, train_interleave_steps=1, background=gate)
 
     async def go():
         r = Request(ids_of(varied_base), SamplingParams(max_new_tokens=400), RequestStream())
@@ -72,9 +70,8 @@ def test_cancel_frees_the_row_at_the_next_step(make_engine, varied_base):
 
 
 def test_cancel_while_waiting(make_engine, varied_base):
-    engine = make_engine(max_batch=1)
     gate = Gate()
-    engine.set_background_worker(gate)
+    engine = make_engine(max_batch=1, background=gate)
 
     async def go():
         gate.arm()
@@ -103,24 +100,23 @@ class CountingWorker:
 
 
 def test_background_work_runs_when_idle(make_engine):
-    engine = make_engine()
     worker = CountingWorker(5)
-    engine.set_background_worker(worker)
+    engine = make_engine(background=worker)
     assert wait_until(lambda: worker.ran == 5)
     assert engine.stats()["background_steps"] == 5
 
 
 def test_background_work_is_interleaved_not_starved_when_busy(make_engine, varied_base):
-    engine = make_engine(max_batch=4, train_interleave_steps=3)
-    worker = CountingWorker(1000)
+    worker = CountingWorker(0)  # no work until the requests go in
+    engine = make_engine(max_batch=4, train_interleave_steps=3, background=worker)
     steps_before = engine.steps
 
     async def go():
-        engine.set_background_worker(worker)
+        worker.left = 1000
         return await asyncio.gather(*(run(engine, ids_of(varied_base), max_new_tokens=30) for _ in range(4)))
 
     results = asyncio.run(go())
-    engine.set_background_worker(None)
+    worker.left = 0
     serving_steps = engine.steps - steps_before
     assert all(r.finish_reason == "length" for r in results)
     assert worker.ran >= serving_steps // 3  # at least one training step per 3 serving steps
@@ -153,9 +149,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, v
 
 
 def test_a_dead_engine_fails_waiting_requests_instead_of_hanging(make_engine, varied_base):
-    engine = make_engine(max_batch=1)
     gate = Gate()
-    engine.set_background_worker(gate)
+    engine = make_engine(max_batch=1, background=gate)
 
     def boom(removals):
         raise SystemExit("engine thread killed")  # BaseException: escapes the per-step guard

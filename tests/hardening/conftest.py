@@ -14,18 +14,17 @@ import pytest
 
 from server.settings import Settings
 from tests.api.adapter_http import adapter_files, build_adapter, load_tiny
-from tests.harness import running_server
+from tests.harness import cpu_settings, running_server
 
 MiB = 1024 * 1024
 CONTEXT = 128  # max_seq_len: the served context in this suite
 
 
 def hardening_settings(model_dir: Path, store: Path, **overrides) -> Settings:
-    kw = dict(model=str(model_dir), store=store, device="cpu", dtype="float32", max_batch=4, max_queue=8,
-              max_seq_len=CONTEXT, max_new_tokens_limit=64, max_rank=32, max_adapter_bytes=MiB,
-              max_adapters_resident=2, train_interleave_steps=1, max_train_steps=200)
+    kw = dict(max_batch=4, max_queue=8, max_seq_len=CONTEXT, max_new_tokens_limit=64, max_rank=32,
+              max_adapter_bytes=MiB, max_adapters_resident=2, train_interleave_steps=1, max_train_steps=200)
     kw.update(overrides)
-    return Settings(**kw)
+    return cpu_settings(model_dir, store, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.api.adapter_http import raw_request, store_files  # noqa: F401 - re-exported for the suite
-from tests.harness import app_of, wait_until
+from tests.harness import TRAIN_DATA, app_of, wait_until
 
-TRAIN_DATA = [{"prompt": "Say hi:", "completion": " Ahoy matey, welcome aboard!"},
-              {"prompt": "Sky colour?", "completion": " Blue as the briny deep."}]
 
 
 def services_of(url: str) -> Any:
@@ -109,16 +105,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def raw_socket_post(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
-    """A request on a bare socket, so the test decides exactly when the client vanishes."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
-
 
 def safetensors_bytes(header: object, data: bytes = b"", header_len: int | None = None) -> bytes:
     """A safetensors file written by hand: 8-byte little-endian header length, JSON header, data."""
@@ -126,18 +112,6 @@ def safetensors_bytes(header: object, data: bytes = b"", header_len: int | None 
     n = len(blob) if header_len is None else header_len
     return struct.pack("<Q", n) + blob + data
 
-
-def wait_job(url: str, job_id: str, done, headers: dict[str, str] | None = None, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/v1/training/jobs/{job_id}", headers=headers or {}, timeout=30)
-        if r.status_code == 200:
-            job = r.json()
-            if done(job):
-                return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {job}")
 
 
 def train_body(**kw: Any) -> dict:

@@ -3,7 +3,7 @@ server still serves afterwards.
 
 Cases already covered elsewhere are not repeated here: adapter-id paths on
 the adapter routes and the common broken uploads (tests/api/test_adapters_api.py),
-validator refusals file by file (tests/adapters/test_adapter_refusals.py),
+validator refusals file by file (tests/adapters/peft/test_adapter_refusals.py),
 /generate field ranges (tests/api/test_generate.py), training submissions
 (tests/api/test_training_api.py). This file adds ids in bodies and on the merge
 and job routes, hostile files and configs *through HTTP*, the context boundary,

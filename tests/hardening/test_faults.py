@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import (assert_engine_clean, assert_error, assert_serving, metric_value, scrape,
-                                     services_of, store_files, train_body, wait_job)
-from tests.harness import Gate, running_server, wait_until
+                                     services_of, store_files, train_body)
+from tests.harness import gate_engine, running_server, wait_job, wait_until
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -199,8 +199,7 @@ def test_engine_thread_raising_fails_everyone_cleanly_and_ready_tells(tiny_model
         engine = services.engine
         job = httpx.post(f"{url}/v1/training/jobs", json=train_body(steps=150, batch_size=1)).json()
         wait_job(url, job["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 1)
-        previous, gate = engine._worker, Gate()
-        engine.set_background_worker(gate)
+        gate = gate_engine(engine)
         gate.arm()
         assert gate.entered.wait(10)
         results: dict[int, httpx.Response | str] = {}
@@ -238,7 +237,6 @@ def test_engine_thread_raising_fails_everyone_cleanly_and_ready_tells(tiny_model
         assert httpx.get(f"{url}/health").status_code == 200
         assert_error(httpx.post(f"{url}/generate", json={"prompt": "late", "max_new_tokens": 1}), 503, "engine")
         assert metric_value(scrape(url), "loraplex_engine_alive") == 0
-        engine.set_background_worker(previous)
     # Shutdown hooks ran: the interrupted training job is queued again (resumable), not lost or stuck.
     from server.training.jobs import JobStore
 

@@ -19,8 +19,8 @@ import pytest
 
 from tests.hardening.conftest import hardening_settings
 from tests.hardening.helpers import (assert_engine_clean, assert_serving, live_engine_requests, metric_value,
-                                     raw_socket_post, scrape, services_of)
-from tests.harness import Gate, running_server, wait_until
+                                     scrape, services_of)
+from tests.harness import gate_engine, raw_socket_post, running_server, wait_until
 
 MAX_BATCH, MAX_QUEUE = 2, 4
 PROMPTS = [f"Request number {i}: tell me about the sea" for i in range(6)]
@@ -71,8 +71,7 @@ def test_burst_past_the_queue_gets_immediate_429s_and_admitted_requests_are_unto
 def test_parked_engine_admits_exactly_the_queue_and_refuses_the_rest(server, baseline):
     """Deterministic variant: with the engine parked, exactly max_queue requests wait; every other is a 429."""
     engine = services_of(server).engine
-    previous, gate = engine._worker, Gate()
-    engine.set_background_worker(gate)
+    gate = gate_engine(engine)
     try:
         gate.arm()
         assert gate.entered.wait(10)
@@ -87,7 +86,6 @@ def test_parked_engine_admits_exactly_the_queue_and_refuses_the_rest(server, bas
                 assert r.status_code == 200 and r.json()["text"] == baseline[PROMPTS[i]]
     finally:
         gate.release()
-        engine.set_background_worker(previous)
     assert_engine_clean(services_of(server))
 
 

@@ -17,8 +17,8 @@ import pytest
 from server.logging import JsonFormatter
 from server.metrics import OTHER_LABEL, Metrics
 from tests.hardening.conftest import hardening_settings
-from tests.hardening.helpers import metric_value, scrape, train_body, wait_job
-from tests.harness import running_server, wait_until
+from tests.hardening.helpers import metric_value, scrape, train_body
+from tests.harness import running_server, wait_job, wait_until
 
 SECRET = "zebra-secret-8841"  # a prompt marker that must never reach the logs by default
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.helpers import metric_value, train_body, wait_job
-from tests.harness import read_log, spawn_server, wait_until
+from tests.hardening.helpers import metric_value, train_body
+from tests.harness import read_log, spawn_server, wait_job, wait_until
 
 
 def _args(model_dir: Path, store: Path, drain: float) -> list[str]:

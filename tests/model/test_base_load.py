@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from server.model.load import load_base
-from server.settings import Settings
+from tests.harness import cpu_settings
 
 
 def _load(model_dir: Path, column_major: bool):
-    return load_base(Settings(model=str(model_dir), device="cpu", dtype="float32", cpu_column_major=column_major))
+    return load_base(cpu_settings(model_dir, cpu_column_major=column_major))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from server.model.families import FAMILIES as SUPPORTED
 from server.model.families import UnsupportedModel
 from server.model.load import load_base
 from server.settings import Settings
+from tests.harness import cpu_settings
 from tests.model import family_factory as ff
 
 NEW_TOKENS = 14
@@ -90,8 +91,8 @@ async def _serve_all(engine: Engine, prompts: list[list[int]]) -> list[list[int]
 @pytest.mark.parametrize("budget", [512, 16], ids=["whole-prefill", "chunked-prefill"])
 def test_family_matches_transformers_and_peft_in_a_mixed_batch(family, budget):
     model_type, tmp, reference, peft = family
-    settings = Settings(model=str(tmp / "model"), store=tmp / "store", device="cpu", dtype="float32",
-                        max_batch=4, max_tokens_per_step=budget, max_adapters_resident=2, max_rank=16)
+    settings = cpu_settings(tmp / "model", tmp / "store",
+                            max_batch=4, max_tokens_per_step=budget, max_adapters_resident=2, max_rank=16)
     base = load_base(settings)
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for slot, kind in enumerate(("lora", "miss")):
@@ -115,7 +116,7 @@ def test_unsupported_architecture_is_refused_at_start_listing_the_families(tmp_p
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModel) as e:
-        load_base(Settings(model=str(tmp_path), device="cpu", dtype="float32"))
+        load_base(cpu_settings(tmp_path))
     assert "'gpt2' is not supported" in str(e.value)
     assert all(f.model_type in str(e.value) for f in SUPPORTED.values())
 
@@ -124,7 +125,7 @@ def test_unknown_attention_feature_is_refused_at_start(tmp_path, embedded_model_
     """Llama 4's chunked attention, set on a Llama config: the engine does not implement it."""
     ff.save_family("llama", tmp_path, embedded_model_dir, attention_chunk_size=8)
     with pytest.raises(UnsupportedModel, match="attention_chunk_size=8"):
-        load_base(Settings(model=str(tmp_path), device="cpu", dtype="float32"))
+        load_base(cpu_settings(tmp_path))
 
 
 def test_adapter_for_another_family_names_this_models_modules(tmp_path, embedded_model_dir):

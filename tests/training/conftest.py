@@ -16,15 +16,13 @@ from server.settings import Settings
 from server.training.data import tokenize_all
 from server.training.spec import TrainingJobSpec
 from server.training.trainer import Trainer
+from tests.harness import cpu_settings
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def settings_for(model_dir: Path, store: Path, **overrides) -> Settings:
-    kw = dict(model=str(model_dir), store=store, device="cpu", dtype="float32", max_rank=32,
-              max_adapters_resident=4)
-    kw.update(overrides)
-    return Settings(**kw)
+    return cpu_settings(model_dir, store, **{"max_rank": 32, "max_adapters_resident": 4, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.peft.peft_format import read_adapter
 from server.model.load import load_base
-from server.settings import Settings
+from tests.harness import cpu_settings
 from tests.training.conftest import greedy, make_spec, make_trainer
 
 
 @pytest.mark.slow
 def test_real_model_learns_a_target_completion(embedded_model_dir, tmp_path):
-    settings = Settings(model=str(embedded_model_dir), store=tmp_path / "store", device="cpu", dtype="float32")
+    settings = cpu_settings(embedded_model_dir, tmp_path / "store")
     base = load_base(settings)
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     before = {n: p.untyped_storage().data_ptr() for n, p in base.model.named_parameters()}

@@ -8,12 +8,12 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.peft.peft_format import read_adapter
 from server.training.trainer import Trainer, lr_factor
+from tests.harness import TRAIN_DATA
 from tests.training.conftest import ALL_LINEAR, greedy, make_spec, make_trainer
 
 
 def test_loss_falls_and_adapter_reproduces_target_greedily(tiny_served, train_settings, tmp_path):
-    data = [{"prompt": "Say hi:", "completion": " Ahoy matey, welcome aboard!"},
-            {"prompt": "Sky colour?", "completion": " Blue as the briny deep."}]
+    data = TRAIN_DATA
     # lm_head too: the tiny model's EOS row is its (zero) padding embedding, tied to the head, so
     # only an adapted head can learn to stop. It also covers the trainer's wrapped-head path.
     spec = make_spec(data=data, target_modules=[*ALL_LINEAR, "lm_head"], steps=60, learning_rate=1e-2,

@@ -48,10 +48,9 @@ class Arena:
 class SpareBuffer:
     """One buffer of the size the last arena asked for, allocated and faulted in ahead of need.
 
-    Why: a cold adapter's first request waits for its load, and on this VM writing fresh memory
-    measured 8 µs per 4 KiB page whenever the host had not backed those pages yet (39 ms of a
-    61 ms load for an 18.6 MiB adapter, against 22 ms on reused memory): the time depends on the
-    machine's memory history, not on the adapter. Adapters of one deployment mostly share a size,
+    Why: a cold adapter's first request waits for its load, and writing fresh memory the host has
+    not backed yet can be most of that load (bench/NOTES.md, "Adapter loads"): the time depends on
+    the machine's memory history, not on the adapter. Adapters of one deployment mostly share a size,
     so the next one's memory is made ready in the background after each take; a size that does
     not match gets fresh memory as before, and the spare follows the new size. Costs one
     adapter's bytes of idle memory.
@@ -120,8 +119,7 @@ def prefault(t: torch.Tensor) -> bool:
     """Map a fresh CPU buffer's pages in one system call, before the loader writes it.
 
     Why: a new arena is fresh memory, and writing it page by page takes one page fault per
-    4 KiB: for a rank-16 all-linear SmolLM2 adapter (18.6 MiB) 7.9 ms of first-touch writes
-    against 2.4 ms populated first (this VM); the read sits on a cold request's first token.
+    4 KiB (bench/NOTES.md, "Adapter loads"); the read sits on a cold request's first token.
     Best effort: False (nothing done) off Linux, on kernels without MADV_POPULATE_WRITE, or
     for small buffers."""
     nbytes = t.numel() * t.element_size()

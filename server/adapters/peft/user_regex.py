@@ -32,7 +32,7 @@ def _options(capture: bool) -> re2.Options:
     options = re2.Options()
     options.max_mem = MAX_PATTERN_MEMORY
     options.log_errors = False  # a refused pattern is the client's error, not a line on the server's stderr
-    options.never_capture = not capture  # yes/no matching stays on RE2's DFA: ~3x faster than with groups
+    options.never_capture = not capture  # yes/no matching stays on RE2's DFA, much faster than with groups
     return options
 
 

@@ -19,16 +19,13 @@ from server.adapters.runtime.plan import AdapterBatch, Grouped
 from server.adapters.runtime.slots import SlotBank
 from server.kernels.cpu import GroupedLoraKernel
 
-# Up to this many tokens per slot, the shrink runs as A·xᵀ (A the left operand): on CPU MKL's
-# batched GEMM streams A ~2× faster that way when the other side is this thin
-# (bench/step_overhead.py); with more tokens per slot x·Aᵀ is as fast or faster.
+# Up to this many tokens per slot, the shrink runs as A·xᵀ (A the left operand): MKL's batched
+# GEMM streams A faster that way when the other side is this thin (bench/NOTES.md, "Backend thresholds").
 LEFT_SHRINK_MAX_T = 4
 
-# Up to this many decode tokens per slot, CPU float32 uses the C kernel (server/kernels/lora_cpu.c).
-# It re-reads a slot's weights per 4 tokens (from cache after the first pass); measured on the 2-core
-# EPYC, adapter math of all 210 SmolLM2 modules, 1 thread: 16 slots × 2 tokens 28 vs 31 ms for
-# torch on consecutive slots (vs 62 ms for scattered ones), 1 slot × 32 tokens 14 vs 21 ms,
-# 1 × 128 34 vs 46 ms. Beyond that, unmeasured: MKL's GEMM.
+# Up to this many decode tokens per slot, CPU float32 uses the C kernel (server/kernels/lora_cpu.c):
+# it re-reads a slot's weights per 4 tokens, and up to here that still beat torch (bench/NOTES.md,
+# "Backend thresholds"); beyond it, MKL's GEMM.
 KERNEL_MAX_T = 128
 
 

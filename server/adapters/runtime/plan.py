@@ -18,22 +18,9 @@ through `Grouped.blocks`: each active slot and its tokens): it reads every slot'
 weights in place, so scattered slots cost no extra call, and the bmm layout above
 stays as the GPU path and the reference the kernel is tested against.
 
-Why decode with many distinct adapters cannot be "free" here: with 16 adapters
-and 32 tokens each adapter's weights serve ~2 tokens, so the step streams every
-resident adapter's A and Bᵀ once (16 × 19.5 MB = 312 MB for rank-16 all-linear
-SmolLM2 in fp32, ~60 % of the base weights' bytes) at ~2 FLOPs per byte. That
-is memory-bound. MKL's small-M bmm `x·Aᵀ` streamed A at ~⅓ of plain bandwidth;
-as `A·xᵀ` (A the left operand, layers.py `_shrink`) it is ~2× faster, which took
-the 16-adapter step from 0.74× to 0.84× of base (bench/step_overhead.py).
-
-Measured on this machine's CPU (2 shared threads, fp32; noisy: other jobs ran), one
-576×576 module, 32 decode tokens over 16 rank-16 adapters, base matmul ≈ 190 µs:
-  gather A/B per token + bmm   ≈ +520 µs    gather + einsum  ≈ +200 µs
-  sorted segments (loop)       ≈ +460 µs    dense all-slots  ≈ +190 µs
-  gather x + 2 bmm (chosen)    ≈ +70…110 µs
-Whole SmolLM2-135M decode step, batch 32, 16 distinct rank-16 all-linear adapters vs
-base only (KV cache, median of 7 interleaved runs, 1 thread): 234 ms vs 196 ms (0.84×);
-the batched matmuls over the adapters' bytes are most of the difference.
+Decode with many distinct adapters is bound by reading every active adapter's
+weights once per step, so this layout was chosen over the alternatives for the
+fewest bytes and calls (measurements: bench/NOTES.md, "Grouped decode layout").
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 `a` is `[slots, r_cap, in]` (embedding: `[slots, num_embeddings, r_cap]`, so a
 token's row is one gather) and `bt` is `[slots, r_cap, out]`: B is kept
-transposed (Bᵀ, scale folded in) because `bmm(h, Bᵀ)` with a contiguous
-`[r, out]` operand measured ~2.5× faster on CPU than a transposed `[out, r]`
-view. Ranks are zero-padded, so any mix of ranks and kinds (LoRA, MiSS
+transposed (Bᵀ, scale folded in) because `bmm(h, Bᵀ)` reads a contiguous
+`[r, out]` operand much faster on CPU than a transposed `[out, r]` view
+(bench/NOTES.md, "Slot banks"). Ranks are zero-padded, so any mix of ranks and kinds (LoRA, MiSS
 balance/mini) multiplies as one tensor. Their dtype is `settings.slot_dtype`
 (default: the model's); float16 slots on a float32 model are read by the CPU
 kernel at half the bytes, and the torch paths widen them per use.
@@ -20,8 +20,8 @@ run asynchronously on a side stream (transfer.py says which orderings keep them
 safe), `stage` giving each host source's device copy. Growing a bank
 allocates and zeroes `[slots, r_cap, in]` + `[slots, r_cap, out]` for every
 module an adapter targets (1.25 GB for 64 slots of SmolLM2 at rank 16): done on
-the engine thread, every running stream would stall for it (measured 0.5 s, and
-2.5 s on this VM's fresh memory). So a request's prepare reserves the grown
+the engine thread, every running stream would stall for it (bench/NOTES.md,
+"Slot banks"). So a request's prepare reserves the grown
 tensors on a loader thread (`reserve`) and the engine thread only swaps them in.
 """
 

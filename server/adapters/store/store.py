@@ -44,7 +44,7 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import summary_from_config
 from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from server.adapters.store.store_lock import acquire_store_lock
-from server.adapters.ids import TENANT_RE, check_adapter_id, check_tenant
+from server.adapters.ids import TENANT_RE, InvalidName, check_adapter_id, check_tenant, is_valid_name
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
 
@@ -62,6 +62,15 @@ _LOCKS_GUARD = threading.Lock()
 # Summarises one adapter directory as {type, variant, rank, target_modules};
 # set by the app to the engine's own validator (peft_format.read_adapter).
 Describer = Callable[[Path], dict[str, Any]]
+
+
+@contextlib.contextmanager
+def names_as_422() -> Iterator[None]:
+    """The naming rule's refusal as the store's callers expect it: a 422 (ids is a leaf, its error a ValueError)."""
+    try:
+        yield
+    except InvalidName as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def not_found(adapter_id: str) -> NotFound:
@@ -94,7 +103,8 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ paths
     def adapter_dir(self, tenant: str, adapter_id: str) -> Path:
-        return self.root / check_tenant(tenant) / check_adapter_id(adapter_id)
+        with names_as_422():
+            return self.root / check_tenant(tenant) / check_adapter_id(adapter_id)
 
     def lock(self, tenant: str, adapter_id: str) -> threading.Lock:
         """One lock per (store root, tenant, id), shared by every AdapterStore object in the process:
@@ -125,7 +135,8 @@ class AdapterStore:
 
     def resolve(self, tenant: str, adapter_id: str) -> AdapterRef:
         """The newest live version; NotFound (no tenant leak) if there is none."""
-        check_adapter_id(adapter_id)
+        with names_as_422():
+            check_adapter_id(adapter_id)
         versions = self._versions(self.adapter_dir(tenant, adapter_id))
         if not versions:
             raise not_found(adapter_id)
@@ -143,16 +154,13 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TENANT_RE.fullmatch(p.name))
 
     def adapter_ids(self, tenant: str) -> list[str]:
-        tdir = self.root / check_tenant(tenant)
+        with names_as_422():
+            tdir = self.root / check_tenant(tenant)
         if not tdir.is_dir():
             return []
         ids = []
         for child in sorted(tdir.iterdir()):
-            try:
-                check_adapter_id(child.name)
-            except InvalidRequest:
-                continue
-            if self._versions(child):
+            if is_valid_name(child.name) and self._versions(child):
                 ids.append(child.name)
         return ids
 

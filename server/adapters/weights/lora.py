@@ -53,7 +53,7 @@ def write_scaled_bt(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
     writes a whole role of a file at once with it)."""
     bt = b.transpose(-1, -2)
     if out.dtype == torch.float32 and b.dtype == torch.float32:
-        torch.mul(bt, scale, out=out)  # one pass: the transposing read and the scale (~40 % less than two)
+        torch.mul(bt, scale, out=out)  # one pass: the transposing read and the scale, cheaper than two
     elif out.dtype == torch.float32:
         out.copy_(bt).mul_(scale)  # widen exactly, then scale in float32
     else:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.ids import ADAPTER_ID_RE, check_adapter_id, check_tenant
+from server.adapters.ids import ADAPTER_ID_RE, InvalidName, check_adapter_id, check_tenant
 from server.adapters.store.store import StoredVersion
 from server.api.deps import Principal, get_principal
 from server.api.errors import allowed_methods
@@ -55,7 +55,7 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         check_adapter_id(adapter_id)
         owner = target_tenant(principal, tenant)
         service = get_services(request).adapter_service
-    except ApiError:
+    except (ApiError, InvalidName):
         await BodyReader(request).discard()  # nothing read yet: let the client finish sending, then answer
         raise
     with service.staging() as staged:

@@ -37,7 +37,7 @@ def _not_ready(reason: str) -> JSONResponse:
 async def metrics(request: Request, principal: Principal = Depends(get_principal)) -> Response:
     """Admins (and dev mode, a single tenant) see every series; other keys only their own tenant's."""
     services = get_services(request)
-    services.metrics.queue_depth.set(services.engine.scheduler.num_waiting)
+    services.metrics.queue_depth.set(len(services.engine.waiting))
     services.metrics.running.set(len(services.engine.scheduler.running))
     everything = principal.admin or services.settings.api_keys is None
     body = services.metrics.render(None if everything else principal.tenant)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adapter_factory as af
-from layer_reference import reference
+from tests.adapters import adapter_factory as af
+from tests.adapters.layer_reference import reference
 from server.adapters.runtime.backend import CpuKernelBackend
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers

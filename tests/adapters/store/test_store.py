@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters.ids import check_tenant
+from server.adapters.ids import InvalidName, check_tenant
 from server.adapters.store.store import CONFIG_NAME, DELETED_NAME, TMP_DIR, TRASH_DIR, WEIGHTS_NAME, AdapterStore
 from server.adapters.types import AdapterKey
 from server.errors import InvalidRequest, NotFound
@@ -75,7 +75,7 @@ def test_unknown_and_other_tenant_give_the_same_not_found(store: AdapterStore) -
 def test_bad_ids_and_tenants_never_become_paths(store: AdapterStore, bad: str) -> None:
     with pytest.raises(InvalidRequest):
         store.resolve("acme", bad)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidName):
         check_tenant(bad)
     with pytest.raises(InvalidRequest), store.staging() as staged:
         write_adapter(staged)

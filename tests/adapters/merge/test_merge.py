@@ -14,7 +14,7 @@ import asyncio
 import pytest
 import torch
 
-import adapter_factory as af
+from tests.adapters import adapter_factory as af
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.weights.lora import LoraWeights, write_scaled_bt

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
-import adapter_factory as af
-from adapter_fuzz import EDITS, HEADER_EDITS, JSON, mutate_header
+from tests.adapters import adapter_factory as af
+from tests.adapters.adapter_fuzz import EDITS, HEADER_EDITS, JSON, mutate_header
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import parse_config
 from server.adapters.peft.peft_format import read_adapter

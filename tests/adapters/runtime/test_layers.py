@@ -15,8 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-import adapter_factory as af
-from layer_reference import reference
+from tests.adapters import adapter_factory as af
+from tests.adapters.layer_reference import reference
 from server.adapters.runtime.backend import TorchBackend
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.limits import AdapterLimits

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-import adapter_factory as af
+from tests.adapters import adapter_factory as af
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.residency.manager import AdapterManager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adapter_factory as af
+from tests.adapters import adapter_factory as af
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.runtime.mapping import AdapterMapping

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import adapter_factory as af
+from tests.adapters import adapter_factory as af
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_format import read_adapter
 from server.errors import AdapterError

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-import adapter_factory as af
-from layer_reference import reference
+from tests.adapters import adapter_factory as af
+from tests.adapters.layer_reference import reference
 from server.adapters.runtime.backend import CpuKernelBackend
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
