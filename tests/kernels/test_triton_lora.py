@@ -146,3 +146,10 @@ def test_cuda_kernels_match_the_reference(dtype, slots):
     else:
         ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
         assert ((y.double() - exact).abs() <= 0.5 * ulp + 1e-3).all()
+
+
+def test_the_interpreter_is_not_left_in_the_environment():
+    """Only the kernel tests run with TRITON_INTERPRET (tests/conftest.py): servers the suite starts must not."""
+    import os
+
+    assert "TRITON_INTERPRET" not in os.environ
