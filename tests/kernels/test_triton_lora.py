@@ -6,6 +6,12 @@ the `cuda` tests run the compiled kernels on a GPU (`pytest -m cuda`).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -150,6 +156,39 @@ def test_cuda_kernels_match_the_reference(dtype, slots):
 
 def test_the_interpreter_is_not_left_in_the_environment():
     """Only the kernel tests run with TRITON_INTERPRET (tests/conftest.py): servers the suite starts must not."""
-    import os
-
     assert "TRITON_INTERPRET" not in os.environ
+
+
+COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from server.kernels import triton_lora as tk
+
+    def compile(fn, pointers, constexprs):
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+        return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    index = dict(tokens_ptr="*i32", starts_ptr="*i32", slots_ptr="*i32")
+    for dtype, f32_dot in (("bf16", False), ("fp32", True)):
+        shrink = compile(tk._shrink_kernel, dict(x_ptr="*" + dtype, a_ptr="*" + dtype, h_ptr="*fp32", **index),
+                         dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=tk.BLOCK_K, F32_DOT=f32_dot))
+        compile(tk._expand_kernel, dict(h_ptr="*fp32", bt_ptr="*" + dtype, y_ptr="*" + dtype, **index),
+                dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=tk.BLOCK_N))
+        if dtype == "bf16":
+            assert "mma" in shrink, "the 16-bit shrink must run on tensor cores"
+    print("compiled")
+""")
+
+
+def test_the_kernels_compile_for_a_hopper_gpu(tmp_path):
+    """What the interpreter cannot check (types, layouts, tensor-core dots): Triton's compiler, run ahead
+    of time for sm_90 with no GPU, in a fresh process (this one's Triton is set up for the interpreter)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
