@@ -8,6 +8,10 @@ once per block of its tokens, so a prefill of 2,000 tokens of one adapter stream
 A and Bᵀ once per 64-token block instead of once per token, and a decode step still needs
 nothing but one group per active slot. The three index tensors live in one int32 tensor made
 by one host→device copy (pinned, non-blocking on CUDA).
+
+For a captured (CUDA-graph) step the launch grid must not change: the kernels' programs for an
+empty group (`starts[g] == starts[g + 1]`) or past a group's tokens return at once, so the groups
+may be padded to a fixed count with empty ones and `max_tokens` raised to the step's bucket.
 """
 
 from __future__ import annotations

@@ -103,6 +103,22 @@ def test_many_slots_few_tokens_each(interpreted_triton_lora):
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-5)
 
 
+def test_padded_groups_change_nothing(interpreted_triton_lora):
+    """A captured step's fixed grid: empty groups and a larger `max_tokens` launch programs that do nothing."""
+    slots = CASES["mixed-decode-prefill"]
+    x, y, a, bt, groups = _case(slots, [8, 3, 8, 5, 8], torch.float32)
+    n, g = groups.num_tokens, groups.count
+    padded = SlotGroups(
+        tokens=torch.cat([groups.tokens, torch.zeros(7, dtype=torch.int32)]),  # rows past the last group: unread
+        starts=torch.cat([groups.starts, groups.starts[-1:].repeat(3)]),  # three empty groups
+        slots=torch.cat([groups.slots, torch.zeros(3, dtype=torch.int32)]),
+        max_tokens=groups.max_tokens + 40)
+    assert (padded.count, padded.num_tokens) == (g + 3, n + 7)
+    expected = _reference(x, y, a, bt, slots, 8)
+    interpreted_triton_lora.add_lora(x, y, a, bt, padded, 8)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-5)
+
+
 def test_strided_input_rows(interpreted_triton_lora):
     slots = [1, 0, 1, -1]
     x, y, a, bt, groups = _case(slots, [5, 9], torch.float32)

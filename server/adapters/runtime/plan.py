@@ -16,7 +16,7 @@ with equal counts) both gathers are skipped.
 On CPU in float32 the short runs go to a C kernel instead (server/kernels/lora_cpu.c,
 through `Grouped.blocks`: each active slot and its tokens): it reads every slot's
 weights in place, so scattered slots cost no extra call, and the bmm layout above
-stays as the reference the kernel is tested against.
+stays as the GPU path and the reference the kernel is tested against.
 
 On CUDA the Triton kernels (server/kernels/triton_lora.py) serve long and short runs alike from
 `groups` (every adapted token grouped by slot, int32): built here, once per step, in one
