@@ -119,6 +119,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, groups: SlotGroups, r: int) -> torc
     """`h [splits, n, r]` float32: row i of the splits' sum is `x[tokens[i]]·A[slot]ᵀ` (grouped order)."""
     if a.shape[2] != x.shape[1] or not 0 < r <= a.shape[1]:
         raise ValueError(f"shrink: x {tuple(x.shape)}, a {tuple(a.shape)}, r {r} do not fit")
+    if groups.tokens.device != x.device:  # the kernels would read another device's pointer
+        raise ValueError(f"shrink: the step's groups are on {groups.tokens.device}, x on {x.device}")
     k = x.shape[1]
     block_m, m_blocks = _m_blocks(groups.max_tokens)
     split = _split(k, m_blocks * groups.count)
