@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -29,7 +30,7 @@ def _import_triton_interpreted() -> ModuleType | None:
     included, and torch imports Triton as soon as transformers loads: so the variable is set here,
     before any project import, for this import only (server subprocesses never see it). With
     CUDA nothing changes: the compiled kernels are tested there (`pytest -m cuda`)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or "triton" in sys.modules:  # imported already: too late to interpret
         return None
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -113,7 +114,8 @@ def interpreted_triton_lora(monkeypatch) -> ModuleType:
     """server.kernels.triton_lora on Triton's interpreter (CPU only: see `_import_triton_interpreted`).
     The interpreter reads TRITON_INTERPRET again as it launches: set for the test's duration only."""
     if _TRITON_LORA_INTERPRETED is None:
-        pytest.skip("Triton's interpreter runs here only without CUDA (with it: `pytest -m cuda`)")
+        pytest.skip("Triton's interpreter runs only without CUDA (with it: `pytest -m cuda`), set up before "
+                    "anything imports Triton")
     assert _TRITON_LORA_INTERPRETED.INTERPRETED
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return _TRITON_LORA_INTERPRETED
