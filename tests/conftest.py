@@ -8,8 +8,11 @@ user cache (`~/.cache/loraplex`) so it is converted only once per machine.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a
 # shared, oversubscribed CPU, spinning 2-thread teams made a training step on the
@@ -19,9 +22,34 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from server.model.load import ensure_embedded_cache
-from server.settings import Settings, default_cache_dir
-from tests.harness import cpu_settings
+
+def _import_triton_interpreted() -> ModuleType | None:
+    """Without CUDA, the adapter kernels (server/kernels/triton_lora.py) run on Triton's interpreter.
+
+    Triton reads TRITON_INTERPRET as `@triton.jit` decorates, its own library's functions
+    included, and torch imports Triton as soon as transformers loads: so the variable is set here,
+    before any project import, for this import only (server subprocesses never see it). With
+    CUDA nothing changes: the compiled kernels are tested there (`pytest -m cuda`)."""
+    if torch.cuda.is_available() or "triton" in sys.modules:  # imported already: too late to interpret
+        return None
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("server.kernels.triton_lora")
+    except ImportError:
+        return None
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_TRITON_LORA_INTERPRETED = _import_triton_interpreted()
+
+from server.model.load import ensure_embedded_cache  # noqa: E402
+from server.settings import Settings, default_cache_dir  # noqa: E402
+from tests.harness import cpu_settings  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -80,3 +108,15 @@ def varied_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
 @pytest.fixture
 def tiny_settings(tiny_model_dir, tmp_path) -> Settings:
     return cpu_settings(tiny_model_dir, tmp_path / "store")
+
+
+@pytest.fixture
+def interpreted_triton_lora(monkeypatch) -> ModuleType:
+    """server.kernels.triton_lora on Triton's interpreter (CPU only: see `_import_triton_interpreted`).
+    The interpreter reads TRITON_INTERPRET again as it launches: set for the test's duration only."""
+    if _TRITON_LORA_INTERPRETED is None:
+        pytest.skip("Triton's interpreter runs only without CUDA (with it: `pytest -m cuda`), set up before "
+                    "anything imports Triton")
+    assert _TRITON_LORA_INTERPRETED.INTERPRETED
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return _TRITON_LORA_INTERPRETED

@@ -30,6 +30,10 @@ KERNEL_MAX_T = 128
 
 
 class AdapterBackend(Protocol):
+    # True: add_linear adds into a 16-bit y in float32 and rounds once itself, so the layer hands it y as is
+    # (no widened copy); False: the layer widens y and x to float32 around it.
+    rounds_once: bool
+
     def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         """x2 `[tokens, in]`, y2 `[tokens, out]` += each token's own slot term (in place)."""
 
@@ -38,7 +42,9 @@ class AdapterBackend(Protocol):
 
 
 class TorchBackend:
-    """torch's GEMMs: any device and dtype, autograd-safe; the reference the kernel is tested against."""
+    """torch's GEMMs: any device and dtype, autograd-safe; the reference the kernels are tested against."""
+
+    rounds_once = False
 
     def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         self.add_long(x2, y2, bank, batch)
@@ -100,6 +106,8 @@ class CpuKernelBackend:
     """Decode's short runs through the C kernel; the rest (long runs, embeddings, what it does not take)
     through `fallback`. The kernel reads every slot's first r rows in place: scattered slots cost no
     extra call and no slicing."""
+
+    rounds_once = False  # float32 only: there is nothing to round
 
     def __init__(self, kernel: GroupedLoraKernel, fallback: TorchBackend | None = None) -> None:
         self.kernel = kernel

@@ -150,8 +150,10 @@ class AdapterLayers:
         return sum(layer.bank.nbytes() for layer in self.layers.values())
 
 
-def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, copier: SlotCopier | None = None) -> AdapterLayers:
-    """`copier`: how slot writes reach the device; None = by the model's device (transfer.copier_for)."""
+def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, *, copier: SlotCopier | None = None,
+                          backend: AdapterBackend | None = None) -> AdapterLayers:
+    """Wrap the model's modules. `copier`: how slot writes reach the device; None = by the model's device
+    (transfer.copier_for). `backend`: None = the one `adapter_backend` picks for this model."""
     existing = getattr(model, "_loraplex_layers", None)
     if existing is not None:
         return existing
@@ -162,7 +164,7 @@ def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, copier: SlotC
     embed = model.get_input_embeddings()
     targets += [(n, m) for n, m in model.named_modules() if m is embed and isinstance(m, nn.Embedding)]
     slot_dtype = slot_dtype_for(model, limits)
-    backend = adapter_backend(model, limits, slot_dtype)
+    backend = backend or adapter_backend(model, limits, slot_dtype)
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
         layers[name] = _wrap(model, name, mod, slots, limits.max_rank, slot_dtype, backend)
@@ -177,9 +179,12 @@ def slot_dtype_for(model: nn.Module, limits: AdapterLimits) -> torch.dtype:
 
 
 def adapter_backend(model: nn.Module, limits: AdapterLimits, slot_dtype: torch.dtype) -> AdapterBackend:
-    """Chosen once for every layer: the C kernel for a float32 model on CPU when the configuration allows
-    it and it was built for the slots' dtype; torch's GEMMs otherwise."""
+    """Chosen once for every layer: the Triton kernels for a model on CUDA where Triton imports; the C
+    kernel for a float32 model on CPU when the configuration allows it and it was built for the slots'
+    dtype; torch's GEMMs otherwise."""
     weight = next(model.parameters())
+    if weight.device.type == "cuda":
+        return _cuda_backend()
     if not limits.cpu_kernels or limits.kernel_cache_dir is None:
         return TorchBackend()
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
@@ -192,6 +197,16 @@ def adapter_backend(model: nn.Module, limits: AdapterLimits, slot_dtype: torch.d
                     slot_dtype)
         return TorchBackend()
     return CpuKernelBackend(kernel)
+
+
+def _cuda_backend() -> AdapterBackend:
+    """Imported here, not at the top: importing it imports Triton, which a CPU server never needs."""
+    try:
+        from server.adapters.runtime.triton_backend import TritonBackend
+    except ImportError as e:
+        log.warning("Triton does not import (%s): adapters on CUDA take the (slower) torch path", e)
+        return TorchBackend()
+    return TritonBackend()
 
 
 def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int,

@@ -69,14 +69,19 @@ class AdaptedModule(nn.Module):
 
         Why: in bfloat16 the shrink `x·Aᵀ`, the expand and the add would each round (three roundings of
         a small term onto a large one); widening the step's activations costs two casts per module.
-        A float32 model adds in place, as before.
+        A float32 model adds in place, as before, and so does a backend that rounds once itself
+        (`rounds_once`: the Triton kernels load y, add in float32 and store it rounded).
         """
-        if y2.dtype == torch.float32:
+        if y2.dtype == torch.float32 or self._rounds_in_place(batch):
             self._add_adapters(x2, y2, batch)
             return
         acc = y2.float()  # [tokens, out]
         self._add_adapters(x2 if not x2.is_floating_point() else x2.float(), acc, batch)
         y2.copy_(acc)
+
+    def _rounds_in_place(self, batch: AdapterBatch) -> bool:
+        """Whether every term this module adds is rounded once by the backend itself (no widening here)."""
+        return False
 
     def _add_trainable(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         """`y += train_adapter(x)` on TRAIN_SLOT rows, out of place so autograd sees it."""
@@ -115,6 +120,10 @@ class AdaptedLinear(AdaptedModule):
 
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
+
+    def _rounds_in_place(self, batch: AdapterBatch) -> bool:
+        """The backend rounds once itself and no bat block (a torch matmul of its own) adds here this step."""
+        return self.backend.rounds_once and not any(slot in batch.active for slot in self.bank.bat)
 
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         self.backend.add_linear(x2, y2, self.bank, batch)

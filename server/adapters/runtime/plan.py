@@ -18,6 +18,10 @@ through `Grouped.blocks`: each active slot and its tokens): it reads every slot'
 weights in place, so scattered slots cost no extra call, and the bmm layout above
 stays as the GPU path and the reference the kernel is tested against.
 
+On CUDA the Triton kernels (server/kernels/triton_lora.py) serve long and short runs alike from
+`groups` (every adapted token grouped by slot, int32): built here, once per step, in one
+host→device copy, so no layer builds an index tensor.
+
 Decode with many distinct adapters is bound by reading every active adapter's
 weights once per step, so this layout was chosen over the alternatives for the
 fewest bytes and calls (measurements: bench/NOTES.md, "Grouped decode layout").
@@ -31,6 +35,7 @@ import torch
 
 from server.adapters.runtime.mapping import TRAIN_SLOT, AdapterMapping
 from server.kernels.cpu import Blocks
+from server.kernels.groups import SlotGroups
 
 # Runs at least this long are served per segment (prefill); shorter ones go through the grouped bmm.
 LONG_RUN = 8
@@ -64,6 +69,7 @@ class AdapterBatch:
     grouped: Grouped | None
     slot_rows: dict[int, torch.Tensor]  # [k] token indices of each active slot (bat, training rows)
     mapping: AdapterMapping
+    groups: SlotGroups | None = None  # every adapted token grouped by slot: the Triton kernels' launch
 
     @property
     def has_adapters(self) -> bool:
@@ -95,8 +101,9 @@ class AdapterBatch:
                 short_slots.extend([seg.slot] * seg.length)
         grouped = _group_short_runs(short_tokens, short_slots, mapping.num_tokens, device) if short_tokens else None
         slot_rows = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
+        groups = SlotGroups.build(((seg.slot, seg.start, seg.length) for seg in mapping.segments), device)
         return cls(mapping.num_tokens, mapping.lane, mapping.train, active, tuple(long), grouped, slot_rows,
-                   mapping)
+                   mapping, groups)
 
 
 def _group_short_runs(tokens: list[int], slots: list[int], num_tokens: int, device: torch.device) -> Grouped:

@@ -82,7 +82,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loading-src")
     peft_base, ref = af.tiny_base(seed=0), af.tiny_base(seed=0)
     limits = AdapterLimits.from_settings(af.adapter_settings(tmp, max_adapters_resident=1))
-    layers = inject_adapter_layers(ref.model, limits, InlineCopier())
+    layers = inject_adapter_layers(ref.model, limits, copier=InlineCopier())
     dirs, expected = {}, {}
     for i, (name, kind) in enumerate(KINDS.items()):
         af.make_peft(peft_base, kind, tmp / name, seed=70 + i)
@@ -97,7 +97,7 @@ def env(files, tmp_path):
     limits = AdapterLimits.from_settings(af.adapter_settings(tmp_path, max_adapters_resident=1))
     base = af.tiny_base(seed=0)
     copier = RecordingCopier()
-    layers = inject_adapter_layers(base.model, limits, copier)
+    layers = inject_adapter_layers(base.model, limits, copier=copier)
     store = AdapterStore(tmp_path / "store")
     for name, path in dirs.items():
         store.add_from_dir("t1", name, path, {})
