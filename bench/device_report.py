@@ -116,7 +116,7 @@ def _launch_md(lc: dict | None) -> list[str]:
     if not lc:
         return []
     out = ["", f"Per decode step of {lc['sequences']} sequences ({lc['model']}, {lc['dtype']}, prompt "
-           f"{lc['prompt']}), torch.profiler, mean of {lc['steps']} steps:", "",
+           f"{lc['prompt']}), torch.profiler, mean over {lc['steps']} step(s):", "",
            "| config | CUDA kernels | launch calls | aten ops (top-level) | copies | syncs | SDPA |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("base", "lora16_scattered"):

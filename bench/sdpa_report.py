@@ -115,7 +115,7 @@ def forced(case: Case) -> dict[str, str]:
                 with sdpa_kernel([backend]):
                     case()
                 out[name] = "ok"
-            except RuntimeError as e:
+            except (RuntimeError, NotImplementedError, ValueError) as e:
                 reasons = [str(w.message).splitlines()[0] for w in caught] + [str(e).splitlines()[0]]
                 out[name] = "refused: " + " | ".join(r[:200] for r in reasons)
     return out
