@@ -28,7 +28,7 @@
 #   bench       180   240   python -m bench --quick (CPU: scenario 1 only, tiny load)
 #   vllm        120     -   pip install vllm (offline: skipped) and our ratio to its multi-LoRA
 #   report       10    10   device_check.json + device_check.md (reserved out of TOTAL_S)
-#   TOTAL_S     470   800
+#   TOTAL_S     470   800   (DEVICE_CHECK_TOTAL_S overrides)
 set -u
 set -o pipefail
 
@@ -103,6 +103,7 @@ else
   LAUNCH_ARGS=(--steps 3 --prompt 64)
   BENCH_ARGS=(--quick)
 fi
+TOTAL_S="${DEVICE_CHECK_TOTAL_S:-$TOTAL_S}"  # a smaller total shows the time-boxing at work
 REPORT_RESERVE=10
 DEADLINE=$(( $(date +%s) + TOTAL_S - REPORT_RESERVE ))
 printf '{"device": "%s", "dtype": "%s", "cpu_dry_run": %s, "total_budget_s": %s}\n' \
@@ -158,11 +159,13 @@ stage_install() {
     2.13.0*) echo "; torch $torch_ver (the pin)" >>"$WORK/install.detail" ;;
     *)  # offline this fails within seconds; a half-done install stays in its own dir, never on the path
       if timeout 25 "$PY" -m pip install -q --retries 0 --timeout 5 --no-cache-dir --target "$WORK/torch-site" \
-          torch==2.13.0 >/dev/null 2>&1 && PYTHONPATH="$WORK/torch-site" "$PY" -c 'import torch; assert torch.cuda.is_available()'; then
+          torch==2.13.0 >/dev/null 2>&1 \
+        && PYTHONPATH="$WORK/torch-site" "$PY" -c 'import torch; assert torch.cuda.is_available()'; then
         echo "$WORK/torch-site" >"$WORK/torch.path"
         echo "; torch 2.13.0 installed" >>"$WORK/install.detail"
       else
-        echo "; torch pin 2.13.0 not installable here (offline): the image's torch $torch_ver runs" >>"$WORK/install.detail"
+        echo "; torch pin 2.13.0 not installable here (offline): the image's torch $torch_ver runs" \
+          >>"$WORK/install.detail"
       fi ;;
   esac
   timeout 30 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" >/dev/null 2>&1 \
@@ -180,10 +183,12 @@ stage_model() {
     if command -v xz >/dev/null; then  # xz decompresses the blocks in parallel; Python's lzma on one core
       cat "${parts[@]}" | xz -dc -T0 >"$WORK/gguf/$name" || rm -f "$WORK/gguf/$name"
     else
-      cat "${parts[@]}" | "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' \
+      cat "${parts[@]}" \
+        | "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' \
         >"$WORK/gguf/$name" || rm -f "$WORK/gguf/$name"
     fi
-    if [ -f "$WORK/gguf/$name" ] && [ "$(sha256sum "$WORK/gguf/$name" | cut -d' ' -f1)" = "$(cat "$CARRY/arch/gguf.sha256")" ]; then
+    if [ -f "$WORK/gguf/$name" ] \
+      && [ "$(sha256sum "$WORK/gguf/$name" | cut -d' ' -f1)" = "$(cat "$CARRY/arch/gguf.sha256")" ]; then
       gguf="$WORK/gguf/$name"
     else
       echo "GGUF parts incomplete or corrupt: falling back"
@@ -196,7 +201,8 @@ stage_model() {
 }
 
 stage_model_arch() {
-  "$PY" -m bench.device_model --dest "$WORK/SmolLM2-135M-Instruct-arch" --arch "$CARRY/arch" >"$WORK/model.out" || return 1
+  "$PY" -m bench.device_model --dest "$WORK/SmolLM2-135M-Instruct-arch" --arch "$CARRY/arch" \
+    >"$WORK/model.out" || return 1
   tail -1 "$WORK/model.out" >"$WORK/model.json"
   "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"])' "$WORK/model.json" >"$WORK/model-arch.detail"
 }
@@ -221,7 +227,8 @@ stage_pytest() {
 }
 
 stage_sdpa() {
-  "$PY" -m bench.sdpa_report --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/sdpa.json" >/dev/null || return 1
+  "$PY" -m bench.sdpa_report --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/sdpa.json" \
+    >/dev/null || return 1
   "$PY" -m bench.device_report detail sdpa --work "$WORK" >"$WORK/sdpa.detail"
 }
 
@@ -244,7 +251,8 @@ stage_bench() {
 
 stage_vllm() {
   if ! "$PY" -c 'import vllm' >/dev/null 2>&1; then
-    if ! timeout 20 "$PY" -m pip install -q --retries 0 --timeout 5 --no-cache-dir --target "$WORK/vllm-site" vllm >/dev/null 2>&1; then
+    if ! timeout 20 "$PY" -m pip install -q --retries 0 --timeout 5 --no-cache-dir --target "$WORK/vllm-site" vllm \
+        >/dev/null 2>&1; then
       echo "skipped: vllm is not installed and pip could not install it (no network on the node)" >"$WORK/vllm.detail"
       return 0
     fi
@@ -255,7 +263,8 @@ stage_vllm() {
 }
 
 export REPO CARRY WORK PY DEVICE DTYPE
-export -f stage_env stage_install stage_model stage_model_arch stage_pytest stage_sdpa stage_launch stage_bench stage_vllm model_path
+export -f stage_env stage_install stage_model stage_model_arch stage_pytest stage_sdpa stage_launch stage_bench \
+  stage_vllm model_path
 # Arrays do not cross into the child bash: pass them as words (none holds a space).
 export LAUNCH_ARGS_S="${LAUNCH_ARGS[*]}" BENCH_ARGS_S="${BENCH_ARGS[*]}"
 
@@ -273,7 +282,7 @@ fi
 export MODEL
 run_stage pytest "$B_PYTEST" stage_pytest
 if [ -n "$MODEL" ]; then
-  run_stage sdpa "$B_SDPA" 'LAUNCH_ARGS=($LAUNCH_ARGS_S); stage_sdpa'
+  run_stage sdpa "$B_SDPA" stage_sdpa
   run_stage launch "$B_LAUNCH" 'LAUNCH_ARGS=($LAUNCH_ARGS_S); stage_launch'
   run_stage bench "$B_BENCH" 'BENCH_ARGS=($BENCH_ARGS_S); stage_bench'
   SKIP_REASON="CPU dry run: vLLM needs CUDA" run_stage vllm "$B_VLLM" stage_vllm

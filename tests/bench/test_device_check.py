@@ -8,7 +8,10 @@ the tiny random model.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,17 @@ def test_device_model_random_weights_from_the_architecture_alone(tiny_model_dir,
     assert model.config.num_hidden_layers == 2
     (dest / SOURCE_FILE).write_text('{"source": "earlier run"}')
     assert resolve(dest, None, arch) == (dest, "earlier run")  # converted once, reused
+
+
+def test_script_cuts_stages_at_the_total_and_still_writes_the_summary(tmp_path):
+    """A 15 s total leaves 5 s for stages after the report's reserve: the rest are skipped, not run."""
+    env = {**os.environ, "DEVICE_CHECK_CPU": "1", "DEVICE_CHECK_TOTAL_S": "15", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "out"), "DEVICE_CHECK_CARRY": str(tmp_path / "no-carry")}
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 45
+    stages = json.loads((tmp_path / "out" / "device_check.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["env", "install", "model", "pytest", "sdpa", "launch", "bench", "vllm"]
+    assert all(s["status"] in ("ok", "timeout", "skipped") for s in stages)
+    assert stages[3]["status"] == "skipped" and "no time left" in stages[3]["detail"]
