@@ -171,7 +171,12 @@ stage_install() {
   timeout 30 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" >/dev/null 2>&1 \
     && echo "; project installed (editable, no deps)" >>"$WORK/install.detail" \
     || echo "; project runs from the checkout (PYTHONPATH)" >>"$WORK/install.detail"
+  # Say at once which package is missing, rather than leave every later stage to fail on it.
+  local missing
+  missing="$(PYTHONPATH="$PYTHONPATH:$WORK/site" "$PY" -c 'import server.app, bench.cli, peft, gguf' 2>&1 | tail -1)"
+  [ -n "$missing" ] && echo "; import check: $missing" >>"$WORK/install.detail"
   tr -d '\n' <"$WORK/install.detail" >"$WORK/install.detail.1" && mv "$WORK/install.detail.1" "$WORK/install.detail"
+  [ -z "$missing" ]
 }
 
 stage_model() {
