@@ -68,15 +68,15 @@ SLOTS = 32
 
 
 @dataclass
-class _Request:
+class StepRequest:
     prompt_ids: list[int]
 
 
 @dataclass(eq=False)
-class _Seq:
+class StepSeq:
     """Just the fields `Runner` reads from an engine Sequence."""
 
-    request: _Request
+    request: StepRequest
     row: int
     slot: int = -1
     prefilled: int = 0
@@ -179,13 +179,13 @@ def time_step(runner: Runner, plan: StepPlan) -> float:
 
 def run(base: BaseModel, runner: Runner, layers: AdapterLayers, reps: int, prompt: int,
         prefill_len: int) -> dict[str, list[float]]:
-    seqs = [_Seq(_Request(list(range(100, 100 + prompt))), row=i) for i in range(32)]
+    seqs = [StepSeq(StepRequest(list(range(100, 100 + prompt))), row=i) for i in range(32)]
     for s in seqs:  # fill the KV rows once (base only): decode then attends over `prompt` positions
         s.generated = 0
         runner.forward(StepPlan(None, [], [(s, prompt)]))
         s.prefilled, s.generated = prompt, 1
     configs = decode_configs()
-    prefill_seqs = [_Seq(_Request(list(range(200, 200 + prefill_len))), row=i, generated=0) for i in range(4)]
+    prefill_seqs = [StepSeq(StepRequest(list(range(200, 200 + prefill_len))), row=i, generated=0) for i in range(4)]
     times: dict[str, list[float]] = {name: [] for name in configs}
     times["prefill_base"], times["prefill_lora4"] = [], []
     for _ in range(reps):
@@ -214,7 +214,7 @@ def report(times: dict[str, list[float]], threads: int) -> None:
 
 def profile(runner: Runner, config: str, prompt: int) -> None:
     """torch.profiler table of one config's decode steps (after `run` filled the cache)."""
-    seqs = [_Seq(_Request(list(range(100, 100 + prompt))), row=i, slot=slot, prefilled=prompt)
+    seqs = [StepSeq(StepRequest(list(range(100, 100 + prompt))), row=i, slot=slot, prefilled=prompt)
             for i, slot in enumerate(decode_configs()[config])]
     plan = StepPlan(None, seqs, [])
     runner.forward(plan)
