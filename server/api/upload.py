@@ -159,12 +159,15 @@ class BodyReader:
                 seen += len(await self.next_chunk())
 
 
-async def receive_upload(request: Request, dest: Path, max_weights_bytes: int) -> None:
-    """Write the two parts to dest/adapter_config.json and dest/adapter_model.safetensors."""
+async def receive_upload(request: Request, boundary: bytes, dest: Path, max_weights_bytes: int) -> None:
+    """Write the two parts to dest/adapter_config.json and dest/adapter_model.safetensors.
+
+    `boundary`: from `multipart_boundary`, checked by the caller before it made `dest`.
+    """
     body = BodyReader(request)
     receiver = _Receiver(dest, max_weights_bytes)
     try:
-        parser = MultipartParser(multipart_boundary(request), receiver.callbacks())
+        parser = MultipartParser(boundary, receiver.callbacks())
         while not body.done:
             parser.write(await body.next_chunk())
         parser.finalize()

@@ -39,6 +39,24 @@ def test_multipart_parser_refusals_are_json_4xx(server, case):
     assert httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 1}, timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=" + "b" * 5000, "application/json"])
+def test_an_upload_refused_on_its_headers_stages_nothing(server, content_type):
+    """A Content-Type no multipart parser would take is refused before any staging dir is made: a hostile
+    client replaying it costs the server no filesystem work on the event loop."""
+    from tests.api.raw_http import connect, read_response
+    from tests.harness import wait_until
+
+    url, store = server
+    with connect(url) as sock:
+        sock.sendall(f"PUT /v1/adapters/early HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+                     "Content-Length: 4\r\n\r\n".encode())  # the body is held back: the handler waits on it
+        staged = wait_until(lambda: any((store / ".tmp").glob("*")), timeout=1.0)
+        sock.sendall(b"{}\r\n")
+        status, _, body = read_response(sock)
+    assert status == 422, body[:300]
+    assert not staged
+
+
 def test_an_upload_whose_client_left_is_not_published(tiny_model_dir, server, tmp_path):
     """The store's lock holds the upload just before publishing; the client leaves meanwhile."""
     from tests.api.adapter_http import adapter_files, build_adapter, load_tiny

@@ -22,7 +22,7 @@ from server.api.deps import Principal, get_principal
 from server.api.errors import allowed_methods
 from server.api.responses import AdapterList, AdapterRecord, ok
 from server.api.services import Services, get_services
-from server.api.upload import BodyReader, client_left, receive_upload
+from server.api.upload import BodyReader, client_left, multipart_boundary, receive_upload
 from server.errors import ApiError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ async def upload_adapter(adapter_id: str, request: Request, tenant: str | None =
         check_adapter_id(adapter_id)
         owner = target_tenant(principal, tenant)
         service = get_services(request).adapter_service
+        boundary = multipart_boundary(request)  # before staging: a refusal on headers touches no disk
     except (ApiError, InvalidName):
         await BodyReader(request).discard()  # nothing read yet: let the client finish sending, then answer
         raise
     with service.staging() as staged:
-        await receive_upload(request, staged, service.limits.max_adapter_bytes)
+        await receive_upload(request, boundary, staged, service.limits.max_adapter_bytes)
         async with client_left(request) as gone:  # a client that left gets nothing published
             stored = await run_in_threadpool(service.publish, owner, adapter_id, staged, None, gone.is_set)
     await service.settle(owner, adapter_id)
