@@ -6,7 +6,10 @@ are passed as init kwargs and win over the environment.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +18,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+ENV_PREFIX = "LORAPLEX_"
+# LORAPLEX_* variables that other loraplex programs read (the client SDK and CLI; docker compose's
+# host port): they may share the server's environment and are not settings.
+OTHER_PROGRAMS_ENV = frozenset({"LORAPLEX_URL", "LORAPLEX_API_KEY", "LORAPLEX_HOST_PORT"})
 
 
 def default_cache_dir() -> Path:
@@ -22,7 +29,7 @@ def default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid")
 
     # --- process -----------------------------------------------------------
     model: str | None = Field(None, description="Local HF model dir or hub id; None = embedded SmolLM2-135M-Instruct")
@@ -122,6 +129,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        check_environment(os.environ)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):
@@ -158,3 +166,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """A misspelled `LORAPLEX_*` variable would otherwise be ignored and its default served silently."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_PROGRAMS_ENV
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            close = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown setting in the environment: {key}{hint}; "
+                             f"the LORAPLEX_* variables are listed in the README")

@@ -39,7 +39,7 @@ WEIGHTS = "adapter_model.safetensors"
 
 def _try_mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or os.environ.get("LORAPLEX_TEST_NO_TMPFS"):  # the env knob exercises the fallback
+    if os.geteuid() != 0 or os.environ.get("TEST_NO_TMPFS"):  # the env knob exercises the fallback
         return False
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, check=False)

@@ -1,8 +1,8 @@
-"""Soak (long, 10 minutes by default; LORAPLEX_SOAK_SECONDS overrides): a real server under mixed traffic —
+"""Soak (long, 10 minutes by default; SOAK_SECONDS overrides): a real server under mixed traffic —
 generation on the base and several adapters (plain, streamed, abandoned mid-stream), uploads of new
 versions, deletes, merges, training jobs — must answer no 5xx, end with nothing held, and keep its
 resident memory steady once warm. And benign generation keeps its p99 latency while hostile inputs are
-replayed against the same server (LORAPLEX_HOSTILE_SOAK_SECONDS, 45 by default, as long again idle).
+replayed against the same server (HOSTILE_SOAK_SECONDS, 45 by default, as long again idle).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.api.adapter_http import adapter_files
 from tests.hardening.helpers import metric_value, rss_bytes, store_files, train_body
 from tests.harness import REPO_ROOT, read_log, spawn_server, wait_until
 
-SOAK_S = float(os.environ.get("LORAPLEX_SOAK_SECONDS", "600"))
+SOAK_S = float(os.environ.get("SOAK_SECONDS", "600"))
 ADAPTERS = ["soak-a", "soak-b", "soak-c"]
 ALLOWED = {200, 201, 202, 204, 404, 409, 429}  # 404: deleted meanwhile; 409: merge cap / finished job
 
@@ -143,7 +143,7 @@ def _assert_steady(samples: list[tuple[float, int]]) -> None:
     assert slope * 60 < 4 << 20, (slope * 60 / 2**20, [(round(t), rss >> 20) for t, rss in samples])
 
 
-HOSTILE_S = float(os.environ.get("LORAPLEX_HOSTILE_SOAK_SECONDS", "45"))  # in all; as long again idle
+HOSTILE_S = float(os.environ.get("HOSTILE_SOAK_SECONDS", "45"))  # in all; as long again idle
 ROUNDS = 3  # idle and hostile windows alternate: a neighbour's load on the box lands in both alike
 MIN_SAMPLES = 200  # per phase: p99 is then the 3rd-slowest or later, not the one worst hiccup
 

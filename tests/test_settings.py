@@ -1,0 +1,24 @@
+"""Settings refuse what they would otherwise ignore: a misspelled env twin, an unknown keyword."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import Settings, check_environment
+
+
+def test_a_misspelled_env_variable_stops_the_start_naming_the_setting(monkeypatch) -> None:
+    monkeypatch.setenv("LORAPLEX_MAX_BATCHH", "4")
+    with pytest.raises(ValidationError, match="LORAPLEX_MAX_BATCHH .did you mean LORAPLEX_MAX_BATCH"):
+        Settings()
+
+
+def test_the_env_twin_of_every_field_and_the_clients_variables_are_accepted() -> None:
+    check_environment({"LORAPLEX_MAX_BATCH": "4", "loraplex_port": "1", "LORAPLEX_URL": "http://x",
+                       "LORAPLEX_API_KEY": "k", "LORAPLEX_HOST_PORT": "80", "PATH": "/bin"})
+
+
+def test_an_unknown_keyword_is_refused() -> None:
+    with pytest.raises(ValidationError, match="max_batchh"):
+        Settings(max_batchh=4)
