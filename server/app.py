@@ -129,7 +129,6 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
     # Hooks run in this order; the store last: every other hook may still write to it.
     for hook in (prompts.close, grammars.close, adapters.close, merge.close, training.close, store.close):
         services.add_shutdown_hook(hook)
-    metrics.bind(services)  # scrape-time gauges: KV rows, pins, training jobs
     adapter_service.start()  # warm the host tier, rebuild dedicated adapters' merged copies
     return services
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -95,7 +95,6 @@ class Metrics:
 
         self._add_per_adapter(r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co. (Linux /proc)
-        self._live: LiveCollector | None = None
 
     def _add_per_adapter(self, r: CollectorRegistry) -> None:
         pair = ["tenant", "adapter"]
@@ -111,12 +110,11 @@ class Metrics:
         self.adapter_ttft = Histogram("loraplex_adapter_time_to_first_token_seconds",
                                       "Submit to first token, per adapter", pair, registry=r, buckets=LATENCY_BUCKETS)
 
-    def observe_generation(self, tenant: str, adapter_key: Hashable | None, finish_reason: str,
+    def observe_generation(self, tenant: str, adapter_id: str | None, finish_reason: str,
                            prompt_tokens: int, completion_tokens: int, seconds: float,
                            first_token_s: float | None) -> None:
         """One finished (or cancelled / failed) generation, under its bounded (tenant, adapter) labels."""
-        adapter = BASE_LABEL if adapter_key is None else str(getattr(adapter_key, "adapter_id", adapter_key))
-        labels = self.adapter_labels(tenant, adapter)
+        labels = self.adapter_labels(tenant, BASE_LABEL if adapter_id is None else adapter_id)
         self.adapter_requests.labels(*labels, finish_reason).inc()
         self.adapter_prompt_tokens.labels(*labels).inc(prompt_tokens)
         self.adapter_generated_tokens.labels(*labels).inc(completion_tokens)
@@ -124,17 +122,13 @@ class Metrics:
         if first_token_s is not None:
             self.adapter_ttft.labels(*labels).observe(first_token_s)
 
-    def bind(self, services: LiveState) -> None:
-        """Read live state (engine, adapter manager, training queue) from `services` at every scrape."""
-        if self._live is None:
-            self._live = LiveCollector(services)
-            self.registry.register(self._live)
-
-    def render(self, tenant: str | None = None) -> bytes:
-        """Prometheus text: everything (tenant None, for admins) or one tenant's own view."""
+    def render(self, live: LiveState, tenant: str | None = None) -> bytes:
+        """Prometheus text: the instruments plus `live`'s scrape-time gauges (engine, adapter manager,
+        training queue); everything (tenant None, for admins) or one tenant's own view."""
+        scrape = Scrape(self.registry, LiveCollector(live))
         if tenant is None:
-            return generate_latest(self.registry)
-        return generate_latest(TenantView(self.registry, tenant))  # type: ignore[arg-type]
+            return generate_latest(scrape)  # type: ignore[arg-type]
+        return generate_latest(TenantView(scrape, tenant))  # type: ignore[arg-type]
 
 
 class NullMetrics(Metrics):
@@ -145,13 +139,28 @@ class NullMetrics(Metrics):
         super().__init__(max_adapter_series=1)
 
 
+class Collector(Protocol):
+    def collect(self) -> Iterator[Metric]: ...
+
+
+class Scrape:
+    """One scrape's families: the registry's instruments, then the live gauges read now."""
+
+    def __init__(self, *sources: Collector) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self.sources:
+            yield from source.collect()
+
+
 class TenantView:
     """The registry as one tenant may see it: its own `tenant`-labelled samples and `PUBLIC_GAUGES`.
 
     Samples past the cardinality cap (`_other`) mix tenants, so no tenant sees them.
     """
 
-    def __init__(self, registry: CollectorRegistry, tenant: str) -> None:
+    def __init__(self, registry: Collector, tenant: str) -> None:
         self.registry = registry
         self.tenant = tenant
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
 
+from server.adapters.types import AdapterKey
 from server.api.keys import DEFAULT_TENANT, Principal
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.errors import ApiError, InvalidRequest, QueueFull, Unavailable
@@ -34,7 +35,7 @@ class Completion:
     completion_tokens: int
 
 
-async def resolve_adapter(services: Services, principal: Principal, adapter_id: str | None) -> Hashable | None:
+async def resolve_adapter(services: Services, principal: Principal, adapter_id: str | None) -> AdapterKey | None:
     """None = the base model; otherwise the manager's key (raises NotFound / AdapterError)."""
     if adapter_id is None or adapter_id == services.base.model_id:
         return None
@@ -143,6 +144,14 @@ class Outcome:
             self.reason = "error"
 
 
+def _adapter_id(key: Hashable | None) -> str | None:
+    """The engine carries the key opaquely; the API put an AdapterKey (or None = base) in it."""
+    if key is None:
+        return None
+    assert isinstance(key, AdapterKey), key
+    return key.adapter_id
+
+
 def _observe(services: Services, request: Request, http: HttpRequest, outcome: Outcome) -> None:
     """Per-adapter metrics and one log line; never raises (it runs while a request unwinds)."""
     try:
@@ -150,7 +159,7 @@ def _observe(services: Services, request: Request, http: HttpRequest, outcome: O
         tenant = principal.tenant if principal is not None else DEFAULT_TENANT
         seconds = time.perf_counter() - outcome.started
         prompt_tokens = outcome.prompt_tokens or len(request.prompt_ids)
-        services.metrics.observe_generation(tenant, request.adapter_key, outcome.reason, prompt_tokens,
+        services.metrics.observe_generation(tenant, _adapter_id(request.adapter_key), outcome.reason, prompt_tokens,
                                             outcome.completion_tokens, seconds, outcome.first_token_s)
         prompt = None
         if services.settings.log_prompts:

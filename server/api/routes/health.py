@@ -40,5 +40,5 @@ async def metrics(request: Request, principal: Principal = Depends(get_principal
     services.metrics.queue_depth.set(len(services.engine.waiting))
     services.metrics.running.set(len(services.engine.scheduler.running))
     everything = principal.admin or services.settings.api_keys is None
-    body = services.metrics.render(None if everything else principal.tenant)
+    body = services.metrics.render(services, None if everything else principal.tenant)
     return Response(body, media_type=services.metrics.content_type)
