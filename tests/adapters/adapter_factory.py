@@ -42,6 +42,9 @@ def tiny_base(seed: int = 0, **config) -> BaseModel:
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, **config))
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20.0)
+        for module in model.modules():  # HF zeroes biases at init: a zero bias would hide its handling
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
     model.eval().requires_grad_(False)
     return BaseModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"),
                      dtype=torch.float32, max_context=512)
