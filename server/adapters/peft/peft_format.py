@@ -312,7 +312,11 @@ def _module_weights(spec: AdapterSpec, info: ModuleInfo, views: Iterator[torch.T
             return LoraWeights(a, bt, embedding=info.kind == "embedding")
         assert info.weight is not None
         magnitude = next(views)  # [out]: overwritten by g, in its arena bytes
-        magnitude.copy_(dora_scale(magnitude, a, bt, info.weight))
+        scale = dora_scale(magnitude, a, bt, info.weight)
+        if not bool(torch.isfinite(scale).all()) and all(bool(torch.isfinite(t).all()) for t in (magnitude, a, bt)):
+            raise AdapterError(f"module {info.name!r}: DoRA's column norm ‖W + s·BA‖ is zero in an output row of "
+                               "this base model, where DoRA's output is undefined (PEFT's is NaN)")
+        magnitude.copy_(scale)
         return LoraWeights(a, bt, dora_scale=magnitude)
     block = next(views)
     if spec.init == "bat":

@@ -86,3 +86,15 @@ def test_use_dora_must_be_a_boolean(made):
     af.make_peft(base, "dora_qv", tmp / "str")
     af.edit_config(tmp / "str", use_dora="yes")
     _refused(tmp / "str", base, limits, "use_dora must be true or false")
+
+
+def test_a_zero_column_norm_is_refused(made, tmp_path):
+    """B·A = 0 on a zero row of W: PEFT divides by a zero norm there."""
+    base, limits, tmp = made
+    af.make_peft(base, "dora_qv", tmp / "zero")
+    af.edit_tensors(tmp / "zero", lambda t: {**t, PREFIX + "q_proj.lora_B.weight": torch.zeros(64, 8)})
+    zeroed = af.tiny_base(0)
+    with torch.no_grad():
+        zeroed.model.model.layers[0].self_attn.q_proj.weight[5].zero_()
+    _refused(tmp / "zero", zeroed, limits, r"module 'model.layers.0.self_attn.q_proj': DoRA's column norm "
+                                           r"‖W \+ s·BA‖ is zero in an output row")
