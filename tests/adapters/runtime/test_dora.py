@@ -127,3 +127,77 @@ def test_slot_reused_by_plain_lora_drops_the_rescale(tmp_path):
     with torch.no_grad():
         expected = lora(input_ids=ids).logits
     torch.testing.assert_close(af.logits_under(ours.model, ids, 0), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- every backend at the layer level: Triton's kernels (interpreted on CPU), the C kernel, torch ------
+
+IN, OUT = 48, 40
+LAYER_SLOTS = [0] * 10 + [-1, 1, 0, 1] + [0, -1, 1]  # a DoRA prefill run, then decode-like short runs
+
+
+def _dora_layer(backend, dtype: torch.dtype):
+    """A biased Linear with DoRA in slot 0 and plain LoRA in slot 1; the expected output in float64."""
+    from torch import nn
+
+    from server.adapters.runtime.layers import AdaptedLinear
+    from server.adapters.runtime.slots import SlotBank
+    from server.adapters.weights.lora import LoraWeights, dora_scale
+
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(IN, OUT).requires_grad_(False)
+    with torch.no_grad():
+        base.bias.normal_(0.0, 1.0, generator=g)
+    bank = SlotBank(2, IN, OUT, max_rank=16, device=torch.device("cpu"), dtype=dtype)
+    a0, bt0, a1, bt1 = (torch.randn(s, generator=g) / 4 for s in ((8, IN), (8, OUT), (5, IN), (5, OUT)))
+    scale = dora_scale(torch.rand(OUT, generator=g) + 0.5, a0, bt0, base.weight)
+    bank.write(0, LoraWeights(a0, bt0, dora_scale=scale))
+    bank.write(1, LoraWeights(a1, bt1))
+    base = base.to(dtype)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        x64, w, b = x.double(), base.weight.double(), base.bias.double()
+        rows = []
+        for i, slot in enumerate(LAYER_SLOTS):
+            y = x64[i] @ w.T
+            if slot == 0:
+                y = scale.double() * (y + x64[i] @ a0.double().T @ bt0.double())
+            elif slot == 1:
+                y = y + x64[i] @ a1.double().T @ bt1.double()
+            rows.append(y + b)
+        return torch.stack(rows)
+
+    return AdaptedLinear(base, "proj", bank, backend), expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_applies_the_rescale(interpreted_triton_lora, dtype):
+    from server.adapters.runtime.triton_backend import TritonBackend
+
+    layer, expected = _dora_layer(TritonBackend(), dtype)
+    x = torch.randn(len(LAYER_SLOTS), IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert layer.backend._takes(x, torch.empty(len(LAYER_SLOTS), OUT, dtype=dtype), layer.bank)  # the kernels
+    with torch.no_grad(), adapter_step(AdapterMapping.from_token_slots(LAYER_SLOTS)):
+        got = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), expected(x), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu-kernel"])
+def test_torch_and_c_kernel_backends_apply_the_rescale(backend, tmp_path):
+    from server.adapters.runtime.backend import TorchBackend
+    from server.kernels.cpu import load_kernel
+
+    if backend == "cpu-kernel":
+        kernel = load_kernel(AdapterLimits.from_settings(af.adapter_settings(tmp_path)).kernel_cache_dir)
+        assert kernel is not None
+        chosen = CpuKernelBackend(kernel)
+    else:
+        chosen = TorchBackend()
+    layer, expected = _dora_layer(chosen, torch.float32)
+    x = torch.randn(len(LAYER_SLOTS), IN, generator=torch.Generator().manual_seed(1))
+    if backend == "cpu-kernel":  # the short runs go through the C kernel
+        grouped = AdapterBatch.build(AdapterMapping.from_token_slots(LAYER_SLOTS)).grouped
+        assert grouped is not None and chosen._takes(x, torch.empty(len(LAYER_SLOTS), OUT), layer.bank, grouped)
+    with torch.no_grad(), adapter_step(AdapterMapping.from_token_slots(LAYER_SLOTS)):
+        got = layer(x)
+    torch.testing.assert_close(got.double(), expected(x), atol=1e-5, rtol=1e-5)
