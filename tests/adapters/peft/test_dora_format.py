@@ -98,3 +98,11 @@ def test_a_zero_column_norm_is_refused(made, tmp_path):
         zeroed.model.model.layers[0].self_attn.q_proj.weight[5].zero_()
     _refused(tmp / "zero", zeroed, limits, r"module 'model.layers.0.self_attn.q_proj': DoRA's column norm "
                                            r"‖W \+ s·BA‖ is zero in an output row")
+
+
+def test_dora_on_a_module_that_is_not_linear_is_refused(made):
+    base, limits, tmp = made
+    af.make_peft(base, "dora_qv", tmp / "attn")
+    af.edit_config(tmp / "attn", target_modules=["q_proj", "v_proj", "self_attn"])
+    _refused(tmp / "attn", base, limits, r"target module 'model.layers.0.self_attn' is neither a Linear nor an "
+                                         "Embedding module, which LORA cannot adapt")
