@@ -9,6 +9,8 @@ with and without a bias in the adapted projections (which the rescale leaves out
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -201,3 +203,29 @@ def test_torch_and_c_kernel_backends_apply_the_rescale(backend, tmp_path):
     with torch.no_grad(), adapter_step(AdapterMapping.from_token_slots(LAYER_SLOTS)):
         got = layer(x)
     torch.testing.assert_close(got.double(), expected(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_batch_matches_peft(tmp_path):
+    """The compiled Triton kernels and the rescale after them, on the GPU, against PEFT there."""
+    from server.adapters.runtime.triton_backend import TritonBackend
+
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=len(KINDS))
+    reference, ours = af.tiny_base(0, attention_bias=True), af.tiny_base(0, attention_bias=True)
+    ours.model.to("cuda")
+    ours = dataclasses.replace(ours, device=torch.device("cuda"))
+    layers = inject_adapter_layers(ours.model, AdapterLimits.from_settings(settings))
+    assert isinstance(layers["model.layers.0.self_attn.q_proj"].backend, TritonBackend)
+    peft_models = {}
+    for slot, kind in enumerate(KINDS):
+        peft_models[slot] = af.make_peft(reference, kind, tmp_path / kind, seed=40 + slot).to("cuda")
+        layers.load_slot(slot, read_adapter(tmp_path / kind, ours, AdapterLimits.from_settings(settings)))
+    layers.copier.join()
+    ids = torch.randint(3, af.VOCAB, (len(ROWS), 5), generator=torch.Generator().manual_seed(5)).to("cuda")
+    with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots(ROWS, ids.shape[1], "cuda")):
+        got = ours.model(input_ids=ids).logits
+    for i, slot in enumerate(ROWS):
+        if slot != BASE:
+            torch.testing.assert_close(got[i:i + 1], _peft(peft_models, None, ids[i:i + 1], slot),
+                                       atol=1e-4, rtol=1e-4)
