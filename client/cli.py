@@ -103,7 +103,7 @@ def _add_adapters(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="submit a training job (and --wait for it)")
     p.add_argument("--adapter-id", required=True, metavar="ID", help="id the trained adapter is registered as")
-    p.add_argument("--method", choices=("lora", "miss"), default="lora")
+    p.add_argument("--method", choices=("lora", "dora", "miss"), default="lora")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
                    help='one {"prompt": ..., "completion": ...} object per line')
     p.add_argument("--rank", type=int)

@@ -62,7 +62,7 @@ def lora_config(spec: TrainingJobSpec, base_model_id: str | None) -> dict[str, A
         "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_VERSION,
         "qalora_group_size": 16, "r": spec.rank, "rank_pattern": {}, "revision": None,
         "target_modules": _short_targets(spec), "target_parameters": None, "task_type": "CAUSAL_LM",
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": spec.method == "dora", "use_qalora": False,
         "use_rslora": spec.use_rslora, "velora_config": None,
     }
 
@@ -80,7 +80,7 @@ def miss_config(spec: TrainingJobSpec, base_model_id: str | None) -> dict[str, A
 
 
 def adapter_config(spec: TrainingJobSpec, base_model_id: str | None) -> dict[str, Any]:
-    return lora_config(spec, base_model_id) if spec.method == "lora" else miss_config(spec, base_model_id)
+    return miss_config(spec, base_model_id) if spec.method == "miss" else lora_config(spec, base_model_id)
 
 
 def save_peft(directory: Path, adapters: Mapping[str, torch.nn.Module], spec: TrainingJobSpec,

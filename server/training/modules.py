@@ -1,4 +1,4 @@
-"""The trainable adapter modules: LoRA (Linear, Embedding) and MiSS (balance, mini, bat).
+"""The trainable adapter modules: LoRA (Linear, Embedding), DoRA (Linear) and MiSS (balance, mini, bat).
 
 Each module computes only the *delta* an adapter adds to its base layer's
 output, `train_adapter(x) -> Δy`, which the adapter-aware wrappers add for the
@@ -75,6 +75,33 @@ class LoraEmbedding(TrainableAdapter):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
         after_a = F.embedding(ids, self.lora_embedding_A.T)  # [..., r]
         return (after_a @ self.lora_embedding_B.T * self.scaling).to(self.out_dtype)
+
+
+class DoraLinear(LoraLinear):
+    """PEFT's DoRA: Δy = (g − 1)·(h Wᵀ) + g·(h Aᵀ Bᵀ · s), g = m / ‖W + s·BA‖_col with the norm detached
+    (DoRA paper §4.3), h = dropout(x); m starts at ‖W‖ (B is zero), PEFT's init.
+
+    The frozen base weight is referenced, never copied nor saved; the rescale of the base output costs one
+    extra full matmul per step (the wrapper hands a trainable module x alone)."""
+
+    def __init__(self, base_weight: torch.Tensor, r: int, scaling: float, dropout: float,
+                 device: torch.device, init_gen: torch.Generator) -> None:
+        out_features, in_features = base_weight.shape
+        super().__init__(in_features, out_features, r, scaling, dropout, device, init_gen)
+        self._base = (base_weight,)  # a tuple: not registered, not in state_dict
+        self.lora_magnitude_vector = nn.Parameter(self._norm().to(device))  # [out]
+
+    def _norm(self) -> torch.Tensor:
+        """‖W + s·BA‖ per output row `[out]`, float32, detached."""
+        with torch.no_grad():
+            w = self._base[0].to(PARAM_DTYPE)
+            return torch.linalg.norm(w + self.scaling * (self.lora_B.weight @ self.lora_A.weight), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        h = _dropout(x.to(PARAM_DTYPE), self.p, self.generator, self.training)
+        g = self.lora_magnitude_vector / self._norm()  # [out]
+        base = F.linear(h, self._base[0].to(PARAM_DTYPE))  # [..., out], no bias: DoRA leaves it out
+        return ((g - 1) * base + g * self.lora_B(self.lora_A(h)) * self.scaling).to(x.dtype)
 
 
 class MissLinear(TrainableAdapter):
@@ -172,12 +199,18 @@ def check_layer(name: str, layer: nn.Module, spec: TrainingJobSpec) -> None:
     base = base_of(layer)
     r = spec.rank
     if isinstance(base, nn.Embedding):
+        if spec.method == "dora":
+            raise InvalidRequest(f"DoRA trains Linear modules only; {name!r} is an Embedding (use method 'lora')")
         if spec.method != "lora":
             raise InvalidRequest(f"MiSS cannot target the embedding {name!r}; use LoRA or Linear targets")
         return
     if not isinstance(base, nn.Linear):
         raise InvalidRequest(f"module {name!r} is not a Linear or Embedding layer")
-    if spec.method == "lora":
+    if spec.method == "dora" and bool((base.weight == 0).all(dim=1).any()):
+        raise InvalidRequest(f"DoRA cannot adapt {name!r}: its weight has an all-zero output row (a padding "
+                             "embedding tied to it, say), where DoRA's column norm starts at zero and its "
+                             "rescale is 0/0")
+    if spec.method in ("lora", "dora"):
         return
     in_f, out_f = base.in_features, base.out_features
     if r > in_f:
@@ -206,6 +239,8 @@ def build_one(layer: nn.Module, spec: TrainingJobSpec, device: torch.device, ini
     in_f, out_f = base.in_features, base.out_features
     if spec.method == "lora":
         return LoraLinear(in_f, out_f, r, lora_scaling(spec), spec.dropout, device, init_gen)
+    if spec.method == "dora":
+        return DoraLinear(base.weight, r, lora_scaling(spec), spec.dropout, device, init_gen)
     if spec.variant == "bat":
         return MissBat(base.weight, r)
     return MissLinear(in_f, out_f, r, spec.dropout, device, mini_r=spec.mini_r if spec.variant == "mini" else None)

@@ -60,7 +60,7 @@ class TrainingJobSpec(PydanticModel):
 
     model_config = ConfigDict(extra="forbid")
     adapter_id: str
-    method: Literal["lora", "miss"] = "lora"
+    method: Literal["lora", "dora", "miss"] = "lora"
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False, description="LoRA scale numerator; default 2*rank")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
@@ -87,7 +87,7 @@ class TrainingJobSpec(PydanticModel):
             raise ValueError("warmup_steps must not exceed steps")
         if self.method == "miss" and self.variant == "mini" and self.mini_r is None:
             raise ValueError("MiSS variant 'mini' needs mini_r")
-        if self.method == "lora" and (self.variant != "balance" or self.mini_r is not None):
+        if self.method != "miss" and (self.variant != "balance" or self.mini_r is not None):
             raise ValueError("variant and mini_r apply to method 'miss' only")
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError("target_modules has duplicates")

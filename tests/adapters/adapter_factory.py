@@ -24,6 +24,7 @@ from tests.conftest import tiny_llama_config
 VOCAB = 4096
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "miss_block")
 ALL_KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone", "bone_bat"]
+DORA_KINDS = ["dora_qv", "dora_all"]
 EOS = 2
 
 
@@ -33,13 +34,17 @@ def adapter_settings(tmp_path: Path, **overrides) -> Settings:
     return Settings(**kw)
 
 
-def tiny_base(seed: int = 0) -> BaseModel:
+def tiny_base(seed: int = 0, **config) -> BaseModel:
+    """`config`: LlamaConfig overrides (`attention_bias=True` gives the projections a bias)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB))
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, **config))
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20.0)
+        for module in model.modules():  # HF zeroes biases at init: a zero bias would hide its handling
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
     model.eval().requires_grad_(False)
     return BaseModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"),
                      dtype=torch.float32, max_context=512)
@@ -59,6 +64,9 @@ def peft_config(kind: str):
         "miss_bat": lambda: MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "o_proj", "up_proj"]),
         "bone": lambda: MissConfig(r=8, target_modules=["k_proj", "v_proj", "up_proj"]),
         "bone_bat": lambda: MissConfig(r=8, init_weights="bat", target_modules=["q_proj"]),
+        "dora_qv": lambda: LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]),
+        "dora_all": lambda: LoraConfig(r=8, lora_alpha=16, use_dora=True, use_rslora=True, target_modules="all-linear",
+                                       rank_pattern={"o_proj": 4}),
     }
     return configs[kind]()
 
@@ -73,6 +81,8 @@ def make_peft(base: BaseModel, kind: str, out_dir: Path, seed: int = 1, scale: f
         for name, p in model.named_parameters():
             if any(f".{key}" in name for key in ADAPTER_PARAMS):
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif ".lora_magnitude_vector" in name:  # PEFT inits m = ‖W‖: make it differ from any norm
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
     model.eval()
     model.save_pretrained(out_dir)
     if kind.startswith("bone"):

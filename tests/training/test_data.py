@@ -70,7 +70,7 @@ def test_spec_checks(train_settings):
     ok = dict(adapter_id="x", data=[{"prompt": "p", "completion": "c"}])
     check_spec(TrainingJobSpec(**ok), train_settings)
     for bad in ({"rank": 0}, {"learning_rate": 0}, {"learning_rate": 5.0}, {"batch_size": 0}, {"steps": 0},
-                {"method": "dora"}, {"warmup_steps": 500}, {"method": "miss", "variant": "mini"},
+                {"method": "ia3"}, {"warmup_steps": 500}, {"method": "miss", "variant": "mini"},
                 {"variant": "bat"}, {"target_modules": []}, {"target_modules": ["q_proj", "q_proj"]},
                 {"unknown": 1}):
         with pytest.raises(ValidationError):

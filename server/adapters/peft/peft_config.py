@@ -24,7 +24,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 SUPPORTED_TYPES = ("LORA", "MISS", "BONE")
 # LoRA options that change the math or need pieces we do not serve: refused when set.
 LORA_UNSUPPORTED = (
-    "use_dora", "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices",
+    "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices",
     "alora_invocation_tokens", "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
     "velora_config", "monteclora_config", "megatron_config",
 )
@@ -40,6 +40,7 @@ class AdapterSpec:
     targeting: Targeting
     alpha: float = 8.0
     use_rslora: bool = False
+    use_dora: bool = False  # Linear modules only (peft_format refuses it elsewhere)
     rank_pattern: PatternMap[int] = field(default_factory=lambda: PatternMap({}, ()))
     alpha_pattern: PatternMap[float] = field(default_factory=lambda: PatternMap({}, ()))
     init: str = "balance"  # MiSS/Bone: balance | mini | bat
@@ -52,7 +53,7 @@ class AdapterSpec:
     @property
     def variant(self) -> str:
         if self.peft_type == "LORA":
-            return "rslora" if self.use_rslora else "default"
+            return "dora" if self.use_dora else "rslora" if self.use_rslora else "default"
         return self.init
 
     def module_rank(self, name: str) -> int:
@@ -128,8 +129,7 @@ def _refuse_common(cfg: dict) -> None:
 def _lora_spec(cfg: dict) -> AdapterSpec:
     for key in LORA_UNSUPPORTED:
         if cfg.get(key):
-            what = "DoRA (use_dora)" if key == "use_dora" else key
-            raise AdapterError(f"{what} is not supported")
+            raise AdapterError(f"{key} is not supported")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         raise AdapterError(f"init_lora_weights={init!r} rewrites the base weights and is not supported")
@@ -138,6 +138,7 @@ def _lora_spec(cfg: dict) -> AdapterSpec:
         r=_int(cfg.get("r", 8), "r"),
         alpha=_number(cfg.get("lora_alpha", 8), "lora_alpha"),
         use_rslora=_bool(cfg.get("use_rslora", False), "use_rslora"),
+        use_dora=_bool(cfg.get("use_dora", False), "use_dora"),
         rank_pattern=pattern_map("rank_pattern", {k: _int(v, f"rank_pattern[{k!r}]")
                                                   for k, v in _dict(cfg, "rank_pattern").items()}),
         alpha_pattern=pattern_map("alpha_pattern", {k: _number(v, f"alpha_pattern[{k!r}]")
@@ -239,7 +240,7 @@ def summary_from_config(config_path: Path) -> dict[str, Any]:
     if isinstance(targets, str):
         targets = [targets]
     if peft_type == "lora":
-        variant = "rslora" if cfg.get("use_rslora") else "lora"
+        variant = "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora"
     elif peft_type == "miss":
         init = cfg.get("init_weights", True)
         variant = init if isinstance(init, str) else "balance"

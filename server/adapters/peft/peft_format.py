@@ -22,7 +22,7 @@ from server.adapters.runtime.inject import ModuleInfo, all_linear_names, module_
 from server.adapters.peft.arena import Arena
 from server.adapters.peft.carve import Piece, carve, source
 from server.adapters.weights.loaded import LoadedAdapter, ModuleWeights
-from server.adapters.weights.lora import LoraWeights, lora_scale
+from server.adapters.weights.lora import LoraWeights, dora_scale, lora_scale
 from server.adapters.weights.miss import BatWeights, MissWeights
 from server.adapters.peft.peft_config import AdapterSpec, parse_config
 from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
@@ -37,13 +37,13 @@ PEFT_PREFIX = "base_model.model."  # every tensor key starts so: PEFT's wrapper 
 # Tensor-name suffix -> role, per adapter type.
 SUFFIXES = {
     "LORA": {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "EA",
-             ".lora_embedding_B": "EB", ".base_layer.weight": "BASE"},
+             ".lora_embedding_B": "EB", ".base_layer.weight": "BASE", ".lora_magnitude_vector": "M"},
     "MISS": {".miss_block": "BLOCK"},
     "BONE": {".bone_block": "BLOCK"},
 }
 # Names that identify a refused feature even when the config hides it.
-TELLTALE = {"lora_magnitude_vector": "DoRA (use_dora) is not supported",
-            ".lora_B.bias": "lora_bias is not supported"}
+TELLTALE = {".lora_B.bias": "lora_bias is not supported"}
+DORA_HIDDEN = "DoRA magnitude tensors (lora_magnitude_vector) in an adapter whose config does not set use_dora"
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,8 @@ def _tensors_by_module(infos: dict[str, TensorInfo], spec: AdapterSpec) -> dict[
         for telltale, message in TELLTALE.items():
             if telltale in key:
                 raise AdapterError(message)
+        if "lora_magnitude_vector" in key and not spec.use_dora:
+            raise AdapterError(DORA_HIDDEN)
         if not key.startswith(PEFT_PREFIX):
             raise AdapterError(f"unexpected tensor {key!r}: PEFT keys start with {PEFT_PREFIX!r}")
         rest = key[len(PEFT_PREFIX):]
@@ -148,6 +150,9 @@ def _check_targets(spec: AdapterSpec, roles: dict[str, dict], base: _Base) -> No
         if kind not in supported:
             what = "an Embedding" if kind == "embedding" else "neither a Linear nor an Embedding"
             raise AdapterError(f"target module {name!r} is {what} module, which {spec.peft_type} cannot adapt")
+        if spec.use_dora and kind != "linear":
+            raise AdapterError(f"DoRA (use_dora) on target module {name!r}, an Embedding module, is not "
+                               "supported: DoRA is served on Linear modules only")
     for name in sorted(roles):
         if name not in base.table:
             raise AdapterError(f"unknown target module {name!r}: the base model has no such module")
@@ -174,8 +179,11 @@ def _check_shapes(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorIn
 def _check_lora(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> None:
     r = spec.module_rank(info.name)
     emb = info.kind == "embedding"
-    need = {"EA", "EB"} if emb else {"A", "B"}
+    need = {"EA", "EB"} if emb else {"A", "B", "M"} if spec.use_dora else {"A", "B"}
     allowed = need | ({"BASE"} if emb else set())
+    if spec.use_dora and not emb and "M" not in parts:
+        raise AdapterError(f"module {info.name!r}: use_dora is set but its DoRA magnitude tensor "
+                           "(lora_magnitude_vector) is missing")
     if not need <= set(parts) or not set(parts) <= allowed:
         raise AdapterError(f"module {info.name!r}: expected tensors {sorted(need)} for a {info.kind} module, "
                            f"found {sorted(parts)}")
@@ -184,6 +192,8 @@ def _check_lora(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo
     _expect_shape(info, b, (info.out_features, r))
     if "BASE" in parts:
         _expect_shape(info, parts["BASE"], (info.in_features, info.out_features))
+    if "M" in parts:
+        _expect_shape(info, parts["M"], (info.out_features,))
 
 
 def _check_miss(spec: AdapterSpec, info: ModuleInfo, block: TensorInfo) -> None:
@@ -229,12 +239,13 @@ def _load(path: Path, spec: AdapterSpec, roles: dict[str, dict[str, TensorInfo]]
 
 
 def _pieces(spec: AdapterSpec, info: ModuleInfo, parts: dict[str, TensorInfo]) -> list[Piece]:
-    """What a module keeps, in the order `_module_weights` takes it back: LoRA A then (B·s)ᵀ, or the block."""
+    """What a module keeps, in the order `_module_weights` takes it back: LoRA A then (B·s)ᵀ (then DoRA's
+    magnitude), or the block."""
     if spec.peft_type != "LORA":
         return [Piece(parts["BLOCK"])]
     a, b = (parts["EA"], parts["EB"]) if info.kind == "embedding" else (parts["A"], parts["B"])
     scale = lora_scale(spec.module_alpha(info.name), spec.module_rank(info.name), spec.use_rslora)
-    return [Piece(a), Piece(b, scale)]
+    return [Piece(a), Piece(b, scale)] + ([Piece(parts["M"])] if "M" in parts else [])
 
 
 _buffers = threading.local()
@@ -297,7 +308,16 @@ def _module_weights(spec: AdapterSpec, info: ModuleInfo, views: Iterator[torch.T
     """The module's compute form from its carved views (taken in `_pieces`' order)."""
     if spec.peft_type == "LORA":
         a, bt = next(views), next(views)  # [r, in], [r, out]
-        return LoraWeights(a, bt, embedding=info.kind == "embedding")
+        if not spec.use_dora:
+            return LoraWeights(a, bt, embedding=info.kind == "embedding")
+        assert info.weight is not None
+        magnitude = next(views)  # [out]: overwritten by g, in its arena bytes
+        scale = dora_scale(magnitude, a, bt, info.weight)
+        if not bool(torch.isfinite(scale).all()) and all(bool(torch.isfinite(t).all()) for t in (magnitude, a, bt)):
+            raise AdapterError(f"module {info.name!r}: DoRA's column norm ‖W + s·BA‖ is zero in an output row of "
+                               "this base model, where DoRA's output is undefined (PEFT's is NaN)")
+        magnitude.copy_(scale)
+        return LoraWeights(a, bt, dora_scale=magnitude)
     block = next(views)
     if spec.init == "bat":
         return BatWeights(block)

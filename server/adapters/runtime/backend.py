@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.adapters.runtime.dora import rescale_dora
 from server.adapters.runtime.plan import AdapterBatch, Grouped
 from server.adapters.runtime.slots import SlotBank
 from server.kernels.cpu import GroupedLoraKernel
@@ -34,8 +35,10 @@ class AdapterBackend(Protocol):
     # (no widened copy); False: the layer widens y and x to float32 around it.
     rounds_once: bool
 
-    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
-        """x2 `[tokens, in]`, y2 `[tokens, out]` += each token's own slot term (in place)."""
+    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch,
+                   bias: torch.Tensor | None = None) -> None:
+        """x2 `[tokens, in]`, y2 `[tokens, out]` += each token's own slot term (in place); then DoRA
+        slots' rows are rescaled (dora.py: y2 holds the base output with `bias`, which the rescale leaves out)."""
 
     def add_embedding(self, ids: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         """ids `[tokens]`, y2 `[tokens, dim]` += each token's own slot term (in place)."""
@@ -46,10 +49,12 @@ class TorchBackend:
 
     rounds_once = False
 
-    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
+    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch,
+                   bias: torch.Tensor | None = None) -> None:
         self.add_long(x2, y2, bank, batch)
         if batch.grouped is not None and bank.r_used:
             self.add_grouped(x2, y2, bank, batch.grouped)
+        rescale_dora(y2, bias, bank, batch)
 
     def add_long(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         """Each long run (prefill) on its own slice of x: no gather."""
@@ -113,16 +118,17 @@ class CpuKernelBackend:
         self.kernel = kernel
         self.fallback = fallback or TorchBackend()
 
-    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
+    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch,
+                   bias: torch.Tensor | None = None) -> None:
         self.fallback.add_long(x2, y2, bank, batch)
         g = batch.grouped
-        if g is None or not bank.r_used:
-            return
-        if self._takes(x2, y2, bank, g):
-            assert bank.a is not None and bank.bt is not None and g.blocks is not None
-            self.kernel.add(x2, y2, bank.a, bank.bt, g.blocks, bank.r_used, supported=True)
-        else:
-            self.fallback.add_grouped(x2, y2, bank, g)
+        if g is not None and bank.r_used:
+            if self._takes(x2, y2, bank, g):
+                assert bank.a is not None and bank.bt is not None and g.blocks is not None
+                self.kernel.add(x2, y2, bank.a, bank.bt, g.blocks, bank.r_used, supported=True)
+            else:
+                self.fallback.add_grouped(x2, y2, bank, g)
+        rescale_dora(y2, bias, bank, batch)  # around the kernel's LoRA term
 
     def add_embedding(self, ids: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         self.fallback.add_embedding(ids, y2, bank, batch)

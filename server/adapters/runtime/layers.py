@@ -126,7 +126,7 @@ class AdaptedLinear(AdaptedModule):
         return self.backend.rounds_once and not any(slot in batch.active for slot in self.bank.bat)
 
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
-        self.backend.add_linear(x2, y2, self.bank, batch)
+        self.backend.add_linear(x2, y2, self.bank, batch, self.base_layer.bias)
         for slot, block in self.bank.bat.items():
             if slot in batch.active:
                 rows = batch.rows(slot)  # [k]

@@ -23,6 +23,11 @@ module an adapter targets (1.25 GB for 64 slots of SmolLM2 at rank 16): done on
 the engine thread, every running stream would stall for it (bench/NOTES.md,
 "Slot banks"). So a request's prepare reserves the grown
 tensors on a loader thread (`reserve`) and the engine thread only swaps them in.
+
+DoRA slots also keep their column rescale `g − 1` (weights/lora.py) in `dora`,
+`[slots + 2, out]` float32, allocated with the first DoRA adapter: rows of other
+slots are zero, and so are the two last rows, so the step's token slots (BASE_SLOT
+-1, TRAIN_SLOT -2 included) index it directly (runtime/dora.py applies it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from server.adapters.runtime.transfer import Stage
 from server.adapters.weights.loaded import ModuleWeights
+from server.adapters.weights.lora import LoraWeights
 
 
 def _round_up(n: int, step: int = 8) -> int:
@@ -55,6 +61,8 @@ class SlotBank:
         self.weights: list[ModuleWeights | None] = [None] * num_slots  # host copies (reference, merge)
         self.bat: dict[int, torch.Tensor] = {}  # slot -> bat block [out/r, r, r] on device
         self.r_used = 0
+        self.dora: torch.Tensor | None = None  # [slots + 2, out] float32 g − 1; zero rows for non-DoRA slots
+        self.dora_slots: set[int] = set()  # slots whose row of `dora` is set
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # zeroed (a, bt) of a larger r_cap
         self._grow_lock = threading.Lock()  # loader threads' reservations vs the engine thread's swap
 
@@ -73,6 +81,7 @@ class SlotBank:
         old_rank = self.ranks[slot]
         self.bat.pop(slot, None)
         self.weights[slot] = weights
+        self._write_dora(slot, weights.dora_scale if isinstance(weights, LoraWeights) else None, stage)
         if not weights.batched:
             self._zero_rows(slot, 0, old_rank)
             self._set_rank(slot, 0)
@@ -90,7 +99,21 @@ class SlotBank:
         self._zero_rows(slot, r, old_rank)
         self._set_rank(slot, r)
 
+    def _write_dora(self, slot: int, scale: torch.Tensor | None, stage: Stage) -> None:
+        """The slot's row of `dora`: g − 1 for a DoRA module, zero (or nothing to do) otherwise."""
+        if scale is None:
+            if slot in self.dora_slots:
+                assert self.dora is not None
+                self.dora[slot].zero_()
+                self.dora_slots.discard(slot)
+            return
+        if self.dora is None:
+            self.dora = torch.zeros(self.num_slots + 2, self.out_features, device=self.device, dtype=torch.float32)
+        self.dora[slot].copy_(stage(scale)).sub_(1)
+        self.dora_slots.add(slot)
+
     def clear(self, slot: int) -> None:
+        self._write_dora(slot, None, lambda t: t)
         self._zero_rows(slot, 0, self.ranks[slot])
         self._set_rank(slot, 0)
         self.bat.pop(slot, None)
@@ -155,7 +178,7 @@ class SlotBank:
             self.a, self.bt = a, bt
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.bt) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.a, self.bt, self.dora) if t is not None)
 
 
 def _cap_of(tensors: tuple[torch.Tensor, torch.Tensor] | None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from server.adapters.runtime.backend import TorchBackend
+from server.adapters.runtime.dora import rescale_dora
 from server.adapters.runtime.plan import AdapterBatch
 from server.adapters.runtime.slots import SlotBank
 from server.kernels import triton_lora
@@ -26,14 +27,16 @@ class TritonBackend:
     def __init__(self, fallback: TorchBackend | None = None) -> None:
         self.fallback = fallback or TorchBackend()
 
-    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
+    def add_linear(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch,
+                   bias: torch.Tensor | None = None) -> None:
         if batch.groups is None or not bank.r_used:
             return
         assert bank.a is not None and bank.bt is not None
         if self._takes(x2, y2, bank):
             triton_lora.add_lora(x2, y2, bank.a, bank.bt, batch.groups, bank.r_used)
+            rescale_dora(y2, bias, bank, batch)  # torch ops after the kernels, in float32
         else:
-            self._torch_once_rounded(x2, y2, bank, batch)
+            self._torch_once_rounded(x2, y2, bank, batch, bias)
 
     def add_embedding(self, ids: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
         self.fallback.add_embedding(ids, y2, bank, batch)
@@ -44,11 +47,12 @@ class TritonBackend:
         assert bank.a is not None and bank.bt is not None
         return not x2.requires_grad and not y2.requires_grad and triton_lora.supports(x2, y2, bank.a, bank.bt)
 
-    def _torch_once_rounded(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch) -> None:
+    def _torch_once_rounded(self, x2: torch.Tensor, y2: torch.Tensor, bank: SlotBank, batch: AdapterBatch,
+                            bias: torch.Tensor | None) -> None:
         """The torch path with the layer's float32 accumulation, which `rounds_once` told it to skip."""
         if y2.dtype == torch.float32:
-            self.fallback.add_linear(x2, y2, bank, batch)
+            self.fallback.add_linear(x2, y2, bank, batch, bias)
             return
         acc = y2.float()  # [tokens, out]
-        self.fallback.add_linear(x2.float(), acc, bank, batch)
+        self.fallback.add_linear(x2.float(), acc, bank, batch, bias)
         y2.copy_(acc)

@@ -53,7 +53,7 @@ def test_valid_files_are_accepted(fresh):
 
 
 CONFIG_CASES = [
-    ({"use_dora": True}, r"DoRA \(use_dora\) is not supported"),
+    ({"use_dora": True}, r"use_dora is set but its DoRA magnitude tensor \(lora_magnitude_vector\) is missing"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
@@ -150,7 +150,7 @@ TENSOR_CASES = {
                        "unexpected tensor 'base_model.model.lm_head.weight'"),
     "no prefix": (lambda t: {**t, "q_proj.lora_A.weight": torch.zeros(2, 2)}, "PEFT keys start with"),
     "dora tensor": (lambda t: {**t, PREFIX + "q_proj.lora_magnitude_vector": torch.ones(64)},
-                    r"DoRA \(use_dora\) is not supported"),
+                    r"DoRA magnitude tensors \(lora_magnitude_vector\) in an adapter whose config does not set use_dora"),
     "lora bias tensor": (lambda t: {**t, PREFIX + "q_proj.lora_B.bias": torch.ones(64)}, "lora_bias is not supported"),
     "int dtype": (lambda t: {**t, PREFIX + "q_proj.lora_A.weight": torch.zeros(8, 64, dtype=torch.int32)},
                   "adapters must be floating point"),
