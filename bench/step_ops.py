@@ -1,0 +1,199 @@
+"""Ops per decode step: the CPU-measurable proxy of how launch-bound a step would be on a GPU.
+
+Why count ops: on a GPU a small model's decode step costs about one kernel
+launch per op that does work, whatever the op computes, so a step that issues
+thousands of tiny ops is launch-bound long before it is compute- or
+memory-bound. Counting them needs no GPU: torch.profiler records every aten op
+the step dispatches, here on CPU.
+
+What counts as one op: the innermost aten op that does work (one none of whose
+nested aten ops does work: the call that actually runs a kernel). Ops that do
+no work are left out: metadata-only ones (views, reshapes, transposes,
+slicing, allocation without fill) and no-ops (`to` / `contiguous` / `detach_`
+/ `resolve_conj` returning their input; a converting `to` counts through the
+`copy_` it runs).
+The CPU adapter kernel (server/kernels/lora_cpu.c, called through ctypes, so
+invisible to the profiler) counts as one op per call: the bench wraps it in a
+`record_function` scope named `KERNEL_SCOPE` and counts those scopes.
+
+The load: 32 decoding sequences (prompt 64 in the cache) over 16 rank-16
+all-linear LoRA adapters in scattered device slots (0, 2, 4, ... 30), on the
+default model, through the engine's own Runner. Reported: base ops (every
+sequence on the base), adapted ops, and (adapted - base) / adapted modules,
+for the CPU default path (the C kernel) and for TorchBackend (what a GPU runs
+without Triton kernels). Target: adapted <= base + 2 per adapted module.
+
+    python -m bench.step_ops [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from bench.step_overhead import RANK, SLOTS, _Request, _Seq, random_adapter, torch_path
+from server.adapters.limits import AdapterLimits
+from server.adapters.runtime.backend import CpuKernelBackend
+from server.adapters.runtime.inject import AdapterLayers, inject_adapter_layers
+from server.engine.kv_cache import KVCache
+from server.engine.runner import Runner
+from server.engine.scheduler import StepPlan
+from server.kernels.cpu import GroupedLoraKernel
+from server.model.load import load_base
+from server.settings import Settings
+
+SEQUENCES = 32
+ADAPTERS = 16
+PROMPT = 64
+PER_MODULE_TARGET = 2
+KERNEL_SCOPE = "loraplex::lora_cpu_kernel"
+
+# Ops that only change metadata, allocate without writing, or return their input: no kernel launch on a GPU.
+NO_WORK_OPS = frozenset({
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::t", "aten::transpose", "aten::permute",
+    "aten::as_strided", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+    "aten::alias", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided",
+    "aten::empty_like", "aten::resize_", "aten::unbind", "aten::split", "aten::chunk", "aten::narrow",
+    "aten::numpy_T", "aten::contiguous", "aten::_reshape_alias", "aten::result_type", "aten::is_nonzero",
+    "aten::new_empty", "aten::new_empty_strided", "aten::view_as",
+    "aten::to", "aten::detach_", "aten::resolve_conj", "aten::resolve_neg", "aten::_conj", "aten::_neg_view",
+})
+
+
+def scattered_slots() -> list[int]:
+    """Sequence i -> slot 2 * (i % 16): 16 adapters, no two in consecutive slots."""
+    return [2 * (i % ADAPTERS) for i in range(SEQUENCES)]
+
+
+class _ScopedKernel:
+    """The C kernel with each call inside a profiler scope, so one call counts as one op."""
+
+    def __init__(self, kernel: GroupedLoraKernel) -> None:
+        self._kernel = kernel
+        self.weight_dtypes = kernel.weight_dtypes
+
+    def supports(self, *tensors: torch.Tensor) -> bool:
+        return self._kernel.supports(*tensors)
+
+    def add(self, *args, **kwargs) -> None:
+        with torch.profiler.record_function(KERNEL_SCOPE):
+            self._kernel.add(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def scoped_kernels(layers: AdapterLayers) -> Iterator[None]:
+    saved = {name: layer.backend for name, layer in layers.layers.items()}
+    for name, backend in saved.items():
+        if isinstance(backend, CpuKernelBackend):
+            layers[name].backend = CpuKernelBackend(_ScopedKernel(backend.kernel), backend.fallback)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        for name, backend in saved.items():
+            layers[name].backend = backend
+
+
+def count_ops(events) -> Counter[str]:
+    """Innermost aten ops that do work, plus one per kernel scope (see the module docstring)."""
+    counts: Counter[str] = Counter()
+
+    def visit(e) -> int:
+        """Ops counted in e's subtree."""
+        if e.name == KERNEL_SCOPE:
+            counts[e.name] += 1
+            return 1
+        inner = sum(visit(c) for c in e.cpu_children)
+        if inner == 0 and e.name.startswith("aten::") and e.name not in NO_WORK_OPS:
+            counts[e.name] += 1
+            return 1
+        return inner
+
+    for e in events:
+        if e.cpu_parent is None:
+            visit(e)
+    return counts
+
+
+def step_ops(runner: Runner, plan: StepPlan) -> Counter[str]:
+    runner.forward(plan)  # warm: first-call work is not per-step work
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.forward(plan)
+    return count_ops(prof.events())
+
+
+@dataclass
+class OpsRow:
+    path: str
+    base: int
+    adapted: int
+    modules: int
+
+    @property
+    def per_module(self) -> float:
+        return (self.adapted - self.base) / self.modules
+
+    @property
+    def passed(self) -> bool:
+        return self.adapted <= self.base + PER_MODULE_TARGET * self.modules
+
+
+def measure(top: int = 0) -> list[OpsRow]:
+    settings = Settings(device="cpu", dtype="float32", max_adapters_resident=SLOTS, max_rank=RANK)
+    base = load_base(settings)
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
+    slots = scattered_slots()
+    for slot in sorted(set(slots)):
+        layers.load_slot(slot, random_adapter(base, "lora", seed=slot))
+    modules = sum(1 for layer in layers.layers.values() if not layer.bank.empty)
+    cache = KVCache.for_model(base.model.config, SEQUENCES, PROMPT + 8, base.device, base.dtype)
+    runner = Runner(base, cache)
+    seqs = [_Seq(_Request(list(range(100, 100 + PROMPT))), row=i, generated=0) for i in range(SEQUENCES)]
+    for s in seqs:
+        runner.forward(StepPlan(None, [], [(s, PROMPT)]))
+        s.prefilled, s.generated = PROMPT, 1
+    plan = StepPlan(None, list(seqs), [])
+    rows = []
+    with scoped_kernels(layers):
+        for path, torch_only in (("CPU default (C kernel)", False), ("TorchBackend", True)):
+            with torch_path(layers, torch_only):
+                for s in seqs:
+                    s.slot = -1
+                base_ops = step_ops(runner, plan)
+                for s, slot in zip(seqs, slots):
+                    s.slot = slot
+                adapted_ops = step_ops(runner, plan)
+            rows.append(OpsRow(path, base_ops.total(), adapted_ops.total(), modules))
+            if top:
+                print(f"\n{path}: most frequent ops (base / adapted)")
+                for name, n in adapted_ops.most_common(top):
+                    print(f"  {name:40s} {base_ops[name]:6d} {n:6d}")
+    return rows
+
+
+def table(rows: list[OpsRow]) -> str:
+    lines = [f"ops per decode step: {SEQUENCES} sequences over {ADAPTERS} scattered rank-{RANK} all-linear LoRA "
+             f"adapters (target: adapted <= base + {PER_MODULE_TARGET} per adapted module)",
+             "| path | base ops | adapted ops | adapted modules | (adapted - base) / module | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.path} | {r.base} | {r.adapted} | {r.modules} | {r.per_module:.2f} | "
+                     f"{'PASS' if r.passed else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.step_ops", description=__doc__.split("\n")[0])
+    p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each adapted step")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(table(measure(a.top)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
