@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.engine import kv_cache
-from server.engine import runner as runner_module
+from server.engine import step_layout as layout_module
 from server.engine.attention import ATTN_IMPL, current_attention
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan
@@ -95,5 +95,5 @@ def test_decode_rows_with_holes_match_the_gathered_rows(varied_base, monkeypatch
     torch.testing.assert_close(_decode_logits(runner, shuffled), spanned[[2, 0, 3, 1]], rtol=0, atol=0)
     alone = torch.cat([_decode_logits(runner, [s]) for s in live])
     torch.testing.assert_close(spanned, alone, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(runner_module, "MAX_SPAN_PER_ROW", 0)  # force the row gather
+    monkeypatch.setattr(layout_module, "MAX_SPAN_PER_ROW", 0)  # force the row gather
     torch.testing.assert_close(_decode_logits(runner, live), spanned, rtol=1e-6, atol=1e-6)
