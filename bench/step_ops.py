@@ -21,7 +21,9 @@ all-linear LoRA adapters in scattered device slots (0, 2, 4, ... 30), on the
 default model, through the engine's own Runner. Reported: base ops (every
 sequence on the base), adapted ops, and (adapted - base) / adapted modules,
 for the CPU default path (the C kernel) and for TorchBackend (what a GPU runs
-without Triton kernels). Target: adapted <= base + 2 per adapted module.
+without Triton kernels), the latter also in the static decode layout CUDA runs
+(runner.py: padded batch, rows gathered by index, a persistent length mask).
+Target: adapted <= base + 2 per adapted module.
 
     python -m bench.step_ops [--top 15]
 """
@@ -41,10 +43,10 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.backend import CpuKernelBackend
 from server.adapters.runtime.inject import AdapterLayers, inject_adapter_layers
 from server.engine.kv_cache import KVCache
-from server.engine.runner import Runner
+from server.engine.runner import Runner, RunnerOptions
 from server.engine.scheduler import StepPlan
 from server.kernels.cpu import GroupedLoraKernel
-from server.model.load import load_base
+from server.model.load import BaseModel, load_base
 from server.settings import Settings
 
 SEQUENCES = 32
@@ -52,6 +54,11 @@ ADAPTERS = 16
 PROMPT = 64
 PER_MODULE_TARGET = 2
 KERNEL_SCOPE = "loraplex::lora_cpu_kernel"
+# (row name, adapters on the torch path, runner options): CPU's default; what a GPU without Triton runs, in
+# CPU's eager decode layout and in CUDA's static (graph-ready) one.
+PATHS = (("CPU default (C kernel)", False, RunnerOptions()),
+         ("TorchBackend", True, RunnerOptions()),
+         ("TorchBackend, static decode layout", True, RunnerOptions(static_decode=True)))
 
 # Ops that only change metadata, allocate without writing, or return their input: no kernel launch on a GPU.
 NO_WORK_OPS = frozenset({
@@ -90,7 +97,8 @@ def scoped_kernels(layers: AdapterLayers) -> Iterator[None]:
     saved = {name: layer.backend for name, layer in layers.layers.items()}
     for name, backend in saved.items():
         if isinstance(backend, CpuKernelBackend):
-            layers[name].backend = CpuKernelBackend(_ScopedKernel(backend.kernel), backend.fallback)  # type: ignore[arg-type]
+            scoped = _ScopedKernel(backend.kernel)
+            layers[name].backend = CpuKernelBackend(scoped, backend.fallback)  # type: ignore[arg-type]
     try:
         yield
     finally:
@@ -150,16 +158,11 @@ def measure(top: int = 0) -> list[OpsRow]:
     for slot in sorted(set(slots)):
         layers.load_slot(slot, random_adapter(base, "lora", seed=slot))
     modules = sum(1 for layer in layers.layers.values() if not layer.bank.empty)
-    cache = KVCache.for_model(base.model.config, SEQUENCES, PROMPT + 8, base.device, base.dtype)
-    runner = Runner(base, cache)
-    seqs = [_Seq(_Request(list(range(100, 100 + PROMPT))), row=i, generated=0) for i in range(SEQUENCES)]
-    for s in seqs:
-        runner.forward(StepPlan(None, [], [(s, PROMPT)]))
-        s.prefilled, s.generated = PROMPT, 1
-    plan = StepPlan(None, list(seqs), [])
     rows = []
     with scoped_kernels(layers):
-        for path, torch_only in (("CPU default (C kernel)", False), ("TorchBackend", True)):
+        for path, torch_only, options in PATHS:
+            runner, seqs = _prefilled_runner(base, options)
+            plan = StepPlan(None, list(seqs), [])
             with torch_path(layers, torch_only):
                 for s in seqs:
                     s.slot = -1
@@ -173,6 +176,17 @@ def measure(top: int = 0) -> list[OpsRow]:
                 for name, n in adapted_ops.most_common(top):
                     print(f"  {name:40s} {base_ops[name]:6d} {n:6d}")
     return rows
+
+
+def _prefilled_runner(base: BaseModel, options: RunnerOptions) -> tuple[Runner, list[_Seq]]:
+    """A runner whose KV rows hold PROMPT positions of each sequence (filled base only)."""
+    cache = KVCache.for_model(base.model.config, SEQUENCES, PROMPT + 8, base.device, base.dtype)
+    runner = Runner(base, cache, options)
+    seqs = [_Seq(_Request(list(range(100, 100 + PROMPT))), row=i, generated=0) for i in range(SEQUENCES)]
+    for s in seqs:
+        runner.forward(StepPlan(None, [], [(s, PROMPT)]))
+        s.prefilled, s.generated = PROMPT, 1
+    return runner, seqs
 
 
 def table(rows: list[OpsRow]) -> str:

@@ -58,7 +58,9 @@ class AttentionMetadata:
     # With a slice that also covers rows not decoding this step (finished or prefilling
     # batch-mates): where each decode token's row sits in the slice. [num_decode] long
     decode_index: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [decode rows or slice rows, 1, 1, decode_len] bool: key position < length
+    # [decode rows or slice rows, 1, 1, decode_len]: key position < length, bool (eager layout) or additive
+    # 0 / -inf in the model dtype (static layout: a persistent buffer, see runner.py)
+    decode_mask: torch.Tensor | None
     decode_len: int  # keys each decode row attends over (longest decode length this step)
     prefills: tuple[PrefillSpan, ...]
     # [decode rows or slice rows] long: each attending row's length (a hole counts decode_len); None without decode
@@ -97,6 +99,8 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     k_cache[ctx.token_rows, :, ctx.token_pos] = key[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
     v_cache[ctx.token_rows, :, ctx.token_pos] = value[0].transpose(0, 1)
     heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    if not ctx.prefills:  # a decode-only step: its output is the whole output, no copy into place
+        return _decode(ctx, query, k_cache, v_cache, scaling, sliding_window, softcap).unsqueeze(0), None
     out = query.new_empty(tokens, heads, head_dim)  # [tokens, heads, head_dim]
     if ctx.num_decode:
         out[:ctx.num_decode] = _decode(ctx, query, k_cache, v_cache, scaling, sliding_window, softcap)

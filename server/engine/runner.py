@@ -45,7 +45,7 @@ class RunnerOptions:
     """How steps run on the device. The defaults suit every device; CUDA-only options refuse a CPU."""
 
     static_decode: bool | None = None  # graph-ready decode shapes (step_layout.py); None = on CUDA only
-    buckets: tuple[int, ...] | None = None  # decode batch buckets when static; None = decode_buckets(max_batch)
+    buckets: tuple[int, ...] | None = None  # static decode batch buckets (capped at max_batch); None = default
     cuda_graphs: bool = False  # replay base-only decode steps from captured CUDA graphs
     sdpa_backends: tuple[str, ...] | None = None  # CUDA: the SDPA backends allowed; None = torch's choice
 
@@ -64,12 +64,18 @@ class Runner:
         self.decoder = base.model.get_decoder()
         cuda = self.device.type == "cuda"
         self.static = cuda if options.static_decode is None else options.static_decode
-        self.buckets = (options.buckets or decode_buckets(cache.max_batch)) if self.static else None
+        # A decode step never pads past max_batch rows (the cache's rows and the masks' size).
+        self.buckets = tuple(sorted({min(b, cache.max_batch) for b in options.buckets})) if options.buckets \
+            else decode_buckets(cache.max_batch)
         self.graphs = DecodeGraphs(self.device) if options.cuda_graphs else None
         self._sdpa = _sdpa_backends(options.sdpa_backends, self.device)
         self.buffers = StepBuffers(self.device)
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [max_seq_len] key positions
-        self._masks: dict[int, torch.Tensor] = {}  # static decode: key length → [rows, keys] bool, in place
+        # Static decode: key length → [rows, keys] additive mask (0 / -inf) in the model's dtype, filled in
+        # place each step. Additive, so SDPA uses it as it is (a bool mask is converted in every layer).
+        self._masks: dict[int, torch.Tensor] = {}
+        self._zero = torch.zeros((), dtype=base.dtype, device=self.device)
+        self._neg_inf = torch.full((), float("-inf"), dtype=base.dtype, device=self.device)
 
     @property
     def head(self) -> torch.nn.Module:
@@ -148,14 +154,15 @@ class Runner:
         """The persistent `[rows, keys]` decode mask of one key-length bucket (filled in place each step)."""
         mask = self._masks.get(keys)
         if mask is None:
-            mask = torch.zeros(self.cache.max_batch + 1, keys, dtype=torch.bool, device=self.device)
+            mask = torch.zeros(self.cache.max_batch + 1, keys, dtype=self.base.dtype, device=self.device)
             self._masks[keys] = mask
         return mask
 
     def _fill_mask(self, layout: StepLayout, lengths: torch.Tensor) -> None:
-        """Key position < the row's length, written into the persistent mask: one op, no new tensor."""
+        """0 where key position < the row's length, -inf past it, written into the persistent mask."""
         d, keys = layout.num_decode, layout.decode_len
-        torch.lt(self._arange[:keys].unsqueeze(0), lengths[:d].unsqueeze(1), out=self._mask(keys)[:d])
+        seen = self._arange[:keys].unsqueeze(0) < lengths[:d].unsqueeze(1)  # [d, keys]
+        torch.where(seen, self._zero, self._neg_inf, out=self._mask(keys)[:d])
 
     def _chunk_mask(self, position: int, n: int) -> torch.Tensor | None:
         """[n, position + n] bool: query j (at position + j) sees keys 0..position + j (None at position 0)."""
