@@ -65,13 +65,17 @@ class KVCache:
         only rows and lengths actually used ever get touched.
         """
         end = min(-(-length // ZERO_CHUNK) * ZERO_CHUNK, self.max_seq_len)
-        for row in rows:
+        runs: list[list[int]] = []  # [first row, last row + 1, start]: consecutive rows zeroed from one start
+        for row in sorted(r for r in set(rows) if self._zeroed[r] < length):
             start = self._zeroed[row]
-            if start >= length:
-                continue
-            for t in (*self.k, *self.v):
-                t[row, :, start:end].zero_()
+            if runs and runs[-1][1] == row and runs[-1][2] == start:
+                runs[-1][1] = row + 1
+            else:
+                runs.append([row, row + 1, start])
             self._zeroed[row] = end
+        for first, stop, start in runs:  # one op per run and tensor (a batch of new rows: one run)
+            for t in (*self.k, *self.v):
+                t[first:stop, :, start:end].zero_()
 
     def fork(self, src: int, dsts: list[int], length: int) -> None:
         """Copy positions [0, length) of row `src` into each of `dsts` (n sequences sharing one prefill)."""
