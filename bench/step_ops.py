@@ -25,7 +25,11 @@ without Triton kernels), the latter also in the static decode layout CUDA runs
 (runner.py: padded batch, rows gathered by index, a persistent length mask).
 Target: adapted <= base + 2 per adapted module.
 
-    python -m bench.step_ops [--top 15]
+On CUDA (`--device cuda`) the rows are the backend injection picks there,
+TorchBackend, and the default with `cuda_graphs` (base-only steps replayed), and
+a second table counts the kernel and graph launches the CUDA runtime saw.
+
+    python -m bench.step_ops [--top 15] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ KERNEL_SCOPE = "loraplex::lora_cpu_kernel"
 PATHS = (("CPU default (C kernel)", False, RunnerOptions()),
          ("TorchBackend", True, RunnerOptions()),
          ("TorchBackend, static decode layout", True, RunnerOptions(static_decode=True)))
+# On CUDA: the backend injection picks, torch's, and the default with base-only steps from CUDA graphs.
+CUDA_PATHS = (("default backend", False, RunnerOptions()),
+              ("TorchBackend", True, RunnerOptions()),
+              ("default backend, cuda_graphs", False, RunnerOptions(cuda_graphs=True)))
+# CUDA runtime / driver calls that launch work on the GPU (a graph launch counts one).
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch")
 
 # Ops that only change metadata, allocate without writing, or return their input: no kernel launch on a GPU.
 NO_WORK_OPS = frozenset({
@@ -127,11 +137,22 @@ def count_ops(events) -> Counter[str]:
     return counts
 
 
-def step_ops(runner: Runner, plan: StepPlan) -> Counter[str]:
-    runner.forward(plan)  # warm: first-call work is not per-step work
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def count_launches(events) -> int:
+    """Kernel launches and graph launches the CUDA runtime saw (CUDA only)."""
+    return sum(1 for e in events if e.name.startswith(LAUNCH_CALLS))
+
+
+def step_ops(runner: Runner, plan: StepPlan) -> tuple[Counter[str], int | None]:
+    """(ops by name, CUDA launches or None off CUDA) of one step of `plan`."""
+    cuda = runner.device.type == "cuda"
+    runner.forward(plan)  # warm: first-call work (and, with cuda_graphs, the capture) is not per-step work
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         runner.forward(plan)
-    return count_ops(prof.events())
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    return count_ops(events), (count_launches(events) if cuda else None)
 
 
 @dataclass
@@ -140,6 +161,8 @@ class OpsRow:
     base: int
     adapted: int
     modules: int
+    base_launches: int | None = None  # CUDA: kernel and graph launches the runtime saw
+    adapted_launches: int | None = None
 
     @property
     def per_module(self) -> float:
@@ -150,8 +173,9 @@ class OpsRow:
         return self.adapted <= self.base + PER_MODULE_TARGET * self.modules
 
 
-def measure(top: int = 0) -> list[OpsRow]:
-    settings = Settings(device="cpu", dtype="float32", max_adapters_resident=SLOTS, max_rank=RANK)
+def measure(top: int = 0, device: str = "cpu", dtype: str = "float32") -> list[OpsRow]:
+    settings = Settings(device=device, dtype=dtype,  # type: ignore[arg-type]
+                        max_adapters_resident=SLOTS, max_rank=RANK)
     base = load_base(settings)
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     slots = scattered_slots()
@@ -160,17 +184,18 @@ def measure(top: int = 0) -> list[OpsRow]:
     modules = sum(1 for layer in layers.layers.values() if not layer.bank.empty)
     rows = []
     with scoped_kernels(layers):
-        for path, torch_only, options in PATHS:
+        for path, torch_only, options in (PATHS if base.device.type == "cpu" else CUDA_PATHS):
             runner, seqs = _prefilled_runner(base, options)
             plan = StepPlan(None, list(seqs), [])
             with torch_path(layers, torch_only):
                 for s in seqs:
                     s.slot = -1
-                base_ops = step_ops(runner, plan)
+                base_ops, base_launches = step_ops(runner, plan)
                 for s, slot in zip(seqs, slots):
                     s.slot = slot
-                adapted_ops = step_ops(runner, plan)
-            rows.append(OpsRow(path, base_ops.total(), adapted_ops.total(), modules))
+                adapted_ops, adapted_launches = step_ops(runner, plan)
+            rows.append(OpsRow(path, base_ops.total(), adapted_ops.total(), modules, base_launches,
+                               adapted_launches))
             if top:
                 print(f"\n{path}: most frequent ops (base / adapted)")
                 for name, n in adapted_ops.most_common(top):
@@ -197,6 +222,10 @@ def table(rows: list[OpsRow]) -> str:
     for r in rows:
         lines.append(f"| {r.path} | {r.base} | {r.adapted} | {r.modules} | {r.per_module:.2f} | "
                      f"{'PASS' if r.passed else 'MISS'} |")
+    if any(r.base_launches is not None for r in rows):
+        lines += ["", "CUDA launches per decode step (kernels and graphs, torch.profiler):",
+                  "| path | base | adapted |", "| --- | --- | --- |"]
+        lines += [f"| {r.path} | {r.base_launches} | {r.adapted_launches} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -204,9 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.step_ops", description=__doc__.split("\n")[0])
     p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each adapted step")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(table(measure(a.top)), flush=True)
+    print(table(measure(a.top, a.device, a.dtype)), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from bench.step_ops import KERNEL_SCOPE, SEQUENCES, count_ops, scattered_slots
+from bench.step_ops import KERNEL_SCOPE, SEQUENCES, count_launches, count_ops, scattered_slots
 
 
 def _profile(fn) -> list:
@@ -40,3 +42,9 @@ def test_adapters_are_scattered_and_sixteen() -> None:
     slots = scattered_slots()
     assert len(slots) == SEQUENCES and len(set(slots)) == 16
     assert not any(b - a == 1 for a, b in zip(sorted(set(slots)), sorted(set(slots))[1:]))
+
+
+def test_cuda_launches_are_the_runtime_launch_calls() -> None:
+    names = ["cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpyAsync", "aten::mm",
+             "cudaLaunchKernelExC"]
+    assert count_launches([SimpleNamespace(name=n) for n in names]) == 4
