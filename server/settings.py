@@ -59,9 +59,9 @@ class Settings(BaseSettings):
                               "Off by default until measured on a GPU; set on a CPU, start-up fails")
     cuda_sdpa: Literal["flash_efficient", "efficient", "flash", "cudnn", "math", "torch"] = Field(
         "flash_efficient", description="CUDA: the SDPA backends attention may use; flash_efficient = flash "
-        "where it applies (unmasked prefill), memory-efficient otherwise (masked decode), never cuDNN (whose "
-        "plan can be rebuilt as lengths change); torch = torch's own choice. A non-default value on a CPU "
-        "fails start-up")
+        "where it applies (unmasked prefill), memory-efficient otherwise (masked decode), math for what "
+        "neither takes, never cuDNN (whose plan can be rebuilt as lengths change); a single name allows that "
+        "backend alone; torch = torch's own choice. A non-default value on a CPU fails start-up")
 
     # --- adapters ----------------------------------------------------------
     max_adapters_resident: int = Field(8, ge=1, description="Device slots per adapted module")
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         """The SDPA backends a CUDA step may use; None = torch's choice (and on CPU)."""
         if self.torch_device.type != "cuda" or self.cuda_sdpa == "torch":
             return None
-        return ("flash", "efficient") if self.cuda_sdpa == "flash_efficient" else (self.cuda_sdpa,)
+        return ("flash", "efficient", "math") if self.cuda_sdpa == "flash_efficient" else (self.cuda_sdpa,)
 
     @property
     def torch_device(self) -> torch.device:

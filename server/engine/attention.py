@@ -66,6 +66,9 @@ class AttentionMetadata:
     # [decode rows or slice rows] long: each attending row's length (a hole counts decode_len); None without decode
     decode_lengths: torch.Tensor | None = None
     decode_min_len: int = 0  # shortest of decode_lengths
+    # Decode folds each kv head's query group into that head's query positions (static layout): SDPA then
+    # needs no GQA support, which CUDA's memory-efficient kernel lacks under a mask (else: math fallback).
+    fold_groups: bool = False
     # Sliding-window masks built this step, shared by every layer with the same window.
     window_masks: dict[tuple, tuple[int, torch.Tensor | None]] = field(default_factory=dict, compare=False)
 
@@ -158,7 +161,13 @@ def _decode(ctx: AttentionMetadata, query: torch.Tensor, k_cache: torch.Tensor, 
     start, mask = _decode_window(ctx, window) if window is not None and length > window else (0, ctx.decode_mask)
     k = k_cache[ctx.decode_rows, :, start:length]  # [d or span, kv_heads, keys, head_dim]
     v = v_cache[ctx.decode_rows, :, start:length]
-    o = attend(q, k, v, mask, False, scaling, softcap)
+    if ctx.fold_groups and softcap is None and q.shape[1] != k.shape[1]:
+        rows, heads, kv_heads = q.shape[0], q.shape[1], k.shape[1]
+        # Head h reads kv head h // groups: one decode query per head = `groups` queries per kv head.
+        folded = q.reshape(rows, kv_heads, heads // kv_heads, q.shape[-1])  # [rows, kv_heads, groups, head_dim]
+        o = attend(folded, k, v, mask, False, scaling, None).reshape(rows, heads, 1, -1)  # [rows, heads, 1, hd]
+    else:
+        o = attend(q, k, v, mask, False, scaling, softcap)
     if ctx.decode_index is not None:
         o = o.index_select(0, ctx.decode_index)  # [d, heads, 1, head_dim]
     return o.squeeze(2)  # [d, heads, head_dim]

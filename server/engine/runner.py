@@ -148,7 +148,7 @@ class Runner:
         min_len = 0 if layout.static or not d else min(layout.lengths)
         return AttentionMetadata(self.cache, rows, positions, d, decode_rows,
                                  index if layout.decode_index else None, decode_mask, layout.decode_len, spans,
-                                 lengths if d else None, min_len)
+                                 lengths if d else None, min_len, fold_groups=layout.static)
 
     def _mask(self, keys: int) -> torch.Tensor:
         """The persistent `[rows, keys]` decode mask of one key-length bucket (filled in place each step)."""
