@@ -60,6 +60,8 @@ class DecodeGraphs:
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA work other threads issue meanwhile (adapter uploads, the API's) must not be
+        # refused as "capturing", nor captured.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = step()
         return graph, out
