@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.report import Row
 from bench.step_overhead import RANK, SLOTS, _Request, _Seq, random_adapter, torch_path
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.backend import CpuKernelBackend
@@ -227,6 +228,18 @@ def table(rows: list[OpsRow]) -> str:
                   "| path | base | adapted |", "| --- | --- | --- |"]
         lines += [f"| {r.path} | {r.base_launches} | {r.adapted_launches} |" for r in rows]
     return "\n".join(lines)
+
+
+def report_rows(device: str, dtype: str) -> tuple[list[Row], list[dict]]:
+    """The bench report's rows (scenario 1: what adapters cost a decode step in ops), and their data."""
+    rows = measure(0, device, dtype)
+    out = [Row(1, f"ops per decode step over base, per adapted module ({r.path})", r.per_module, unit="ops",
+               target=PER_MODULE_TARGET, op="<=",
+               info=f"base {r.base} / adapted {r.adapted} ops"
+                    + (f" ({r.base_launches} / {r.adapted_launches} CUDA launches)" if r.base_launches else "")
+                    + f"; {SEQUENCES} seqs over {ADAPTERS} scattered rank-{RANK} adapters, torch.profiler")
+           for r in rows]
+    return out, [vars(r) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
