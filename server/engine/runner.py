@@ -74,6 +74,10 @@ class Runner:
         # Static decode: key length → [rows, keys] additive mask (0 / -inf) in the model's dtype, filled in
         # place each step. Additive, so SDPA uses it as it is (a bool mask is converted in every layer).
         self._masks: dict[int, torch.Tensor] = {}
+        # Handed to the decoder as its attention mask: transformers takes a 4D mask as already prepared, so it
+        # builds none and skips its packed-sequence check (a device→host read every step). engine_attention
+        # ignores it: the step's metadata encodes what each token sees.
+        self._prepared = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._zero = torch.zeros((), dtype=base.dtype, device=self.device)
         self._neg_inf = torch.full((), float("-inf"), dtype=base.dtype, device=self.device)
 
@@ -114,7 +118,8 @@ class Runner:
         with torch.inference_mode(), self._sdpa:
             with use_step(step):
                 hidden = self.decoder(input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                                      use_cache=False).last_hidden_state  # [1, tokens, hidden]
+                                      attention_mask=self._prepared, use_cache=False).last_hidden_state
+                # hidden: [1, tokens, hidden]
             with use_step(head_step):
                 rows = hidden[0] if keep is None else hidden[0].index_select(0, keep)  # [sampling rows, hidden]
                 logits = self.head(rows)  # [sampling rows, vocab]
