@@ -94,19 +94,21 @@ class Runner:
         ids, positions, rows, keep, index, lengths = self.buffers.load(
             layout.ids, layout.positions, layout.rows, layout.keep, layout.decode_index, layout.lengths)
         attention = self._attention(layout, positions, rows, index, lengths)
-        step = StepContext(adapters=self._adapters(layout.slots, plan.lane), attention=attention)
+        # A base-only step on the shared lane has no adapter plan at all (the modules run as they are):
+        # no slot tensors built and copied for it.
+        plain = plan.lane is None and layout.base_only
+        step = StepContext(adapters=None if plain else self._adapters(layout.slots, plan.lane), attention=attention)
         # The LM head sees only the sampling rows, so it gets their own batch
         # (an adapter on lm_head must line up with the rows it is given).
         head_step: StepContext[AttentionMetadata] = StepContext(
-            adapters=self._adapters([layout.slots[i] for i in layout.keep], plan.lane))
+            adapters=None if plain else self._adapters([layout.slots[i] for i in layout.keep], plan.lane))
 
         def run() -> torch.Tensor:
             if layout.static and layout.num_decode:
                 self._fill_mask(layout, lengths)
             return self._forward(ids, positions, None if layout.keep_identity else keep, step, head_step)
 
-        if self.graphs is not None and layout.static and not layout.prefills and plan.lane is None \
-                and layout.base_only:
+        if self.graphs is not None and layout.static and not layout.prefills and plain:
             logits = self.graphs.run((layout.num_decode, layout.decode_len), self.buffers.generation, run)
         else:
             logits = run()

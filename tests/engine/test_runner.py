@@ -28,3 +28,18 @@ def test_a_step_reads_nothing_back_from_the_device(varied_base, options):
         runner.forward(StepPlan(None, seqs, []))  # decode (padded to 4 in the static layout)
     reads = [e.name for e in prof.events() if e.name in READS]
     assert reads == []
+
+
+def test_a_base_only_step_builds_no_adapter_plan(varied_base, monkeypatch):
+    """Nothing in a base-only step reads an adapter plan: none is built (no slot tensors made and copied)."""
+    from server.engine import runner as runner_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("adapter plan built for a base-only step")
+
+    cache = kv_cache.KVCache.for_model(varied_base.model.config, 4, 64, varied_base.device, varied_base.dtype)
+    runner = Runner(varied_base, cache)
+    seq = FakeSequence(list(range(3, 9)), row=0)
+    expected = runner.forward(StepPlan(None, [], [(seq, 6)]))
+    monkeypatch.setattr(runner_module.AdapterBatch, "build", refuse)
+    assert torch.equal(runner.forward(StepPlan(None, [], [(seq, 6)])), expected)
