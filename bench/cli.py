@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench import plots
+from bench import plots, step_ops
 from bench.config import ALL_SCENARIOS, BenchConfig
 from bench.context import Bench
 from bench.hotload import scenario3
@@ -80,6 +80,8 @@ def run(cfg: BenchConfig) -> int:
         ctx.log(f"model {ctx.bm.model_id} on {ctx.bm.device}/{ctx.bm.dtype}, {torch.get_num_threads()} threads; "
                 f"load average {ctx.data['loadavg_1m_at_start']}; work dir {work}")
         make_all_adapters(ctx)
+        if 1 in cfg.scenarios:
+            _step_ops(ctx)
         if 2 in cfg.scenarios:
             make_references(ctx)
         if set(cfg.scenarios) & {1, 2, 3, 5}:
@@ -95,6 +97,15 @@ def run(cfg: BenchConfig) -> int:
                 (cfg.out / "logs").mkdir(parents=True, exist_ok=True)
                 shutil.copy(log, cfg.out / "logs" / log.name)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _step_ops(ctx: Bench) -> None:
+    """Ops per decode step (bench/step_ops.py), in process, before any server runs."""
+    settings = server_settings(ctx.cfg)
+    ctx.log("counting ops per decode step (torch.profiler)")
+    rows, data = step_ops.report_rows(settings.torch_device.type, str(settings.torch_dtype).replace("torch.", ""))
+    ctx.rows.extend(rows)
+    ctx.data["s1_step_ops"] = data
 
 
 def _main_server(ctx: Bench) -> None:

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     max_grammar_chars: int = Field(65536, ge=16, description="Size of a JSON schema / regex / choice list")
     drain_timeout_s: float = Field(30.0, ge=0)
     train_interleave_steps: int = Field(4, ge=1, description="When busy, a training step at least every N serving steps")
+    cuda_graphs: bool = Field(False, description="CUDA: replay base-only decode steps from captured CUDA graphs "
+                              "(one per decode batch bucket and 256-key length bucket, captured on first use). "
+                              "Off by default until measured on a GPU; set on a CPU, start-up fails")
+    cuda_sdpa: Literal["flash_efficient", "efficient", "flash", "cudnn", "math", "torch"] = Field(
+        "flash_efficient", description="CUDA: the SDPA backends attention may use; flash_efficient = flash "
+        "where it applies (unmasked prefill), memory-efficient otherwise (masked decode), math for what "
+        "neither takes, never cuDNN (whose plan can be rebuilt as lengths change); a single name allows that "
+        "backend alone; torch = torch's own choice. A non-default value on a CPU fails start-up")
 
     # --- adapters ----------------------------------------------------------
     max_adapters_resident: int | Literal["auto"] = Field(
@@ -132,12 +140,24 @@ class Settings(BaseSettings):
         check_environment(os.environ)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
+        if self.torch_device.type != "cuda":
+            if self.cuda_graphs:
+                raise ValueError("cuda_graphs needs a CUDA device; this server runs on the CPU")
+            if self.cuda_sdpa != "flash_efficient":
+                raise ValueError(f"cuda_sdpa={self.cuda_sdpa!r} applies to CUDA only; this server runs on the CPU")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind non-loopback host {self.host!r} without --api-keys "
                 "(pass --insecure-no-auth to override)"
             )
         return self
+
+    @property
+    def sdpa_backends(self) -> tuple[str, ...] | None:
+        """The SDPA backends a CUDA step may use; None = torch's choice (and on CPU)."""
+        if self.torch_device.type != "cuda" or self.cuda_sdpa == "torch":
+            return None
+        return ("flash", "efficient", "math") if self.cuda_sdpa == "flash_efficient" else (self.cuda_sdpa,)
 
     @property
     def torch_device(self) -> torch.device:

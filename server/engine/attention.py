@@ -58,12 +58,17 @@ class AttentionMetadata:
     # With a slice that also covers rows not decoding this step (finished or prefilling
     # batch-mates): where each decode token's row sits in the slice. [num_decode] long
     decode_index: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [decode rows or slice rows, 1, 1, decode_len] bool: key position < length
+    # [decode rows or slice rows, 1, 1, decode_len]: key position < length, bool (eager layout) or additive
+    # 0 / -inf in the model dtype (static layout: a persistent buffer, see runner.py)
+    decode_mask: torch.Tensor | None
     decode_len: int  # keys each decode row attends over (longest decode length this step)
     prefills: tuple[PrefillSpan, ...]
     # [decode rows or slice rows] long: each attending row's length (a hole counts decode_len); None without decode
     decode_lengths: torch.Tensor | None = None
     decode_min_len: int = 0  # shortest of decode_lengths
+    # Decode folds each kv head's query group into that head's query positions (static layout): SDPA then
+    # needs no GQA support, which CUDA's memory-efficient kernel lacks under a mask (else: math fallback).
+    fold_groups: bool = False
     # Sliding-window masks built this step, shared by every layer with the same window.
     window_masks: dict[tuple, tuple[int, torch.Tensor | None]] = field(default_factory=dict, compare=False)
 
@@ -97,6 +102,8 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     k_cache[ctx.token_rows, :, ctx.token_pos] = key[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
     v_cache[ctx.token_rows, :, ctx.token_pos] = value[0].transpose(0, 1)
     heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    if not ctx.prefills:  # a decode-only step: its output is the whole output, no copy into place
+        return _decode(ctx, query, k_cache, v_cache, scaling, sliding_window, softcap).unsqueeze(0), None
     out = query.new_empty(tokens, heads, head_dim)  # [tokens, heads, head_dim]
     if ctx.num_decode:
         out[:ctx.num_decode] = _decode(ctx, query, k_cache, v_cache, scaling, sliding_window, softcap)
@@ -154,7 +161,13 @@ def _decode(ctx: AttentionMetadata, query: torch.Tensor, k_cache: torch.Tensor, 
     start, mask = _decode_window(ctx, window) if window is not None and length > window else (0, ctx.decode_mask)
     k = k_cache[ctx.decode_rows, :, start:length]  # [d or span, kv_heads, keys, head_dim]
     v = v_cache[ctx.decode_rows, :, start:length]
-    o = attend(q, k, v, mask, False, scaling, softcap)
+    if ctx.fold_groups and softcap is None and q.shape[1] != k.shape[1]:
+        rows, heads, kv_heads = q.shape[0], q.shape[1], k.shape[1]
+        # Head h reads kv head h // groups: one decode query per head = `groups` queries per kv head.
+        folded = q.reshape(rows, kv_heads, heads // kv_heads, q.shape[-1])  # [rows, kv_heads, groups, head_dim]
+        o = attend(folded, k, v, mask, False, scaling, None).reshape(rows, heads, 1, -1)  # [rows, heads, 1, hd]
+    else:
+        o = attend(q, k, v, mask, False, scaling, softcap)
     if ctx.decode_index is not None:
         o = o.index_select(0, ctx.decode_index)  # [d, heads, 1, head_dim]
     return o.squeeze(2)  # [d, heads, head_dim]

@@ -35,8 +35,11 @@ class StepSampler:
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), vocab] (modified in place) → a token per row, and its logprobs where asked."""
         params = [s.request.params for s in seqs]
+        plain = not any(s.special for s in seqs)
+        if plain and all(p.greedy for p in params):  # no parameter tensors: argmax, and the step's one read
+            return logits.argmax(dim=-1).tolist(), []
         batch = SamplingBatch.build(params, [s.generator for s in seqs], self.vocab, logits.device)
-        if not any(s.special for s in seqs):
+        if plain:
             return sample(logits, batch).tolist(), []
         with torch.inference_mode():
             self.penalties.apply(logits, seqs)

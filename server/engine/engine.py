@@ -30,7 +30,7 @@ from server.engine.loop import EngineLoop
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
-from server.engine.runner import Runner
+from server.engine.runner import Runner, RunnerOptions
 from server.engine.scheduler import AdapterPlacement, Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.waiting import WaitingQueue
@@ -57,18 +57,21 @@ class EngineStepError(ApiError):
 class Engine:
     def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics | None = None,
                  placement: AdapterPlacement | None = None, loop: EngineLoop | None = None,
-                 waiting: WaitingQueue | None = None, background: BackgroundWorker | None = None) -> None:
+                 waiting: WaitingQueue | None = None, background: BackgroundWorker | None = None,
+                 runner_options: RunnerOptions | None = None) -> None:
         """`placement`: where adapter requests run (the adapter manager); None = base model only.
         `loop`, `waiting`: the wake-up and step hooks and the waiting queue, when something built
         before the engine needs them. `background`: the worker given steps between serving steps
-        (the trainer)."""
+        (the trainer). `runner_options`: how steps run on the device; None = from settings (tests
+        force the static layout)."""
         self.base = base
         self.settings = settings
         self.metrics = metrics or NullMetrics()
         self.loop = loop or EngineLoop()
         self.cache = KVCache.for_model(base.model.config, settings.max_batch, base.max_context,
                                        base.device, base.dtype)
-        self.runner = Runner(base, self.cache)
+        self.runner = Runner(base, self.cache, runner_options or RunnerOptions(
+            cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
                                    settings.max_tokens_per_step, self._new_sequence, placement)

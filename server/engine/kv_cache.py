@@ -1,7 +1,9 @@
 """The engine's own KV cache: one preallocated, bounded tensor pair per layer.
 
-Shape per layer: `[max_batch, kv_heads, max_seq_len, head_dim]`. A running
-sequence owns one row for its whole life; its k/v for absolute position p live
+Shape per layer: `[max_batch + 1, kv_heads, max_seq_len, head_dim]`. A running
+sequence owns one row for its whole life (rows 0..max_batch-1); the last row,
+`scratch_row`, is never handed out: the padding tokens of a decode step padded
+up to a batch bucket write and read there (runner.py). its k/v for absolute position p live
 at `[row, :, p]`. Rows are handed out lowest-first so a batch of young
 sequences tends to occupy a contiguous block (the attention can then slice
 instead of gather).
@@ -26,14 +28,15 @@ ZERO_CHUNK = 256  # positions zeroed at a time, so zeroing is rare (not once per
 class KVCache:
     def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (max_batch, kv_heads, max_seq_len, head_dim)
+        shape = (max_batch + 1, kv_heads, max_seq_len, head_dim)  # + the scratch row
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
+        self.scratch_row = max_batch
         self._free: list[int] = list(range(max_batch))
         heapq.heapify(self._free)
-        self._zeroed = [0] * max_batch  # per row: positions [0, _zeroed[row]) hold finite values
+        self._zeroed = [0] * (max_batch + 1)  # per row: positions [0, _zeroed[row]) hold finite values
 
     @classmethod
     def for_model(cls, config, max_batch: int, max_seq_len: int, device: torch.device,
@@ -62,13 +65,17 @@ class KVCache:
         only rows and lengths actually used ever get touched.
         """
         end = min(-(-length // ZERO_CHUNK) * ZERO_CHUNK, self.max_seq_len)
-        for row in rows:
+        runs: list[list[int]] = []  # [first row, last row + 1, start]: consecutive rows zeroed from one start
+        for row in sorted(r for r in set(rows) if self._zeroed[r] < length):
             start = self._zeroed[row]
-            if start >= length:
-                continue
-            for t in (*self.k, *self.v):
-                t[row, :, start:end].zero_()
+            if runs and runs[-1][1] == row and runs[-1][2] == start:
+                runs[-1][1] = row + 1
+            else:
+                runs.append([row, row + 1, start])
             self._zeroed[row] = end
+        for first, stop, start in runs:  # one op per run and tensor (a batch of new rows: one run)
+            for t in (*self.k, *self.v):
+                t[first:stop, :, start:end].zero_()
 
     def fork(self, src: int, dsts: list[int], length: int) -> None:
         """Copy positions [0, length) of row `src` into each of `dsts` (n sequences sharing one prefill)."""

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.engine import kv_cache
-from server.engine import runner as runner_module
+from server.engine import step_layout as layout_module
 from server.engine.attention import ATTN_IMPL, current_attention
 from server.engine.runner import Runner
 from server.engine.scheduler import StepPlan
@@ -95,5 +95,25 @@ def test_decode_rows_with_holes_match_the_gathered_rows(varied_base, monkeypatch
     torch.testing.assert_close(_decode_logits(runner, shuffled), spanned[[2, 0, 3, 1]], rtol=0, atol=0)
     alone = torch.cat([_decode_logits(runner, [s]) for s in live])
     torch.testing.assert_close(spanned, alone, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(runner_module, "MAX_SPAN_PER_ROW", 0)  # force the row gather
+    monkeypatch.setattr(layout_module, "MAX_SPAN_PER_ROW", 0)  # force the row gather
     torch.testing.assert_close(_decode_logits(runner, live), spanned, rtol=1e-6, atol=1e-6)
+
+
+def test_new_rows_are_zeroed_together_and_only_where_unwritten(monkeypatch):
+    """A batch of new rows is zeroed as runs of consecutive rows (one op per run and tensor, not per row),
+    each from its own watermark: a row already written is never wiped."""
+    monkeypatch.setattr(kv_cache, "ZERO_CHUNK", 4)
+    cache = kv_cache.KVCache(1, 6, 1, 32, 2, torch.device("cpu"), torch.float32)
+    for t in (*cache.k, *cache.v):
+        t.fill_(float("nan"))
+    cache.ensure_initialized([2], 3)
+    cache.k[0][2, :, :3] = 7.0
+    calls = []
+    original = torch.Tensor.zero_
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda self: calls.append(self.shape) or original(self))
+    cache.ensure_initialized([4, 0, 1, 2, 3], 8)  # rows 0, 1 | 2 (from 4) | 3, 4
+    assert len(calls) == 3 * 2
+    assert torch.all(cache.k[0][2, :, :3] == 7.0) and torch.all(cache.k[0][2, :, 4:8] == 0)
+    for row in (0, 1, 3, 4):
+        assert torch.all(cache.k[0][row, :, :8] == 0) and torch.all(cache.v[0][row, :, :8] == 0)
+    assert torch.isnan(cache.k[0][5]).all()

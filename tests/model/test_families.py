@@ -19,6 +19,7 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
+from server.engine.runner import RunnerOptions
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.families import FAMILIES as SUPPORTED
 from server.model.families import UnsupportedModel
@@ -90,6 +91,16 @@ async def _serve_all(engine: Engine, prompts: list[list[int]]) -> list[list[int]
 
 @pytest.mark.parametrize("budget", [512, 16], ids=["whole-prefill", "chunked-prefill"])
 def test_family_matches_transformers_and_peft_in_a_mixed_batch(family, budget):
+    _check_family(family, budget, None)
+
+
+def test_family_in_the_static_decode_layout_matches_transformers_and_peft(family):
+    """CUDA's graph-ready decode layout (padded batch, rows gathered, keys to a 256 bucket, windows as masks)
+    run on CPU: the same tokens."""
+    _check_family(family, 16, RunnerOptions(static_decode=True, buckets=(2, 8)))
+
+
+def _check_family(family, budget: int, options: RunnerOptions | None) -> None:
     model_type, tmp, reference, peft = family
     settings = cpu_settings(tmp / "model", tmp / "store",
                             max_batch=4, max_tokens_per_step=budget, max_adapters_resident=2, max_rank=16)
@@ -97,7 +108,7 @@ def test_family_matches_transformers_and_peft_in_a_mixed_batch(family, budget):
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for slot, kind in enumerate(("lora", "miss")):
         layers.load_slot(slot, read_adapter(tmp / kind, base, AdapterLimits.from_settings(settings)))
-    engine = Engine(base, settings, placement=SlotManager({"lora": 0, "miss": 1}))
+    engine = Engine(base, settings, placement=SlotManager({"lora": 0, "miss": 1}), runner_options=options)
     engine.eos_ids = frozenset()
     engine.start()
     try:
