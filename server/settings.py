@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # --- engine ------------------------------------------------------------
     max_batch: int = Field(32, ge=1, le=4096, description="Sequences decoded together")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 429")
+    fair_scheduling: bool = Field(True, description="Admit waiting requests by tenant, in proportion to their "
+                                  "weights (virtual token counter); false = arrival order")
     max_tokens_per_step: int = Field(512, ge=16, description="Token budget of one step (prefill chunks + decode)")
     max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (clipped to the model context)")
     max_new_tokens_limit: int = Field(4096, ge=1)
