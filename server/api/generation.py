@@ -75,7 +75,7 @@ def submit(services: Services, principal: Principal, prompt_ids: list[int], para
         raise Unavailable("the server is shutting down; retry on another replica")
     tenant = principal.tenant
     ticket = services.limiter.admit(tenant, len(prompt_ids), params.max_new_tokens * params.n,
-                                    services.engine.waiting.count(tenant))
+                                    lambda: services.engine.waiting.count(tenant))
     request = Request(prompt_ids, params, RequestStream(), adapter_key=adapter_key, label=route, tenant=tenant)
     try:
         services.engine.submit(request)

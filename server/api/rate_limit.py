@@ -74,17 +74,18 @@ class TenantLimiter:
         self._tickets: weakref.WeakKeyDictionary[Request, Ticket] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def admit(self, tenant: str, prompt_tokens: int, new_tokens: int, queued: int) -> Ticket:
-        """Take one request and its most tokens (`prompt_tokens` + `new_tokens`) from the tenant's buckets,
-        `queued` = its requests waiting now; RateLimited (429) naming the limit reached, nothing taken."""
+    def admit(self, tenant: str, prompt_tokens: int, new_tokens: int, queued: Callable[[], int]) -> Ticket:
+        """Take one request and its most tokens (`prompt_tokens` + `new_tokens`) from the tenant's buckets;
+        `queued()` counts its requests waiting now (asked only when it has `max_queued`). RateLimited (429)
+        naming the limit reached, and nothing taken."""
         quota = self.quotas.of(tenant)
         cost = prompt_tokens + new_tokens
         if quota.tokens_per_minute is not None and cost > quota.tokens_per_minute:
             raise InvalidRequest(f"this request may use {cost} tokens (prompt {prompt_tokens} + up to {new_tokens} "
                                  f"new), more than your tokens_per_minute limit ({quota.tokens_per_minute}); "
                                  "ask for fewer new tokens")
-        if quota.max_queued is not None and queued >= quota.max_queued:
-            self._refuse(tenant, "max_queued", f"{queued} of your requests are waiting (max_queued "
+        if quota.max_queued is not None and (waiting := queued()) >= quota.max_queued:
+            self._refuse(tenant, "max_queued", f"{waiting} of your requests are waiting (max_queued "
                          f"{quota.max_queued})", QUEUE_RETRY_AFTER_S)
         with self._lock:
             now = self.clock()

@@ -13,6 +13,10 @@ from server.errors import InvalidRequest, RateLimited
 from server.metrics import Metrics
 
 
+def nothing_queued() -> int:
+    return 0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -39,65 +43,65 @@ def test_requests_per_minute_refuses_with_the_seconds_until_refill() -> None:
     clock = Clock()
     metrics = Metrics()
     lim = limiter(clock, metrics, requests_per_minute=2)
-    lim.admit("a", 1, 1, 0)
-    lim.admit("a", 1, 1, 0)
+    lim.admit("a", 1, 1, nothing_queued)
+    lim.admit("a", 1, 1, nothing_queued)
     with pytest.raises(RateLimited) as refused:
-        lim.admit("a", 1, 1, 0)
+        lim.admit("a", 1, 1, nothing_queued)
     assert refused.value.status == 429 and refused.value.limit == "requests_per_minute"
     assert refused.value.headers == {"Retry-After": "30"}  # one request refills in 60 / 2 s
     clock.now += 29.9
     with pytest.raises(RateLimited) as again:
-        lim.admit("a", 1, 1, 0)
+        lim.admit("a", 1, 1, nothing_queued)
     assert again.value.headers == {"Retry-After": "1"}
     clock.now += 0.1
-    lim.admit("a", 1, 1, 0)
+    lim.admit("a", 1, 1, nothing_queued)
     assert metrics.tenant_rate_limited.labels("a", "requests_per_minute")._value.get() == 2
 
 
 def test_other_tenants_and_unlisted_tenants_are_not_limited() -> None:
     lim = limiter(Clock(), requests_per_minute=1)
-    lim.admit("a", 1, 1, 0)
+    lim.admit("a", 1, 1, nothing_queued)
     with pytest.raises(RateLimited):
-        lim.admit("a", 1, 1, 0)
+        lim.admit("a", 1, 1, nothing_queued)
     for _ in range(100):
-        lim.admit("b", 1, 1, 0)
+        lim.admit("b", 1, 1, nothing_queued)
 
 
 def test_tokens_are_reserved_then_the_unused_part_refunded(loop: asyncio.AbstractEventLoop) -> None:
     clock = Clock()
     lim = limiter(clock, tokens_per_minute=600)  # 10 tokens / s
-    tickets = [lim.admit("a", 100, 100, 0) for _ in range(3)]  # 3 × 200 reserved: empty
+    tickets = [lim.admit("a", 100, 100, nothing_queued) for _ in range(3)]  # 3 × 200 reserved: empty
     with pytest.raises(RateLimited) as refused:
-        lim.admit("a", 10, 40, 0)
+        lim.admit("a", 10, 40, nothing_queued)
     assert refused.value.limit == "tokens_per_minute" and refused.value.headers["Retry-After"] == "5"
     req = request(loop)
     lim.hold(req, tickets[0])
     lim.release(req, used_tokens=110)  # 90 of its 200 come back
-    lim.admit("a", 10, 40, 0)  # 50 ≤ 90
+    lim.admit("a", 10, 40, nothing_queued)  # 50 ≤ 90
     lim.release(req, used_tokens=0)  # a second release gives nothing more
     with pytest.raises(RateLimited):
-        lim.admit("a", 10, 40, 0)
+        lim.admit("a", 10, 40, nothing_queued)
 
 
 def test_a_request_larger_than_a_minute_of_tokens_is_a_clear_4xx_not_a_429() -> None:
     lim = limiter(Clock(), tokens_per_minute=100)
     with pytest.raises(InvalidRequest, match="tokens_per_minute"):
-        lim.admit("a", 50, 51, 0)
+        lim.admit("a", 50, 51, nothing_queued)
 
 
 def test_cancel_gives_everything_back() -> None:
     lim = limiter(Clock(), requests_per_minute=1, tokens_per_minute=100)
-    ticket = lim.admit("a", 50, 50, 0)
+    ticket = lim.admit("a", 50, 50, nothing_queued)
     lim.cancel(ticket)
-    lim.admit("a", 50, 50, 0)
+    lim.admit("a", 50, 50, nothing_queued)
 
 
 def test_max_queued_refuses_and_takes_nothing() -> None:
-    lim = limiter(Clock(), requests_per_minute=1, max_queued=2)
+    lim = limiter(Clock(), requests_per_minute=1, max_queued=lambda: 2)
     with pytest.raises(RateLimited) as refused:
-        lim.admit("a", 1, 1, queued=2)
+        lim.admit("a", 1, 1, queued=lambda: 2)
     assert refused.value.limit == "max_queued" and refused.value.headers == {"Retry-After": "1"}
-    lim.admit("a", 1, 1, queued=1)  # the refused one took no request from the bucket
+    lim.admit("a", 1, 1, queued=lambda: 1)  # the refused one took no request from the bucket
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,13 @@ KEYS = {
         "alice-key-0002": {"tenant": "alice"},
         "bob-key-000001": {"tenant": "bob"},
         "dave-key-00001": {"tenant": "dave"},
+        "erin-key-00001": {"tenant": "erin"},
         "root-key-00001": {"tenant": "ops", "admin": True},
     },
     "tenants": {
         "alice": {"requests_per_minute": 2},
         "dave": {"tokens_per_minute": 120},
+        "erin": {"max_concurrent": 1, "max_queued": 1},
     },
 }
 SHORT = {"prompt": "Hello there", "max_new_tokens": 2}
@@ -80,6 +82,27 @@ def test_tokens_per_minute_reserves_and_refunds(url: str) -> None:
         retry = refused(c.post("/generate", json=body, headers=auth("dave-key-00001")), "tokens_per_minute")
         assert 1 <= retry <= 26  # ~52 tokens short at 2 tokens / s
         assert c.post("/generate", json=body, headers=auth("bob-key-000001")).status_code == 200
+
+
+def test_max_concurrent_queues_and_max_queued_refuses(url: str) -> None:
+    """erin may run 1 sequence and queue 1 request: a second waits (while bob is served), a third is a 429."""
+    long = {"prompt": "Hi", "max_new_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/generate", json=long, headers=auth("erin-key-00001")) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+            next(lines)  # its first token: it holds erin's one row
+            with c.stream("POST", "/generate", json=long, headers=auth("erin-key-00001")) as queued:
+                assert queued.status_code == 200
+                r = c.post("/generate", json=SHORT, headers=auth("erin-key-00001"))
+                assert refused(r, "max_queued") == 1
+                assert _queue_depth(c) == 1  # capped: waits although the batch has room
+                assert c.post("/generate", json=SHORT, headers=auth("bob-key-000001")).status_code == 200
+
+
+def _queue_depth(c: httpx.Client) -> float:
+    text = c.get("/metrics", headers=auth("root-key-00001")).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("loraplex_queue_depth ")))
 
 
 def test_each_tenant_sees_only_its_own_limit_and_service_series(url: str) -> None:
