@@ -97,7 +97,7 @@ def test_cancel_gives_everything_back() -> None:
 
 
 def test_max_queued_refuses_and_takes_nothing() -> None:
-    lim = limiter(Clock(), requests_per_minute=1, max_queued=lambda: 2)
+    lim = limiter(Clock(), requests_per_minute=1, max_queued=2)
     with pytest.raises(RateLimited) as refused:
         lim.admit("a", 1, 1, queued=lambda: 2)
     assert refused.value.limit == "max_queued" and refused.value.headers == {"Retry-After": "1"}
