@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}; None = single-tenant dev mode")
+    api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}, or {keys: that, tenants: "
+                                  "{tenant: limits}}; None = single-tenant dev mode")
     insecure_no_auth: bool = False
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Converted default-model cache")
     log_level: str = "info"
