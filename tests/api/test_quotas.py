@@ -36,7 +36,8 @@ def test_flat_layout_still_loads_with_no_limits(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, reason", [
-    ({"keys": KEYS, "tenants": {"alice": {"requests_per_minit": 5}}}, r"tenants.alice: unknown fields \['requests_per_minit'\]"),
+    ({"keys": KEYS, "tenants": {"alice": {"requests_per_minit": 5}}},
+     r"tenants.alice: unknown fields \['requests_per_minit'\]"),
     ({"keys": KEYS, "tenants": {"alice": {"requests_per_minute": 0}}}, "requests_per_minute must be an integer"),
     ({"keys": KEYS, "tenants": {"alice": {"max_queued": 2.5}}}, "max_queued must be an integer"),
     ({"keys": KEYS, "tenants": {"alice": {"max_concurrent": True}}}, "max_concurrent must be an integer"),
