@@ -30,6 +30,8 @@ from server.adapters.store.store import AdapterStore, open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.keys import ApiKeys
+from server.api.quotas import TenantQuotas
+from server.api.rate_limit import TenantLimiter
 from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
@@ -75,7 +77,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    services = build_services(app.state.settings, app.state.preloaded_base)
+    keys: ApiKeys | None = app.state.api_keys
+    services = build_services(app.state.settings, app.state.preloaded_base, keys.quotas if keys else None)
     app.state.services = services
     if app.state.freeze_gc:
         # The model, tokenizer and every other start-up object live as long as the process, yet a
@@ -90,21 +93,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await shutdown(services)
 
 
-def build_services(settings: Settings, base: BaseModel | None = None) -> Services:
-    """Construction order: each component gets its collaborators when it is built."""
+def build_services(settings: Settings, base: BaseModel | None = None, quotas: TenantQuotas | None = None) -> Services:
+    """Construction order: each component gets its collaborators when it is built. `quotas`: the
+    tenants' limits and shares from the API-keys file (None: none limited, all equal)."""
     base = base or load_base(settings)
     slots = slot_plan(settings, base)
     log.info(slots.describe())
     limits = AdapterLimits.from_settings(settings, resident=slots.slots)
     store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
     try:
-        return _build_on(store, settings, base, limits)
+        return _build_on(store, settings, base, limits, quotas or TenantQuotas())
     except BaseException:
         store.close()
         raise
 
 
-def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: AdapterLimits) -> Services:
+def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: AdapterLimits,
+              quotas: TenantQuotas) -> Services:
     metrics = Metrics(settings.metrics_max_adapter_series)
     loop = EngineLoop()
     layers = inject_adapter_layers(base.model, limits)  # adapter-aware layers swapped into the base model
@@ -118,14 +123,15 @@ def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: 
                                      keep_uploads=settings.prefetch_adapters)
     training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
     engine = Engine(base, settings, metrics, placement=adapters, loop=loop, waiting=waiting,
-                    background=training.worker)
+                    background=training.worker, shares=quotas)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)
     grammars = GrammarCompiler(base.tokenizer, engine.vocab, engine.eos_ids, cache_size=settings.grammar_cache_size,
                                timeout_s=settings.grammar_compile_timeout_s,
                                max_source_chars=settings.max_grammar_chars)
     services = Services(settings=settings, base=base, engine=engine, metrics=metrics, prompts=prompts,
                         grammars=grammars, store=store, adapters=adapters, merge=merge,
-                        adapter_service=adapter_service, jobs=training)
+                        adapter_service=adapter_service, jobs=training,
+                        limiter=TenantLimiter(quotas, metrics))
     # Hooks run in this order; the store last: every other hook may still write to it.
     for hook in (prompts.close, grammars.close, adapters.close, merge.close, training.close, store.close):
         services.add_shutdown_hook(hook)

@@ -63,6 +63,17 @@ class QueueFull(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class RateLimited(ApiError):
+    """One of the caller's tenant limits is reached; `limit` names it (metrics), Retry-After says when to retry."""
+    status = 429
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, limit: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class Unavailable(ApiError):
     status = 503
     type = "unavailable"

@@ -94,6 +94,7 @@ class Metrics:
         self.training_steps = Counter("loraplex_training_steps", "Background training steps run", registry=r)
 
         self._add_per_adapter(r)
+        self._add_per_tenant(r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co. (Linux /proc)
 
     def _add_per_adapter(self, r: CollectorRegistry) -> None:
@@ -109,6 +110,27 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS)
         self.adapter_ttft = Histogram("loraplex_adapter_time_to_first_token_seconds",
                                       "Submit to first token, per adapter", pair, registry=r, buckets=LATENCY_BUCKETS)
+
+    def _add_per_tenant(self, r: CollectorRegistry) -> None:
+        """Tenant labels are bounded by the API-keys file (admins name tenants; clients cannot)."""
+        self.tenant_rate_limited = Counter("loraplex_tenant_rate_limited",
+                                           "Requests refused with 429 by one of the tenant's limits",
+                                           ["tenant", "limit"], registry=r)
+        self.tenant_service_tokens = Counter("loraplex_tenant_service_tokens",
+                                             "Tokens served per tenant as fair admission counts them "
+                                             "(prompt at admission, generated per decode step)",
+                                             ["tenant", "phase"], registry=r)
+        self.tenant_virtual_tokens = Gauge("loraplex_tenant_virtual_tokens",
+                                           "Fair-admission counter: weighted service received (least goes first)",
+                                           ["tenant"], registry=r)
+
+    def observe_service(self, tenant: str, prompt_tokens: int, generated_tokens: int, counter: float) -> None:
+        """Service charged to a tenant by fair admission (engine thread)."""
+        if prompt_tokens:
+            self.tenant_service_tokens.labels(tenant, "prompt").inc(prompt_tokens)
+        if generated_tokens:
+            self.tenant_service_tokens.labels(tenant, "generated").inc(generated_tokens)
+        self.tenant_virtual_tokens.labels(tenant).set(counter)
 
     def observe_generation(self, tenant: str, adapter_id: str | None, finish_reason: str,
                            prompt_tokens: int, completion_tokens: int, seconds: float,

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}; None = single-tenant dev mode")
+    api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}, or {keys: that, tenants: "
+                                  "{tenant: limits}}; None = single-tenant dev mode")
     insecure_no_auth: bool = False
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Converted default-model cache")
     log_level: str = "info"
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     # --- engine ------------------------------------------------------------
     max_batch: int = Field(32, ge=1, le=4096, description="Sequences decoded together")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 429")
+    fair_scheduling: bool = Field(True, description="Admit waiting requests by tenant, in proportion to their "
+                                  "weights (virtual token counter); false = arrival order")
     max_tokens_per_step: int = Field(512, ge=16, description="Token budget of one step (prefill chunks + decode)")
     max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (clipped to the model context)")
     max_new_tokens_limit: int = Field(4096, ge=1)

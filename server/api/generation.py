@@ -67,18 +67,27 @@ def check_request(services: Services, prompt_ids: list[int], params: SamplingPar
             f"model's context of {context} tokens")
 
 
-def submit(services: Services, prompt_ids: list[int], params: SamplingParams, adapter_key: Hashable | None,
-           route: str) -> Request:
-    """Queue the request on the engine; 503 while draining, 429 when the queue is full."""
+def submit(services: Services, principal: Principal, prompt_ids: list[int], params: SamplingParams,
+           adapter_key: Hashable | None, route: str) -> Request:
+    """Queue the request on the engine; 503 while draining, 429 when one of the tenant's limits is
+    reached or the queue is full (before any response starts: a stream is refused with a status)."""
     if not services.accepting:
         services.metrics.requests_rejected.labels("draining").inc()
         raise Unavailable("the server is shutting down; retry on another replica")
-    request = Request(prompt_ids, params, RequestStream(), adapter_key=adapter_key, label=route)
+    tenant = principal.tenant
+    ticket = services.limiter.admit(tenant, len(prompt_ids), params.max_new_tokens * params.n,
+                                    lambda: services.engine.waiting.count(tenant))
+    request = Request(prompt_ids, params, RequestStream(), adapter_key=adapter_key, label=route, tenant=tenant)
     try:
         services.engine.submit(request)
     except QueueFull:
+        services.limiter.cancel(ticket)
         services.metrics.requests_rejected.labels("queue_full").inc()
         raise
+    except BaseException:
+        services.limiter.cancel(ticket)
+        raise
+    services.limiter.hold(request, ticket)
     return request
 
 
@@ -116,6 +125,7 @@ async def events(services: Services, request: Request, http: HttpRequest) -> Asy
                 return
     finally:
         watcher.cancel()
+        services.limiter.release(request, len(request.prompt_ids) + outcome.generated)
         if not finished:  # the consumer went away (client disconnect): free the slot
             engine.cancel(request)
             services.metrics.requests.labels(request.label, "cancelled").inc()
@@ -131,12 +141,14 @@ class Outcome:
     first_token_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated: int = 0  # tokens of all n sequences
 
     def see(self, event: Event) -> None:
         if isinstance(event, TokenEvent):
             if self.first_token_s is None and event.token_ids:
                 self.first_token_s = time.perf_counter() - self.started
             self.completion_tokens += len(event.token_ids)
+            self.generated += len(event.token_ids)
         elif isinstance(event, FinishEvent):
             self.reason = event.finish_reason
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens

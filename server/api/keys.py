@@ -17,11 +17,15 @@ from typing import Any
 
 from server import json_input
 from server.adapters.ids import TENANT_RE, is_valid_name
+from server.api.quotas import QUOTA_FIELDS, TenantQuotas, parse_quotas
 
 DEFAULT_TENANT = "default"
 MAX_KEYS_FILE_BYTES = 16 * 1024 * 1024
-MAX_KEYS_FILE_DEPTH = 8  # a valid file nests 2 deep: {key: {tenant, admin}}
+MAX_KEYS_FILE_DEPTH = 8  # a valid file nests 3 deep: {"tenants": {tenant: {limits}}}
 ENTRY_FIELDS = frozenset({"tenant", "admin"})
+# The sectioned layout's top-level names: shorter than any key (KEY_RE), so never mistaken for one.
+SECTIONS = frozenset({"keys", "tenants"})
+FIELD_NAMES = ENTRY_FIELDS | QUOTA_FIELDS | SECTIONS
 # What a client can send after "Bearer ": visible ASCII, no whitespace or control characters.
 KEY_RE = re.compile(r"[\x21-\x7e]{8,}")
 
@@ -37,10 +41,11 @@ class ApiKeysError(ValueError):
 
 
 class ApiKeys:
-    """The key table: SHA-256(key) → Principal."""
+    """The key table: SHA-256(key) → Principal; and the tenants' limits and shares."""
 
-    def __init__(self, principals: dict[str, Principal]) -> None:
+    def __init__(self, principals: dict[str, Principal], quotas: TenantQuotas | None = None) -> None:
         self._table = [(_digest(key), p) for key, p in principals.items()]
+        self.quotas = quotas if quotas is not None else TenantQuotas()
 
     def __len__(self) -> int:
         return len(self._table)
@@ -64,7 +69,8 @@ def load_keys(path: Path | None) -> ApiKeys | None:
 
 
 def load_api_keys(path: Path) -> ApiKeys:
-    """Parse and validate `{"<key>": {"tenant": "acme", "admin": false}, ...}`."""
+    """Parse and validate `{"<key>": {"tenant": "acme", "admin": false}, ...}`, or the sectioned
+    layout `{"keys": {<that map>}, "tenants": {"acme": {limits}}}`."""
     try:
         if Path(path).stat().st_size > MAX_KEYS_FILE_BYTES:
             raise ApiKeysError(f"--api-keys file {path} is larger than {MAX_KEYS_FILE_BYTES} bytes")
@@ -73,13 +79,31 @@ def load_api_keys(path: Path) -> ApiKeys:
     except OSError as e:
         raise ApiKeysError(f"cannot read --api-keys file {path}: {e.strerror or e}") from None
     except _Duplicate as e:
-        what = f"field {e.name!r}" if e.name in ENTRY_FIELDS else f"key #{_fingerprint(e.name)}"
+        what = f"field {e.name!r}" if e.name in FIELD_NAMES else f"key #{_fingerprint(e.name)}"
         raise ApiKeysError(f"--api-keys file {path}: {what} is listed twice; each may appear once") from None
     except ValueError as e:
         raise ApiKeysError(f"--api-keys file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not data:
         raise ApiKeysError(f"--api-keys file {path} must be a non-empty JSON object {{key: {{tenant, admin}}}}")
+    if not SECTIONS.isdisjoint(data):
+        return _load_sections(path, data)
     return ApiKeys({key: _parse_entry(path, key, entry) for key, entry in data.items()})
+
+
+def _load_sections(path: Path, data: dict[str, Any]) -> ApiKeys:
+    others = len(set(data) - SECTIONS)
+    if others:  # never name them: they may be keys
+        raise ApiKeysError(f"--api-keys file {path}: with a 'tenants' section the top level holds only 'keys' "
+                           f"and 'tenants'; {others} other name(s) found (keys go inside 'keys')")
+    keys = data.get("keys")
+    if not isinstance(keys, dict) or not keys:
+        raise ApiKeysError(f"--api-keys file {path}: 'keys' must be a non-empty object {{key: {{tenant, admin}}}}")
+    principals = {key: _parse_entry(path, key, entry) for key, entry in keys.items()}
+    try:
+        quotas = parse_quotas(data.get("tenants", {}), {p.tenant for p in principals.values()})
+    except ValueError as e:
+        raise ApiKeysError(f"--api-keys file {path}: {e}") from None
+    return ApiKeys(principals, quotas)
 
 
 class _Duplicate(ValueError):

@@ -19,6 +19,7 @@ from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
 from server.adapters.store.store import AdapterStore
 from server.api.prompts import PromptEncoder
+from server.api.rate_limit import TenantLimiter
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler
 from server.errors import Unavailable
@@ -43,6 +44,7 @@ class Services:
     merge: MergeRegistry  # merged copies for dedicated adapters
     adapter_service: AdapterService  # publish / delete: uploads, trained outputs
     jobs: TrainingService  # training queue and worker
+    limiter: TenantLimiter  # per-tenant rate limits at submit
     shutdown_hooks: list[Callable[[], Any]] = field(default_factory=list)
     accepting: bool = True  # False once draining (SIGTERM): new requests get 503
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from server.engine.detokenizer import Detokenizer
+from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.decoding import StepSampler
@@ -58,12 +59,12 @@ class Engine:
     def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics | None = None,
                  placement: AdapterPlacement | None = None, loop: EngineLoop | None = None,
                  waiting: WaitingQueue | None = None, background: BackgroundWorker | None = None,
-                 runner_options: RunnerOptions | None = None) -> None:
+                 runner_options: RunnerOptions | None = None, shares: TenantShares | None = None) -> None:
         """`placement`: where adapter requests run (the adapter manager); None = base model only.
         `loop`, `waiting`: the wake-up and step hooks and the waiting queue, when something built
         before the engine needs them. `background`: the worker given steps between serving steps
         (the trainer). `runner_options`: how steps run on the device; None = from settings (tests
-        force the static layout)."""
+        force the static layout). `shares`: tenants' weights and running caps (None: equal, uncapped)."""
         self.base = base
         self.settings = settings
         self.metrics = metrics or NullMetrics()
@@ -74,7 +75,8 @@ class Engine:
             cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
-                                   settings.max_tokens_per_step, self._new_sequence, placement)
+                                   settings.max_tokens_per_step, self._new_sequence, placement,
+                                   FairShare(shares, settings.fair_scheduling, self.metrics))
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)

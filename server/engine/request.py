@@ -158,6 +158,7 @@ class Request:
     request_id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex[:24]}")
     arrival: int = field(default_factory=lambda: next(_ids))  # FIFO order
     label: str = ""  # the route that submitted it (metrics)
+    tenant: str = ""  # whose request it is: fair admission and per-tenant caps
     cancelled: bool = False  # set by the handler (any thread); the engine acts at its next step
 
     def cancel(self) -> None:

@@ -2,7 +2,8 @@
 
 Each step the scheduler (1) drops cancelled requests, (2) admits waiting
 requests while KV rows and batch room remain — a request whose adapter is not
-ready yet keeps waiting without blocking those behind it — and (3) plans one
+ready yet keeps waiting without blocking those behind it; the order is the
+tenants' fair share (server/engine/fairness.py) — and (3) plans one
 step: one decode token for every running sequence of the chosen lane, plus
 prefill chunks that fit the token budget, so a long prompt is prefilled over
 several steps instead of stalling everyone's decoding.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.adapters.runtime.mapping import BASE_SLOT
+from server.engine.fairness import FairShare
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.engine.sequence import Sequence
@@ -75,13 +77,15 @@ class Removals:
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_batch: int, waiting: WaitingQueue, token_budget: int,
-                 new_sequence: NewSequence, adapters: AdapterPlacement | None = None) -> None:
+                 new_sequence: NewSequence, adapters: AdapterPlacement | None = None,
+                 share: FairShare | None = None) -> None:
         self.cache = cache
         self.max_batch = min(max_batch, cache.max_batch)
         self.waiting = waiting
         self.token_budget = token_budget
         self.new_sequence = new_sequence
         self.adapters = adapters  # None: base model only, an adapter request fails
+        self.share = share if share is not None else FairShare()  # admission order and per-tenant caps
         self.running: list[Sequence] = []
         self._lane_turn = 0
 
@@ -102,6 +106,7 @@ class Scheduler:
                 n = min(s.prompt_len - s.prefilled, budget)
                 prefill.append((s, n))
                 budget -= n
+        self.share.served(decode)
         return StepPlan(lane, decode, prefill)
 
     def finish(self, seq: Sequence) -> None:
@@ -123,7 +128,8 @@ class Scheduler:
         removals.cancelled.extend(self.waiting.take_cancelled())
 
     def _admit(self, removals: Removals) -> None:
-        for request in self.waiting.snapshot():
+        admission = self.share.begin(self.waiting.snapshot(), self.running)
+        while (request := admission.next()) is not None:
             need = request.params.n  # n sequences: n KV rows, admitted together
             if len(self.running) + need > self.max_batch or self.cache.free_rows < need:
                 return
@@ -144,6 +150,7 @@ class Scheduler:
                 other.awaiting_fork = True
             first.forks = others
             self.running.extend([first, *others])
+            admission.admitted(request)
 
     def _place(self, request: Request) -> tuple[int, int | None] | None:
         key = request.adapter_key

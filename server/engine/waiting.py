@@ -41,6 +41,11 @@ class WaitingQueue:
         with self._lock:
             return any(r.adapter_key == adapter_key for r in self._requests)
 
+    def count(self, tenant: str) -> int:
+        """Requests of `tenant` waiting (its `max_queued` limit)."""
+        with self._lock:
+            return sum(1 for r in self._requests if r.tenant == tenant)
+
     def snapshot(self) -> list[Request]:
         with self._lock:
             return list(self._requests)

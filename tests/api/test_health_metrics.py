@@ -103,7 +103,8 @@ def test_metrics_show_a_tenant_only_its_own_series(tiny_model_dir, tmp_path):
     assert "alice-secret-project" in alice.text and "bob" not in alice.text
     for tenant_view in (bob.text, alice.text):  # nothing tenant-free that measures others' traffic or load
         names = set(_families(tenant_view))
-        assert names <= {"loraplex_engine_alive", "loraplex_accepting"} | {n for n in names if "adapter_" in n}
+        own = {n for n in names if "adapter_" in n or n.startswith("loraplex_tenant_")}  # tenant-labelled
+        assert names <= {"loraplex_engine_alive", "loraplex_accepting"} | own
         assert "loraplex_requests" not in names and "loraplex_queue_depth" not in names
         assert samples(tenant_view)["loraplex_engine_alive"] == 1
     assert "alice-secret-project" in admin.text and 'tenant="bob"' in admin.text

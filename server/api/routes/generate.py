@@ -35,7 +35,7 @@ async def generate(body: GenerateRequest, request: Request,
     prompt_ids = await gen.encode_prompt(services, body.prompt)
     gen.check_request(services, prompt_ids, params)
     key = await gen.resolve_adapter(services, principal, body.adapter_id)
-    job = gen.submit(services, prompt_ids, params, key, "generate")
+    job = gen.submit(services, principal, prompt_ids, params, key, "generate")
     text = dec.TokenText(services.base.tokenizer)
     if body.stream:
         return StreamingResponse(_sse(services, job, request, body.adapter_id, text), media_type="text/event-stream",

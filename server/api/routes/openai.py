@@ -57,7 +57,7 @@ async def _start(services: Services, principal: Principal, body: OpenAIFields, p
                             **dec.decoding_options(body, logprobs, grammar))
     gen.check_request(services, prompt_ids, params, length_field="max_tokens")
     key = await gen.resolve_adapter(services, principal, body.model)
-    return gen.submit(services, prompt_ids, params, key, route)
+    return gen.submit(services, principal, prompt_ids, params, key, route)
 
 
 @router.post("/v1/completions", responses={200: {"content": SSE}})

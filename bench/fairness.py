@@ -1,0 +1,153 @@
+"""Two-tenant flood: does a heavy tenant's burst push a light tenant's time to first token up?
+
+Tenant A ("heavy") sends `heavy_requests` long requests at once; while they are
+queued and running, tenant B ("light") sends `light_requests` short ones at
+fixed intervals. B's TTFT is measured idle (before and after the flood) and
+under it. Run
+with fair admission on and off, and with A's running share capped
+(`max_concurrent`) or not:
+
+    python -m bench.fairness [--model DIR] [--max-batch 8] [--heavy 40] [--heavy-tokens 64]
+
+Fair off, uncapped: B queues behind every A request (FIFO). Fair on: B takes the
+next row that frees (it has the least service), so it waits for one A request
+to end, not for all of them. With A capped below the batch, B finds a free row
+at once, whatever the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.config import BenchConfig
+from bench.load import GenRequest, percentile, stream_one
+from bench.process import spawn
+
+HEAVY_KEY = "heavy-key-0001"
+LIGHT_KEY = "light-key-0001"
+HEAVY_PROMPT = "Tell me a long story about the sea and the ships that sail on it."
+LIGHT_PROMPT = "Hi!"
+
+
+@dataclass(frozen=True)
+class Flood:
+    heavy_requests: int = 40
+    heavy_tokens: int = 64
+    light_requests: int = 5
+    light_tokens: int = 2
+    settle_s: float = 0.3  # after A's burst is sent, before B's first probe: A's requests are queued
+    probe_interval_s: float = 0.05  # between B's probes' sends
+    light_prompt: str = LIGHT_PROMPT
+    timeout_s: float = 120.0
+
+
+@dataclass
+class FloodResult:
+    idle_ttft_s: list[float]
+    loaded_ttft_s: list[float]
+    heavy_ok: int
+    heavy_s: float  # A's burst, first send to last answer
+
+    @property
+    def ratio(self) -> float:
+        """B's p50 TTFT under the flood over its idle p50."""
+        return percentile(self.loaded_ttft_s, 50) / percentile(self.idle_ttft_s, 50)
+
+    def row(self) -> dict[str, float]:
+        return {"idle_p50_ms": round(1000 * percentile(self.idle_ttft_s, 50), 1),
+                "loaded_p50_ms": round(1000 * percentile(self.loaded_ttft_s, 50), 1),
+                "loaded_max_ms": round(1000 * max(self.loaded_ttft_s, default=math.nan), 1),
+                "ratio": round(self.ratio, 2), "heavy_ok": self.heavy_ok, "heavy_s": round(self.heavy_s, 2)}
+
+
+def keys_file(path: Path, heavy_cap: int | None = None) -> Path:
+    """The two tenants' keys; A's running sequences capped at `heavy_cap` when given."""
+    tenants = {"heavy": {"max_concurrent": heavy_cap}} if heavy_cap is not None else {}
+    path.write_text(json.dumps({"keys": {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}},
+                                "tenants": tenants}))
+    path.chmod(0o600)
+    return path
+
+
+async def run_flood(base_url: str, flood: Flood = Flood()) -> FloodResult:
+    """Idle probes, A's burst with B's probes inside it, idle probes again; bounded by `flood.timeout_s`."""
+    async with asyncio.timeout(flood.timeout_s):
+        light = _client(base_url, LIGHT_KEY, flood.light_requests, flood.timeout_s)
+        heavy = _client(base_url, HEAVY_KEY, flood.heavy_requests, flood.timeout_s)
+        async with light, heavy:
+            probe = GenRequest(flood.light_prompt, None, flood.light_tokens)
+            await stream_one(light, probe)  # warm-up: first-request costs are not the idle value
+            idle = await _probes(light, probe, flood.light_requests)
+            started = time.perf_counter()
+            burst = [asyncio.create_task(_heavy_one(heavy, flood.heavy_tokens)) for _ in range(flood.heavy_requests)]
+            loaded = await _spaced_probes(light, probe, flood)
+            statuses = await asyncio.gather(*burst)
+            heavy_s = time.perf_counter() - started
+            idle += await _probes(light, probe, flood.light_requests)  # idle on both sides of the flood: drift
+            return FloodResult(idle, loaded, sum(s == 200 for s in statuses), heavy_s)
+
+
+async def _spaced_probes(client: httpx.AsyncClient, probe: GenRequest, flood: Flood) -> list[float]:
+    """B's probes sent at fixed times into the flood, each on its own connection: one that waits
+    long does not delay the next one's send (sequential probes would all land after a FIFO flood)."""
+    async def one(i: int) -> float:
+        await asyncio.sleep(flood.settle_s + i * flood.probe_interval_s)
+        (ttft,) = await _probes(client, probe, 1)
+        return ttft
+    return list(await asyncio.gather(*(one(i) for i in range(flood.light_requests))))
+
+
+def _client(base_url: str, key: str, connections: int, timeout_s: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s,
+                             limits=httpx.Limits(max_connections=connections + 1))
+
+
+async def _probes(client: httpx.AsyncClient, probe: GenRequest, count: int) -> list[float]:
+    results = [await stream_one(client, probe) for _ in range(count)]
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"light tenant's probe failed: {bad[0].status} {bad[0].error}")
+    return [r.ttft_s for r in results]
+
+
+async def _heavy_one(client: httpx.AsyncClient, tokens: int) -> int:
+    body = {"prompt": HEAVY_PROMPT, "max_new_tokens": tokens, "ignore_eos": True}
+    return (await client.post("/generate", json=body)).status_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--heavy", type=int, default=40)
+    parser.add_argument("--heavy-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every configuration")
+    args = parser.parse_args(argv)
+    cfg = BenchConfig(model=args.model, device="cpu", dtype="float32")
+    flood = Flood(heavy_requests=args.heavy, heavy_tokens=args.heavy_tokens)
+    configs = [(fair, cap) for cap in (None, args.max_batch - 2) for fair in (False, True)]
+    with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
+        for round_ in range(args.rounds):
+            for fair, cap in configs:
+                keys = keys_file(Path(tmp) / f"keys-{cap}.json", cap)
+                env = {"LORAPLEX_API_KEYS": str(keys), "LORAPLEX_FAIR_SCHEDULING": str(fair).lower()}
+                with spawn(cfg, Path(tmp) / "store", Path(tmp) / "server.log", max_batch=args.max_batch,
+                           resident=args.max_batch, env=env) as server:
+                    result = asyncio.run(run_flood(server.base_url, flood))
+                print(json.dumps({"round": round_, "fair_scheduling": fair, "heavy_max_concurrent": cap,
+                                  **result.row()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
