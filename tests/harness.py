@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +254,22 @@ def openai_client(url: str) -> "openai.OpenAI":  # noqa: F821 - imported lazily,
 def app_of(base_url: str) -> Any:
     """The FastAPI app behind a `running_server` URL (tests inspect engine counters through it)."""
     return _apps[base_url]
+
+
+class FixedSlots:
+    """The engine's AdapterPlacement over adapters already in device slots: key -> slot, no lanes."""
+
+    def __init__(self, slots: Mapping[Hashable, int]) -> None:
+        self.slots = slots
+
+    def acquire(self, key: Hashable) -> int | None:
+        return self.slots[key]
+
+    def release(self, key: Hashable) -> None:
+        pass
+
+    def lane_of(self, key: Hashable) -> int | None:
+        return None
+
+    def pin(self, key: Hashable) -> None:
+        pass

@@ -8,8 +8,6 @@ On CPU the kernels run on Triton's interpreter; `-m cuda` runs them compiled on 
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import Hashable
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,8 @@ from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStrea
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-import adapter_factory as af  # noqa: E402
+from tests.adapters import adapter_factory as af
+from tests.harness import FixedSlots
 
 KINDS = {"all": "lora_all", "qv": "lora_qv", "miss": "miss_balance"}  # key -> kind; slot = order
 PROMPTS = [("all", "Hello there, how are"), ("qv", "The weather today"), ("miss", "One two three four five six"),
@@ -32,24 +30,6 @@ PROMPTS = [("all", "Hello there, how are"), ("qv", "The weather today"), ("miss"
 NEW_TOKENS = 4
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-class FixedSlots:
-    """Adapter placement with every adapter already resident: key -> slot, no lanes."""
-
-    def __init__(self, slots: dict[Hashable, int]) -> None:
-        self.slots = slots
-
-    def acquire(self, key: Hashable) -> int | None:
-        return self.slots[key]
-
-    def release(self, key: Hashable) -> None:
-        pass
-
-    def lane_of(self, key: Hashable) -> int | None:
-        return None
-
-    def pin(self, key: Hashable) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -25,31 +25,13 @@ from server.model.families import FAMILIES as SUPPORTED
 from server.model.families import UnsupportedModel
 from server.model.load import load_base
 from server.settings import Settings
-from tests.harness import cpu_settings
+from tests.harness import FixedSlots, cpu_settings
 from tests.model import family_factory as ff
 
 NEW_TOKENS = 14
 PROMPT_LENGTHS = (23, 5, 17, 30)  # the 5-token prompt's generation crosses the window during decode
 KEYS = (None, "lora", "miss", None)  # row i runs under KEYS[i]
 
-
-class SlotManager:
-    """The engine's adapter-manager protocol over adapters already in device slots."""
-
-    def __init__(self, slots: dict[str, int]) -> None:
-        self.slots = slots
-
-    def acquire(self, key: str) -> int | None:
-        return self.slots[key]
-
-    def release(self, key: str) -> None:
-        pass
-
-    def lane_of(self, key: str) -> int | None:
-        return None
-
-    def pin(self, key: str) -> None:
-        pass
 
 
 def test_the_matrix_is_the_supported_list():
@@ -108,7 +90,7 @@ def _check_family(family, budget: int, options: RunnerOptions | None) -> None:
     layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
     for slot, kind in enumerate(("lora", "miss")):
         layers.load_slot(slot, read_adapter(tmp / kind, base, AdapterLimits.from_settings(settings)))
-    engine = Engine(base, settings, placement=SlotManager({"lora": 0, "miss": 1}), runner_options=options)
+    engine = Engine(base, settings, placement=FixedSlots({"lora": 0, "miss": 1}), runner_options=options)
     engine.eos_ids = frozenset()
     engine.start()
     try:
