@@ -280,7 +280,7 @@ class Engine:
         text = s.detok.take(final=True)
         if text or s.unsent:
             self._send(s, text)
-        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated, s.index))
+        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated, s.index, s.cached))
 
     @staticmethod
     def _send(s: Sequence, text: str) -> None:
@@ -344,7 +344,7 @@ class Engine:
         seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
                        index=index, matcher=matcher)
         if index == 0 and self.prefix_cache.enabled:  # the other n - 1 take a copy of this row (_fork)
-            seq.prefilled = self.prefix_cache.load(_namespace(seq), request.prompt_ids, row)
+            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), request.prompt_ids, row)
             self.prefix_lookup_tokens[request.adapter_key] += seq.prompt_len
             self.prefix_hit_tokens[request.adapter_key] += seq.prefilled
         self.sampler.start(seq)
