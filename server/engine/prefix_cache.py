@@ -25,6 +25,7 @@ pages cost nothing).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 32  # prompt tokens per block: the granularity of a cache hit
 
@@ -91,6 +94,8 @@ class PrefixCache:
         if not self.enabled:
             return
         self._allocate()
+        if not self.enabled:
+            return
         count = min(len(prompt) // self.block_tokens, self.num_blocks)
         new: list[tuple[int, int]] = []  # (block index in the prompt, pool block)
         self._chain(namespace, prompt, count, insert=True, new=new)
@@ -142,9 +147,15 @@ class PrefixCache:
         return self._entries.pop(victim).block
 
     def _allocate(self) -> None:
+        """The pool, at the first store. A device without room for it serves on without the cache."""
         if self._k:
             return
-        for rows, pool in ((self.cache.k, self._k), (self.cache.v, self._v)):
-            for t in rows:
-                pool.append(torch.empty((self.num_blocks, t.shape[1], self.block_tokens, t.shape[3]),
-                                        device=t.device, dtype=t.dtype))
+        try:
+            for rows, pool in ((self.cache.k, self._k), (self.cache.v, self._v)):
+                for t in rows:
+                    pool.append(torch.empty((self.num_blocks, t.shape[1], self.block_tokens, t.shape[3]),
+                                            device=t.device, dtype=t.dtype))
+        except torch.OutOfMemoryError:
+            log.warning("prefix cache: no room for %.1f MiB of KV blocks; serving without it",
+                        self.reserved_bytes() / 2**20)
+            self._k, self._v, self._free, self.num_blocks = [], [], [], 0

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from server.engine.prefix_cache import BLOCK_TOKENS
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 
 _rng = random.Random(0)
@@ -124,3 +127,37 @@ def test_a_prompt_of_whole_blocks_still_prefills_its_last_token(make_engine) -> 
     for _ in range(2):
         assert run_all(warm, [(prompt, None)], max_new_tokens=24) == expected
     assert warm.stats()["prefix_hit_tokens"] == 3 * BLOCK_TOKENS
+
+
+def small_cache() -> KVCache:
+    return KVCache(num_layers=2, max_batch=3, kv_heads=2, max_seq_len=256, head_dim=4,
+                   device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_a_stored_prefix_loads_as_an_exact_copy_into_another_row() -> None:
+    cache = small_cache()
+    prefix = PrefixCache(cache, capacity_tokens=8 * BLOCK_TOKENS)
+    cache.ensure_initialized([0], 100)
+    for t in (*cache.k, *cache.v):
+        t[0].normal_()
+    prompt = list(range(100))  # 3 full blocks
+    prefix.store("ns", prompt, row=0)
+    assert prefix.load("other", prompt, row=1) == 0
+    assert prefix.load("ns", prompt[:3 * BLOCK_TOKENS], row=1) == 2 * BLOCK_TOKENS  # the last token is left
+    assert prefix.load("ns", prompt, row=1) == 3 * BLOCK_TOKENS
+    assert prefix.load("ns", [7, *prompt[1:]], row=2) == 0  # a block counts only after the same prefix
+    for t in (*cache.k, *cache.v):
+        assert torch.equal(t[1, :, :96], t[0, :, :96])
+
+
+def test_lru_evicts_whole_old_chains_and_a_chain_larger_than_the_pool_keeps_its_head() -> None:
+    cache = small_cache()
+    cache.ensure_initialized([0], 200)
+    prefix = PrefixCache(cache, capacity_tokens=2 * BLOCK_TOKENS)
+    a, b = list(range(70)), list(range(500, 570))
+    prefix.store("ns", a, row=0)
+    prefix.store("ns", b, row=0)
+    assert prefix.load("ns", a, row=1) == 0 and prefix.load("ns", b, row=1) == 2 * BLOCK_TOKENS
+    long = list(range(1000, 1000 + 5 * BLOCK_TOKENS + 1))
+    prefix.store("ns", long, row=0)
+    assert prefix.load("ns", long, row=1) == 2 * BLOCK_TOKENS and prefix.cached_blocks == 2
