@@ -66,7 +66,8 @@ class Metrics:
                                 ["route", "finish_reason"], registry=r)
         self.requests_rejected = Counter("loraplex_requests_rejected", "Requests refused before running",
                                          ["reason"], registry=r)
-        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens",
+                                     "Prompt tokens prefilled (computed: prefix-cache hits excluded)", registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch", registry=r)
