@@ -213,7 +213,7 @@ class Engine:
             s.prefilled += n
             prefilled += n
             if not s.prefilling:  # before any finish frees the row
-                self.prefix_cache.store(_namespace(s), s.request.prompt_ids, s.row)
+                self._store_prefix(s)
         self.prompt_tokens += prefilled
         self.metrics.prompt_tokens.inc(prefilled)  # before any finish event goes out
         self.metrics.generated_tokens.inc(len(tokens))
@@ -344,11 +344,26 @@ class Engine:
         seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
                        index=index, matcher=matcher)
         if index == 0 and self.prefix_cache.enabled:  # the other n - 1 take a copy of this row (_fork)
-            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), request.prompt_ids, row)
-            self.prefix_lookup_tokens[request.adapter_key] += seq.prompt_len
-            self.prefix_hit_tokens[request.adapter_key] += seq.prefilled
+            self._load_prefix(seq)
         self.sampler.start(seq)
         return seq
+
+    def _load_prefix(self, seq: Sequence) -> None:
+        """Start the new sequence's prefill after its longest cached prefix (a cache failure: from 0)."""
+        try:
+            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), seq.request.prompt_ids, seq.row)
+        except Exception:  # noqa: BLE001 - the cache only saves work: prefill the whole prompt instead
+            log.exception("prefix cache lookup failed; prefilling the whole prompt")
+            seq.prefilled = seq.cached = 0
+        self.prefix_lookup_tokens[seq.request.adapter_key] += seq.prompt_len
+        self.prefix_hit_tokens[seq.request.adapter_key] += seq.cached
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        """Offer a sequence's freshly prefilled prompt to the cache; a failure there fails no request."""
+        try:
+            self.prefix_cache.store(_namespace(seq), seq.request.prompt_ids, seq.row)
+        except Exception:  # noqa: BLE001 - the cache only saves work
+            log.exception("prefix cache store failed")
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics

@@ -176,3 +176,19 @@ def test_no_room_for_the_pool_turns_the_cache_off_instead_of_failing(monkeypatch
     monkeypatch.undo()
     assert not prefix.enabled and prefix.cached_blocks == 0
     assert prefix.load("ns", list(range(100)), row=1) == 0
+
+
+def test_a_failing_cache_costs_work_not_requests(make_engine, monkeypatch) -> None:
+    cold = make_engine(max_batch=2, prefix_cache_tokens=0)
+    warm = make_engine(max_batch=2)
+    prompt = questions(1)[0]
+    expected = run_all(cold, [(prompt, None)])
+    run_all(warm, [(prompt, None)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device error")
+
+    monkeypatch.setattr(warm.prefix_cache, "load", broken)
+    monkeypatch.setattr(warm.prefix_cache, "store", broken)
+    assert run_all(warm, [(prompt, None)]) == expected
+    assert warm.alive and warm.stats()["prefix_hit_tokens"] == 0 and warm.stats()["step_errors"] == 0
