@@ -66,7 +66,8 @@ class Metrics:
                                 ["route", "finish_reason"], registry=r)
         self.requests_rejected = Counter("loraplex_requests_rejected", "Requests refused before running",
                                          ["reason"], registry=r)
-        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens",
+                                     "Prompt tokens prefilled (computed: prefix-cache hits excluded)", registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch", registry=r)
@@ -103,6 +104,9 @@ class Metrics:
                                         [*pair, "finish_reason"], registry=r)
         self.adapter_prompt_tokens = Counter("loraplex_adapter_prompt_tokens", "Prompt tokens, per adapter",
                                              pair, registry=r)
+        self.adapter_prefix_cached_tokens = Counter(
+            "loraplex_adapter_prefix_cached_tokens", "Prompt tokens whose KV was reused from the prefix cache, "
+            "per adapter (hit rate: divide by loraplex_adapter_prompt_tokens)", pair, registry=r)
         self.adapter_generated_tokens = Counter("loraplex_adapter_generated_tokens", "Tokens generated, per adapter",
                                                 pair, registry=r)
         self.adapter_latency = Histogram("loraplex_adapter_request_latency_seconds",
@@ -134,11 +138,12 @@ class Metrics:
 
     def observe_generation(self, tenant: str, adapter_id: str | None, finish_reason: str,
                            prompt_tokens: int, completion_tokens: int, seconds: float,
-                           first_token_s: float | None) -> None:
+                           first_token_s: float | None, cached_tokens: int = 0) -> None:
         """One finished (or cancelled / failed) generation, under its bounded (tenant, adapter) labels."""
         labels = self.adapter_labels(tenant, BASE_LABEL if adapter_id is None else adapter_id)
         self.adapter_requests.labels(*labels, finish_reason).inc()
         self.adapter_prompt_tokens.labels(*labels).inc(prompt_tokens)
+        self.adapter_prefix_cached_tokens.labels(*labels).inc(cached_tokens)
         self.adapter_generated_tokens.labels(*labels).inc(completion_tokens)
         self.adapter_latency.labels(*labels).observe(seconds)
         if first_token_s is not None:

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
                                   "weights (virtual token counter); false = arrival order")
     max_tokens_per_step: int = Field(512, ge=16, description="Token budget of one step (prefill chunks + decode)")
     max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (clipped to the model context)")
+    prefix_cache_tokens: int = Field(8192, ge=0, description="Prompt tokens of KV kept for reuse by later "
+                                     "prompts with the same prefix and adapter (32-token blocks, LRU); 0 = off")
     max_new_tokens_limit: int = Field(4096, ge=1)
     max_stop_strings: int = Field(16, ge=0)
     max_stop_chars: int = Field(256, ge=1)

@@ -142,6 +142,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generated: int = 0  # tokens of all n sequences
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
     def see(self, event: Event) -> None:
         if isinstance(event, TokenEvent):
@@ -152,6 +153,7 @@ class Outcome:
         elif isinstance(event, FinishEvent):
             self.reason = event.finish_reason
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
+            self.cached_tokens = max(self.cached_tokens, event.cached_tokens)  # n > 1: the first one reused
         elif isinstance(event, ErrorEvent):
             self.reason = "error"
 
@@ -172,7 +174,8 @@ def _observe(services: Services, request: Request, http: HttpRequest, outcome: O
         seconds = time.perf_counter() - outcome.started
         prompt_tokens = outcome.prompt_tokens or len(request.prompt_ids)
         services.metrics.observe_generation(tenant, _adapter_id(request.adapter_key), outcome.reason, prompt_tokens,
-                                            outcome.completion_tokens, seconds, outcome.first_token_s)
+                                            outcome.completion_tokens, seconds, outcome.first_token_s,
+                                            outcome.cached_tokens)
         prompt = None
         if services.settings.log_prompts:
             prompt = services.base.tokenizer.decode(request.prompt_ids)

@@ -28,6 +28,7 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
+from server.engine.prefix_cache import PrefixCache
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
@@ -71,6 +72,11 @@ class Engine:
         self.loop = loop or EngineLoop()
         self.cache = KVCache.for_model(base.model.config, settings.max_batch, base.max_context,
                                        base.device, base.dtype)
+        self.prefix_cache = PrefixCache(self.cache, settings.prefix_cache_tokens)
+        if self.prefix_cache.enabled:
+            log.info("prefix cache: %d blocks of %d tokens, %.1f MiB of KV once used",
+                     self.prefix_cache.num_blocks, self.prefix_cache.block_tokens,
+                     self.prefix_cache.reserved_bytes() / 2**20)
         self.runner = Runner(base, self.cache, runner_options or RunnerOptions(
             cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
@@ -97,6 +103,9 @@ class Engine:
         self.merged_tokens = 0
         self.adapter_tokens_by_key: Counter[Any] = Counter()
         self.merged_tokens_by_key: Counter[Any] = Counter()
+        # Prefix cache, per adapter key (None = base): prompt tokens looked up, and reused from the cache.
+        self.prefix_lookup_tokens: Counter[Any] = Counter()
+        self.prefix_hit_tokens: Counter[Any] = Counter()
 
     # --- lifecycle (any thread) -----------------------------------------------
     def start(self) -> None:
@@ -149,6 +158,9 @@ class Engine:
             "background_steps": self.background_steps,
             "adapter_tokens": self.adapter_tokens,
             "merged_tokens": self.merged_tokens,
+            "prefix_cache_blocks": self.prefix_cache.cached_blocks,
+            "prefix_lookup_tokens": sum(self.prefix_lookup_tokens.values()),
+            "prefix_hit_tokens": sum(self.prefix_hit_tokens.values()),
         }
 
     # --- engine thread --------------------------------------------------------
@@ -200,6 +212,8 @@ class Engine:
         for s, n in plan.prefill:
             s.prefilled += n
             prefilled += n
+            if not s.prefilling:  # before any finish frees the row
+                self._store_prefix(s)
         self.prompt_tokens += prefilled
         self.metrics.prompt_tokens.inc(prefilled)  # before any finish event goes out
         self.metrics.generated_tokens.inc(len(tokens))
@@ -266,7 +280,7 @@ class Engine:
         text = s.detok.take(final=True)
         if text or s.unsent:
             self._send(s, text)
-        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated, s.index))
+        s.request.stream.put(FinishEvent(reason, s.prompt_len, s.generated, s.index, s.cached))
 
     @staticmethod
     def _send(s: Sequence, text: str) -> None:
@@ -329,8 +343,27 @@ class Engine:
         matcher = params.grammar.matcher() if params.grammar is not None else None
         seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
                        index=index, matcher=matcher)
+        if index == 0 and self.prefix_cache.enabled:  # the other n - 1 take a copy of this row (_fork)
+            self._load_prefix(seq)
         self.sampler.start(seq)
         return seq
+
+    def _load_prefix(self, seq: Sequence) -> None:
+        """Start the new sequence's prefill after its longest cached prefix (a cache failure: from 0)."""
+        try:
+            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), seq.request.prompt_ids, seq.row)
+        except Exception:  # noqa: BLE001 - the cache only saves work: prefill the whole prompt instead
+            log.exception("prefix cache lookup failed; prefilling the whole prompt")
+            seq.prefilled = seq.cached = 0
+        self.prefix_lookup_tokens[seq.request.adapter_key] += seq.prompt_len
+        self.prefix_hit_tokens[seq.request.adapter_key] += seq.cached
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        """Offer a sequence's freshly prefilled prompt to the cache; a failure there fails no request."""
+        try:
+            self.prefix_cache.store(_namespace(seq), seq.request.prompt_ids, seq.row)
+        except Exception:  # noqa: BLE001 - the cache only saves work
+            log.exception("prefix cache store failed")
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics
@@ -341,6 +374,12 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.scheduler.running))
+
+
+def _namespace(s: Sequence) -> tuple[Any, bool]:
+    """Whose KV a prompt's blocks are: the adapter key (its version included; None = base), and whether a
+    merged copy of the base computed it (other numerics than adapter math)."""
+    return s.request.adapter_key, s.lane is not None
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:

@@ -121,6 +121,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     index: int = 0  # which of the request's n sequences
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)

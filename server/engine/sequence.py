@@ -27,6 +27,7 @@ class Sequence:
     slot: int = BASE_SLOT  # adapter device slot of every token of this sequence
     lane: int | None = None  # merged copy of the base this sequence runs on (None = shared lane)
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, tokens copied from the prefix cache at admission
     generated: int = 0  # tokens sampled so far
     last_token: int = -1  # the token the next decode step feeds in
     unsent: list[int] = field(default_factory=list)  # sampled ids not yet reported in an event

@@ -19,6 +19,7 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
+from server.engine.prefix_cache import BLOCK_TOKENS
 from server.engine.runner import RunnerOptions
 from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.model.families import FAMILIES as SUPPORTED
@@ -82,7 +83,8 @@ def test_family_in_the_static_decode_layout_matches_transformers_and_peft(family
     _check_family(family, 16, RunnerOptions(static_decode=True, buckets=(2, 8)))
 
 
-def _check_family(family, budget: int, options: RunnerOptions | None) -> None:
+def _check_family(family, budget: int, options: RunnerOptions | None, prompts: list[list[int]] | None = None,
+                  rounds: int = 1) -> Engine:
     model_type, tmp, reference, peft = family
     settings = cpu_settings(tmp / "model", tmp / "store",
                             max_batch=4, max_tokens_per_step=budget, max_adapters_resident=2, max_rank=16)
@@ -93,14 +95,24 @@ def _check_family(family, budget: int, options: RunnerOptions | None) -> None:
     engine = Engine(base, settings, placement=FixedSlots({"lora": 0, "miss": 1}), runner_options=options)
     engine.eos_ids = frozenset()
     engine.start()
+    prompts = prompts or _prompts(seed=len(model_type))
     try:
-        prompts = _prompts(seed=len(model_type))
-        got = asyncio.run(_serve_all(engine, prompts))
+        got = [asyncio.run(_serve_all(engine, prompts)) for _ in range(rounds)]
     finally:
         engine.stop()
-    for ids, key, tokens in zip(prompts, KEYS, got):
+    for ids, key, *tokens in zip(prompts, KEYS, *got):
         expected = ff.greedy(reference if key is None else peft[key], ids, NEW_TOKENS)
-        assert tokens == expected, f"{model_type} {key or 'base'} prompt of {len(ids)}"
+        assert all(t == expected for t in tokens), f"{model_type} {key or 'base'} prompt of {len(ids)}"
+    return engine
+
+
+def test_family_reuses_cached_prompt_prefixes_exactly(family):
+    """A prefix far longer than the window, cached in the first round and copied into rows in the second
+    (chunked prefill from the cached position): still transformers' and PEFT's tokens."""
+    shared = _prompts(seed=99)[3] + _prompts(seed=98)[3] + _prompts(seed=97)[3]  # 90 tokens: 2 full blocks
+    prompts = [shared + tail for tail in _prompts(seed=7)]
+    engine = _check_family(family, 16, None, prompts, rounds=2)
+    assert engine.stats()["prefix_hit_tokens"] >= 4 * 2 * BLOCK_TOKENS  # at least the second round, all 4 rows
 
 
 def test_unsupported_architecture_is_refused_at_start_listing_the_families(tmp_path, embedded_model_dir):
