@@ -74,7 +74,7 @@ class Engine:
                                        base.device, base.dtype)
         self.prefix_cache = PrefixCache(self.cache, settings.prefix_cache_tokens)
         if self.prefix_cache.enabled:
-            log.info("prefix cache: %d blocks of %d tokens, %.1f MiB of KV once used",
+            log.info("prefix cache: %d blocks of %d tokens, %.1f MiB of KV reserved",
                      self.prefix_cache.num_blocks, self.prefix_cache.block_tokens,
                      self.prefix_cache.reserved_bytes() / 2**20)
         self.runner = Runner(base, self.cache, runner_options or RunnerOptions(

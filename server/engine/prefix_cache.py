@@ -18,8 +18,9 @@ referenced by a running sequence, so evicting (LRU over blocks) can never
 change a running sequence's output.
 
 Pool memory: `capacity_tokens` × layers × 2 (k, v) × kv_heads × head_dim ×
-dtype size, allocated on the first insert (`torch.empty`: on CPU untouched
-pages cost nothing).
+dtype size, allocated and zeroed when the engine is built: fresh pages touched
+later, block by block, would stall the engine thread mid-step (bench/NOTES.md,
+"Prefix cache pool").
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class PrefixCache:
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()  # least recently used first
         self._free = list(range(self.num_blocks))
         self._uids = itertools.count()
+        if self.enabled:
+            self._allocate()
 
     @property
     def enabled(self) -> bool:
@@ -91,9 +94,6 @@ class PrefixCache:
 
     def store(self, namespace: Hashable, prompt: list[int], row: int) -> None:
         """Copy the full prompt blocks of a sequence that finished prefilling into the pool (new ones only)."""
-        if not self.enabled:
-            return
-        self._allocate()
         if not self.enabled:
             return
         count = min(len(prompt) // self.block_tokens, self.num_blocks)
@@ -147,13 +147,12 @@ class PrefixCache:
         return self._entries.pop(victim).block
 
     def _allocate(self) -> None:
-        """The pool, at the first store. A device without room for it serves on without the cache."""
-        if self._k:
-            return
+        """The pool, zeroed so its pages are mapped now. A device without room for it serves on without
+        the cache."""
         try:
             for rows, pool in ((self.cache.k, self._k), (self.cache.v, self._v)):
                 for t in rows:
-                    pool.append(torch.empty((self.num_blocks, t.shape[1], self.block_tokens, t.shape[3]),
+                    pool.append(torch.zeros((self.num_blocks, t.shape[1], self.block_tokens, t.shape[3]),
                                             device=t.device, dtype=t.dtype))
         except torch.OutOfMemoryError:
             log.warning("prefix cache: no room for %.1f MiB of KV blocks; serving without it",

@@ -166,14 +166,14 @@ def test_lru_evicts_whole_old_chains_and_a_chain_larger_than_the_pool_keeps_its_
 def test_no_room_for_the_pool_turns_the_cache_off_instead_of_failing(monkeypatch) -> None:
     cache = small_cache()
     cache.ensure_initialized([0], 100)
-    prefix = PrefixCache(cache, capacity_tokens=8 * BLOCK_TOKENS)
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("no room")
 
-    monkeypatch.setattr(torch, "empty", no_memory)
-    prefix.store("ns", list(range(100)), row=0)
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    prefix = PrefixCache(cache, capacity_tokens=8 * BLOCK_TOKENS)
     monkeypatch.undo()
+    prefix.store("ns", list(range(100)), row=0)
     assert not prefix.enabled and prefix.cached_blocks == 0
     assert prefix.load("ns", list(range(100)), row=1) == 0
 
