@@ -21,9 +21,10 @@ from dataclasses import replace
 import torch
 
 from bench.workload import PROMPTS
+from bench.engine_requests import generate
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from server.engine.request import SamplingParams
 from server.model.load import load_base
 from server.settings import Settings
 
@@ -34,21 +35,8 @@ SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLengt
 
 async def _run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> int:
     """Submit every job at once; generated tokens once all have finished."""
-    async def one(ids: list[int], params: SamplingParams) -> int:
-        request = Request(ids, params, RequestStream())
-        engine.submit(request)
-        tokens, left = 0, params.n
-        while left:
-            event = await asyncio.wait_for(request.stream.get(), 600)
-            if isinstance(event, TokenEvent):
-                tokens += len(event.token_ids)
-            elif isinstance(event, FinishEvent):
-                left -= 1
-            elif isinstance(event, ErrorEvent):
-                raise event.error
-        return tokens
-
-    return sum(await asyncio.gather(*(one(ids, p) for ids, p in jobs)))
+    done = await asyncio.gather(*(generate(engine, ids, params) for ids, params in jobs))
+    return sum(len(t) for choices in done for t in choices)
 
 
 def configs(prompts: list[list[int]], new_tokens: int, grammar) -> dict[str, list[tuple[list[int], SamplingParams]]]:

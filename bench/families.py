@@ -24,11 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from bench.engine_requests import generate
 from server.adapters.limits import AdapterLimits
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from server.engine.request import SamplingParams
 from server.model.families import FAMILIES
 from server.model.load import ensure_embedded_cache, load_base
 from server.settings import Settings
@@ -92,20 +93,9 @@ def _adapters(model: torch.nn.Module, work: Path) -> None:
 
 
 async def _generate(engine: Engine, prompts: list[list[int]], keys: list[int | None], new_tokens: int) -> int:
-    async def one(ids: list[int], key: int | None) -> int:
-        request = Request(ids, SamplingParams(max_new_tokens=new_tokens), RequestStream(), adapter_key=key)
-        engine.submit(request)
-        n = 0
-        while True:
-            event = await asyncio.wait_for(request.stream.get(), 600)
-            if isinstance(event, TokenEvent):
-                n += len(event.token_ids)
-            elif isinstance(event, FinishEvent):
-                return n
-            elif isinstance(event, ErrorEvent):
-                raise event.error
-
-    return sum(await asyncio.gather(*(one(p, k) for p, k in zip(prompts, keys))))
+    params = SamplingParams(max_new_tokens=new_tokens)
+    done = await asyncio.gather(*(generate(engine, p, params, adapter_key=k) for p, k in zip(prompts, keys)))
+    return sum(len(t) for choices in done for t in choices)
 
 
 def measure(model_type: str, work: Path, tokenizer_dir: Path, requests: int, prompt_len: int,

@@ -29,8 +29,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.workload import PROMPTS
+from bench.engine_requests import generate
 from server.engine.engine import Engine
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from server.engine.request import SamplingParams
 from server.model.load import load_base, resolve_model_path
 from server.settings import Settings
 
@@ -40,20 +41,8 @@ TARGET = 1.0
 async def _serve(engine: Engine, prompts: list[list[int]], new_tokens: int) -> int:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
-    async def one(ids: list[int]) -> int:
-        request = Request(ids, params, RequestStream())
-        engine.submit(request)
-        tokens = 0
-        while True:
-            event = await asyncio.wait_for(request.stream.get(), 600)
-            if isinstance(event, TokenEvent):
-                tokens += len(event.token_ids)
-            elif isinstance(event, FinishEvent):
-                return tokens
-            elif isinstance(event, ErrorEvent):
-                raise event.error
-
-    return sum(await asyncio.gather(*(one(ids) for ids in prompts)))
+    done = await asyncio.gather(*(generate(engine, ids, params) for ids in prompts))
+    return sum(len(t) for choices in done for t in choices)
 
 
 def engine_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:

@@ -17,7 +17,8 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_format import read_adapter
 from server.adapters.runtime.backend import AdapterBackend, TorchBackend
 from server.adapters.runtime.inject import inject_adapter_layers
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from bench.engine_requests import generate
+from server.engine.request import SamplingParams
 from server.model.load import BaseModel, load_base
 from server.settings import Settings
 
@@ -51,22 +52,11 @@ def _greedy(make_engine, model_dir, adapter_dirs, device: str,
         layers.load_slot(slot, read_adapter(adapter_dirs[key], base, limits))
     engine = make_engine(base=base, placement=FixedSlots({k: s for s, k in enumerate(KINDS)}), max_batch=8)
 
-    async def generate(key: str | None, text: str) -> list[int]:
-        request = Request(base.tokenizer(text)["input_ids"], SamplingParams(max_new_tokens=NEW_TOKENS),
-                          RequestStream(), adapter_key=key)
-        engine.submit(request)
-        tokens: list[int] = []
-        while True:
-            event = await asyncio.wait_for(request.stream.get(), 120)
-            if isinstance(event, TokenEvent):
-                tokens.extend(event.token_ids)
-            elif isinstance(event, FinishEvent):
-                return tokens
-            elif isinstance(event, ErrorEvent):
-                raise event.error
-
     async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(generate(key, text) for key, text in PROMPTS)))
+        params = SamplingParams(max_new_tokens=NEW_TOKENS)
+        done = await asyncio.gather(*(generate(engine, base.tokenizer(text)["input_ids"], params, adapter_key=key,
+                                               timeout_s=120) for key, text in PROMPTS))
+        return [choices[0] for choices in done]
 
     return asyncio.run(together()), layers["model.layers.0.self_attn.q_proj"].backend
 

@@ -14,7 +14,8 @@ import torch
 
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from bench.engine_requests import generate
+from server.engine.request import SamplingParams
 
 _rng = random.Random(0)
 SYSTEM = [_rng.randrange(100, 40000) for _ in range(5 * BLOCK_TOKENS + 7)]  # 167 tokens: 5 full blocks
@@ -38,20 +39,9 @@ class Manager:
 
 
 async def collect(engine, prompt: list[int], key: str | None = None, **params) -> list[int]:
-    request = Request(list(prompt), SamplingParams(**{"max_new_tokens": 8, **params}), RequestStream(),
-                      adapter_key=key)
-    engine.submit(request)
-    tokens: dict[int, list[int]] = {}
-    finished = 0
-    while finished < request.params.n:
-        event = await asyncio.wait_for(request.stream.get(), 60)
-        if isinstance(event, TokenEvent):
-            tokens.setdefault(event.index, []).extend(event.token_ids)
-        elif isinstance(event, FinishEvent):
-            finished += 1
-        elif isinstance(event, ErrorEvent):
-            raise event.error
-    return [t for i in sorted(tokens) for t in tokens[i]]
+    choices = await generate(engine, prompt, SamplingParams(**{"max_new_tokens": 8, **params}), adapter_key=key,
+                             timeout_s=60)
+    return [t for choice in choices for t in choice]
 
 
 def questions(k: int) -> list[list[int]]:

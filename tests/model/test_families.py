@@ -21,7 +21,8 @@ from server.adapters.peft.peft_format import read_adapter
 from server.engine.engine import Engine
 from server.engine.prefix_cache import BLOCK_TOKENS
 from server.engine.runner import RunnerOptions
-from server.engine.request import ErrorEvent, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
+from bench.engine_requests import generate
+from server.engine.request import SamplingParams
 from server.model.families import FAMILIES as SUPPORTED
 from server.model.families import UnsupportedModel
 from server.model.load import load_base
@@ -56,20 +57,10 @@ def _prompts(seed: int) -> list[list[int]]:
 
 
 async def _serve_all(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    async def one(ids, key):
-        request = Request(list(ids), SamplingParams(max_new_tokens=NEW_TOKENS), RequestStream(), adapter_key=key)
-        engine.submit(request)
-        tokens: list[int] = []
-        while True:
-            event = await asyncio.wait_for(request.stream.get(), 60)
-            if isinstance(event, TokenEvent):
-                tokens.extend(event.token_ids)
-            elif isinstance(event, FinishEvent):
-                return tokens
-            elif isinstance(event, ErrorEvent):
-                raise event.error
-
-    return list(await asyncio.gather(*(one(ids, key) for ids, key in zip(prompts, KEYS))))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    done = await asyncio.gather(*(generate(engine, ids, params, adapter_key=key, timeout_s=60)
+                                  for ids, key in zip(prompts, KEYS)))
+    return [choices[0] for choices in done]
 
 
 @pytest.mark.parametrize("budget", [512, 16], ids=["whole-prefill", "chunked-prefill"])
