@@ -123,10 +123,10 @@ export function initAdapters(ctx) {
       ctx.emit("adapters-changed");
       await refresh();
     } catch (err) {
+      bar.hidden = true;
       showError($("upload-error"), err);
     } finally {
       submit.disabled = false;
-      bar.hidden = true;
     }
   });
 

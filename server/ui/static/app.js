@@ -49,7 +49,10 @@ function initTabs() {
   const list = document.querySelector("[role=tablist]");
   list.addEventListener("click", (e) => {
     const tab = e.target.closest("[role=tab]");
-    if (tab) location.hash = tab.id.replace("tab-", "");
+    if (!tab) return;
+    const name = tab.id.replace("tab-", "");
+    history.pushState(null, "", `#${name}`); // no hashchange: the tab switches at once
+    selectTab(name);
   });
   list.addEventListener("keydown", (e) => {
     const current = TABS.indexOf(document.activeElement.id.replace("tab-", ""));
@@ -100,8 +103,7 @@ async function signIn(key) {
   $("login").hidden = true;
   $("app").hidden = false;
   showWho();
-  route();
-  ctx.emit("tenant");
+  route(); // shows the section, which loads its data
 }
 
 function initLogin() {

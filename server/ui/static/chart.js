@@ -2,7 +2,7 @@
 // so the curve visibly grows while the job runs. No library: a few elements, redrawn per poll.
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 640, H = 240, PAD = { left: 56, right: 12, top: 12, bottom: 28 };
+const W = 800, H = 260, PAD = { left: 56, right: 12, top: 12, bottom: 28 };
 
 function el(name, attrs, text) {
   const node = document.createElementNS(NS, name);
@@ -33,6 +33,9 @@ export function drawLossChart(svg, history, steps) {
   const losses = points.map((p) => p.loss);
   let lo = Math.min(...losses), hi = Math.max(...losses);
   if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
+  const margin = (hi - lo) * 0.05; // the curve never sits on the axis
+  hi += margin;
+  lo -= margin;
   const sx = (step) => x0 + (x1 - x0) * (step / Math.max(steps, 1));
   const sy = (loss) => y0 - (y0 - y1) * ((loss - lo) / (hi - lo));
   svg.append(el("text", { x: x0 - 6, y: y1 + 10, "text-anchor": "end", class: "tick" }, fmt(hi)),

@@ -31,6 +31,7 @@ export function initTraining(ctx) {
   let watched = null; // job id shown in the job card
   let timer = 0;
   let polls = 0;
+  let lastStatus = null; // of the watched job: a change refreshes the list at once
 
   async function loadList() {
     showError($("jobs-error"), null);
@@ -65,6 +66,7 @@ export function initTraining(ctx) {
 
   function render(job) {
     const { step, steps } = job.progress;
+    tbody.querySelector(`tr[data-job="${CSS.escape(job.id)}"]`)?.replaceWith(row(job)); // the list keeps up
     $("job-card").hidden = false;
     $("job-title").textContent = `Job ${shortId(job.id)} → ${job.adapter_id}`;
     $("job-card").dataset.status = job.status;
@@ -90,8 +92,10 @@ export function initTraining(ctx) {
       if (id !== watched) return;
       render(job);
       polls += 1;
+      const changed = job.status !== lastStatus;
+      lastStatus = job.status;
       if (ACTIVE.has(job.status)) {
-        if (polls % LIST_EVERY === 0) loadList();
+        if (changed || polls % LIST_EVERY === 0) loadList();
         timer = setTimeout(poll, POLL_MS);
       } else {
         loadList();
@@ -105,6 +109,7 @@ export function initTraining(ctx) {
   function watch(id) {
     watched = id;
     polls = 0;
+    lastStatus = null;
     poll();
     $("job-card").scrollIntoView({ block: "nearest" });
   }
