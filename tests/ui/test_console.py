@@ -23,7 +23,7 @@ from tests.api.adapter_http import ADMIN, ALICE, BOB, auth, build_adapter, load_
 from tests.harness import REPO_ROOT, TRAIN_DATA, cpu_settings, gate_engine, running_server, wait_until
 from tests.ui.conftest import PHONE
 
-STEP_DELAY_S = 0.08  # paces training steps so the page's polls see the curve grow
+STEP_DELAY_S = 0.1  # paces training steps so the page's polls see the curve grow
 
 
 class Pacer:
@@ -130,7 +130,7 @@ def points(page) -> int:
 
 
 def test_training_job_loss_curve_grows_while_it_runs(env, open_page, screenshots: Path) -> None:
-    steps = 16
+    steps = 24
     page = open_page(env.url)
     sign_in(page, env.url, ALICE)
     page.click("#tab-training")
@@ -158,10 +158,29 @@ def test_training_job_loss_curve_grows_while_it_runs(env, open_page, screenshots
         env.pacer.on = False
     page.wait_for_selector("#job-card[data-status=succeeded]", timeout=60_000)
     assert points(page) == steps > held
-    assert "of 16 steps" in page.get_attribute("#loss-chart", "aria-label")
+    assert f"of {steps} steps" in page.get_attribute("#loss-chart", "aria-label")
     page.click("#job-try")
     page.wait_for_selector("#tab-playground[aria-selected=true]")
     page.wait_for_selector("#play-target-list input[value=parrot]:checked")
+
+
+def test_a_job_is_cancelled_from_its_card(env, open_page) -> None:
+    page = open_page(env.url)
+    sign_in(page, env.url, ALICE)
+    page.click("#tab-training")
+    page.fill("#train-id", "never")
+    page.fill("#train-steps", "500")
+    page.fill("#train-text", json.dumps(TRAIN_DATA[0]))
+    env.gate.arm()  # the engine parks before the job can finish
+    try:
+        page.click("#train-form button[type=submit]")
+        page.wait_for_selector("#job-card[data-status=queued], #job-card[data-status=running]")
+        page.click("#job-cancel")
+    finally:
+        env.gate.release()
+    page.wait_for_selector("#job-card[data-status=cancelled]")
+    assert page.is_hidden("#job-cancel") and page.is_hidden("#job-try")
+    assert env.client.get("/v1/adapters/never", headers=auth(ALICE)).status_code == 404
 
 
 def test_playground_streams_base_and_adapter_side_by_side(env, open_page, screenshots: Path) -> None:
@@ -235,6 +254,9 @@ def test_tabs_work_from_the_keyboard(env, open_page) -> None:
         assert page.get_attribute(f"#tab-{tab}", "aria-selected") == "true"
         assert page.is_visible(f"#panel-{tab}")
     assert page.locator("[role=tab][aria-selected=true]").count() == 1
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, progress')]
+        .filter((e) => !e.labels?.length && !e.getAttribute('aria-label')).map((e) => e.id)""")
+    assert unlabelled == []
     assert page.locator("[role=tab][tabindex='0']").count() == 1  # one tab stop for the list
 
 
