@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.api.routes.ui import STATIC_DIR, STATIC_FILES
+from server.api.routes.ui import STATIC_DIR, STATIC_FILES, static_files
 from tests.api.adapter_http import ALICE, auth, write_keys
 from tests.harness import cpu_settings, running_server
 
@@ -65,3 +65,11 @@ def test_nothing_else_is_opened(url: str, method: str, path: str) -> None:
         r = client.send(request)
     assert r.status_code == 401, (method, path, r.text)
     assert httpx.get(f"{url}/v1/adapters", headers=auth(ALICE)).status_code == 200
+
+
+def test_only_assets_of_known_kinds_are_served(tmp_path: Path) -> None:
+    for name in ("a.js", "b.css", "c.svg", "index.html", "secret.py", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub.js").mkdir()
+    assert sorted(static_files(tmp_path)) == ["a.js", "b.css", "c.svg"]
+    assert static_files(tmp_path / "missing") == {}

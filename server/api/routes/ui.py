@@ -31,7 +31,10 @@ router = APIRouter(include_in_schema=False)
 
 
 def static_files(root: Path) -> dict[str, Path]:
-    """name → file for every servable asset; the request can only pick one of these."""
+    """name → file for every servable asset; the request can only pick one of these. An install
+    without the files (package data left out) serves the API and answers /ui with a 404."""
+    if not root.is_dir():
+        return {}
     return {p.name: p for p in sorted(root.iterdir()) if p.is_file() and p.suffix in MEDIA_TYPES}
 
 
@@ -40,7 +43,10 @@ STATIC_FILES = static_files(STATIC_DIR)
 
 @router.api_route("/ui", methods=["GET", "HEAD"])
 async def console() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=HEADERS)
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        raise NotFound("the web console's files are not installed with this server")
+    return FileResponse(page, media_type="text/html", headers=HEADERS)
 
 
 @router.api_route("/ui/static/{name}", methods=["GET", "HEAD"])

@@ -39,6 +39,7 @@ function selectTab(name, focus = false) {
 }
 
 function route() {
+  if (!ctx.me) return; // signed out: the sections stay hidden and load nothing
   const [name, query] = location.hash.slice(1).split("?");
   const tab = TABS.includes(name) ? name : "adapters";
   if (tab === "playground" && query) sections.playground?.preselect(new URLSearchParams(query).getAll("adapter"));
