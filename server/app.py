@@ -36,7 +36,7 @@ from server.api.http_protocol import json_h11_protocol
 from server.api.responses import ERROR_RESPONSES
 from server.api.limits import SizeLimitMiddleware
 from server.api.prompts import PromptEncoder
-from server.api.routes import adapters, generate, health, merge, openai, training
+from server.api.routes import adapters, generate, health, me, merge, openai, training, ui
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
 from server.engine.waiting import WaitingQueue
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     install_auth(app, settings, keys)  # no byte of an unauthenticated request is read
     app.add_middleware(CatchAllMiddleware)  # inside the request id: a 500 names it, the connection lives on
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer (401/413/431 too) carries X-Request-ID
-    for module in (health, generate, openai, adapters, merge, training):
+    for module in (health, generate, openai, adapters, merge, training, me, ui):
         app.include_router(module.router)
     app.include_router(adapters.fallback_router)  # last: unmatched /v1/adapters/... paths → clean 4xx
     return app

@@ -3,7 +3,9 @@
 Why a middleware and not only a route dependency: it covers *every* path the
 app answers (including ones a future router forgets to protect, FastAPI's docs
 and unknown paths), and it refuses an unauthenticated upload before a single
-body byte is read. `/health` and `/ready` stay open for probes.
+body byte is read. `/health` and `/ready` stay open for probes, and GET/HEAD of
+the web console's static files (`/ui`, `/ui/static/<name>`): they hold no data,
+and the page sends the key the user types with every data call.
 
 The key table itself (loading, validation, constant-time lookup) lives in
 server/api/keys.py; this module only guards the routes with it.
@@ -12,6 +14,7 @@ server/api/keys.py; this module only guards the routes with it.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,6 +27,9 @@ from server.logging import PRINCIPAL_SCOPE_KEY
 from server.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# The console page and its assets, nothing else: one flat file name, no dots but the extension's.
+CONSOLE_PATH = re.compile(r"/ui(?:/static/[a-z0-9_-]{1,64}\.(?:js|css|svg))?")
+CONSOLE_METHODS = frozenset({"GET", "HEAD"})
 
 log = logging.getLogger(__name__)
 # A refused request's body is read (and dropped) up to this much so the client
@@ -37,7 +43,7 @@ class AuthMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or is_console(scope):
             await self.app(scope, receive, send)
             return
         principal = authenticate(self.keys, scope.get("headers", []))
@@ -52,6 +58,10 @@ class AuthMiddleware:
             return
         scope[PRINCIPAL_SCOPE_KEY] = principal
         await self.app(scope, receive, send)
+
+
+def is_console(scope: Scope) -> bool:
+    return scope.get("method") in CONSOLE_METHODS and CONSOLE_PATH.fullmatch(scope.get("path", "")) is not None
 
 
 def warn_if_exposed(path: Path) -> None:

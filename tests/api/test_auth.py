@@ -22,7 +22,8 @@ KEYS = {
     "bob-key-000001": {"tenant": "bob"},
     "root-key-00001": {"tenant": "ops", "admin": True},
 }
-OPEN = {"/health", "/ready"}
+# Open paths → a concrete request to each (the console's assets are named files, not any id).
+OPEN = {"/health": "/health", "/ready": "/ready", "/ui": "/ui", "/ui/static/{name}": "/ui/static/app.js"}
 
 
 def write_keys(path: Path, data: object) -> Path:
@@ -75,7 +76,7 @@ def test_every_route_except_probes_needs_a_key(keyed_app, url: str) -> None:
             for method in methods - {"HEAD", "OPTIONS"}:
                 target = concrete(path)
                 if path in OPEN:
-                    assert client.request(method, target).status_code != 401, path
+                    assert client.request(method, OPEN[path]).status_code != 401, path
                     continue
                 for headers in ({}, auth("wrong-key-123"), {"Authorization": "Basic YWxpY2U6eA=="}):
                     r = client.request(method, target, headers=headers, content=b"{}")
@@ -106,6 +107,12 @@ def test_valid_keys_map_to_their_tenant(url: str) -> None:
     assert r.status_code == 422 and "admin" in r.json()["error"]["message"]
     r = httpx.get(f"{url}/v1/adapters", params={"tenant": "bob"}, headers=auth("root-key-00001"))
     assert r.status_code == 200
+
+
+def test_me_names_the_keys_tenant_and_role(url: str) -> None:
+    assert httpx.get(f"{url}/v1/me", headers=auth("alice-key-0001")).json() == {"tenant": "alice", "admin": False}
+    assert httpx.get(f"{url}/v1/me", headers=auth("root-key-00001")).json() == {"tenant": "ops", "admin": True}
+    assert httpx.get(f"{url}/v1/me").status_code == 401
 
 
 def test_unauthenticated_upload_is_refused_before_reading(url: str, keyed_settings: Settings) -> None:
