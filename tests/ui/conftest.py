@@ -22,7 +22,7 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="session")
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():
-        reason = f"Debian's chromium is not installed at {CHROMIUM}: `make browser` installs it (.ci/run does)"
+        reason = f"Debian's chromium is not installed at {CHROMIUM}: `make browser` (or `make test`) installs it as root"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
