@@ -55,6 +55,20 @@ def check_mix(mix: Mix) -> Mix:
     return mix
 
 
+class MixRecipeRequest(BaseModel):
+    """POST /v1/adapters/{id}/mix: a new stored adapter from weighted members (PEFT's add_weighted_adapter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[MixMemberField] = Field(..., description=MIX_FIELD_DESCRIPTION)
+    combination_type: Literal["cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+    density: float | None = Field(None, allow_inf_nan=False, description="ties, dare_*, magnitude_prune: kept fraction")
+    majority_sign_method: Literal["total", "frequency"] | None = Field(None, description="ties, dare_ties")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="dare_*: the random pruning's seed (required)")
+
+    _mix = field_validator("adapters")(check_mix)
+
+
 class SamplingFields(BaseModel):
     """Fields shared by every generation route (OpenAI routes rename max_new_tokens).
 

@@ -163,3 +163,60 @@ def test_openai_routes_take_the_mix_as_an_extra_body_field(served) -> None:
     with pytest.raises(openai.BadRequestError, match="listed twice"):
         client.completions.create(model=base_id, prompt=PROMPT, max_tokens=2,
                                   extra_body={"adapters": [{"id": "a", "weight": 1}, {"id": "a", "weight": 1}]})
+
+
+def _peft_recipe_text(tiny_model_dir: Path, tmp: Path, **kw) -> str:
+    """PEFT's greedy continuation with add_weighted_adapter(a 0.7, b 0.3, **kw), its draws seeded at 5."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(load_tiny(tiny_model_dir).model, str(tmp / "a"), adapter_name="a")
+    model.load_adapter(str(tmp / "b"), adapter_name="b")
+    inject = model.base_model.inject_adapter
+    model.base_model.inject_adapter = lambda *a, **k: (inject(*a, **k), torch.manual_seed(5))
+    model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", **kw)
+    model.set_adapter("merged")
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                    do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("recipe", [{"combination_type": "ties", "density": 0.5},
+                                    {"combination_type": "dare_ties", "density": 0.7, "seed": 5}],
+                         ids=["ties", "dare_ties"])
+def test_a_merge_recipe_stores_what_peft_add_weighted_adapter_builds(served, tiny_model_dir: Path, recipe) -> None:
+    url, tmp = served
+    new_id = f"made-{recipe['combination_type'].replace('_', '-')}"
+    with httpx.Client(base_url=url, timeout=120) as client:
+        made = client.post(f"/v1/adapters/{new_id}/mix", json={"adapters": MIX, **recipe}, headers=auth(ALICE))
+        assert made.status_code == 201, made.text
+        got = _generate(client, adapter_id=new_id)
+    record = made.json()
+    assert record["id"] == new_id and record["type"] == "lora" and record["rank"] == 8
+    assert record["recipe"]["combination_type"] == recipe["combination_type"]
+    assert record["recipe"]["members"] == ["a", "b"] and record["recipe"]["weights"] == [0.7, 0.3]
+    kw = {"combination_type": recipe["combination_type"], "density": recipe["density"]}
+    assert got.status_code == 200 and got.json()["text"] == _peft_recipe_text(tiny_model_dir, tmp, **kw)
+
+
+@pytest.mark.parametrize("body,status,expected", [
+    ({"adapters": MIX, "combination_type": "dare_linear", "density": 0.5}, 422, "seed is required"),
+    ({"adapters": MIX, "combination_type": "svd"}, 422, "combination_type"),
+    ({"adapters": MIX, "combination_type": "cat", "extra": 1}, 422, "extra"),
+    ({"adapters": [{"id": "a", "weight": 1}, {"id": "m", "weight": 1}], "combination_type": "cat"}, 422,
+     "'m' is a MISS adapter"),
+    ({"adapters": [{"id": "a", "weight": 1}, {"id": "theirs", "weight": 1}], "combination_type": "cat"}, 404,
+     "adapter 'theirs' not found"),
+], ids=["dare-no-seed", "svd", "unknown-field", "miss-member", "foreign-member"])
+def test_bad_recipes_are_refused_and_store_nothing(served, body, status, expected) -> None:
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=120) as client:
+        r = client.post("/v1/adapters/never/mix", json=body, headers=auth(ALICE))
+        after = client.get("/v1/adapters/never", headers=auth(ALICE))
+    assert r.status_code == status, r.text
+    assert expected in r.json()["error"]["message"]
+    assert after.status_code == 404
