@@ -124,7 +124,8 @@ class AdapterManager:
                     ref = self._refs[member]
                 adapter = self._load(ref)
             members.append(MixMember(member.adapter_id, adapter, weight))
-        return mix_adapters(members, self.limits.max_rank, pin=self.base.device.type == "cuda")
+        return mix_adapters(members, self.limits.max_rank, pin=self.base.device.type == "cuda",
+                            slot_dtype=self.limits.slot_dtype or self.base.dtype)
 
     async def _reserve_slots(self, key: AdapterKey) -> None:
         """Grow the slot banks this adapter needs on a loader thread, not on the engine thread at its

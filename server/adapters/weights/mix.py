@@ -47,8 +47,10 @@ def check_members(ids: Sequence[str], weights: Sequence[float]) -> None:
         raise InvalidRequest(f"adapters: weights must be finite numbers, got {bad[0]!r}")
 
 
-def mix_adapters(members: Sequence[MixMember], max_rank: int, pin: bool = False) -> LoadedAdapter:
-    """The mix as one LoadedAdapter (float32 host tensors in one buffer, page-locked with `pin`)."""
+def mix_adapters(members: Sequence[MixMember], max_rank: int, pin: bool = False,
+                 slot_dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+    """The mix as one LoadedAdapter (float32 host tensors in one buffer, page-locked with `pin`); `slot_dtype`:
+    what the device slots hold, whose range the mixed factors must fit (float16: 65504)."""
     check_members([m.name for m in members], [m.weight for m in members])
     for m in members:
         _refuse_dora(m)
@@ -60,7 +62,7 @@ def mix_adapters(members: Sequence[MixMember], max_rank: int, pin: bool = False)
         worst = next(n for n, w in modules.items() if w.rank == rank)
         raise AdapterError(f"the mix's summed rank is {rank} (module {worst!r}: the members' ranks add up when "
                            f"they are concatenated), over the configured maximum rank {max_rank}")
-    modules = _packed(modules, pin)
+    modules = _packed(modules, pin, slot_dtype)
     kinds = {"miss" if isinstance(w, (MissWeights, BatWeights)) else "lora" for w in modules.values()}
     return LoadedAdapter(kind=kinds.pop() if len(kinds) == 1 else "lora", variant="mix", rank=rank,
                          target_modules=tuple(names), modules=modules,
@@ -122,7 +124,7 @@ def _describe(w: ModuleWeights) -> str:
     return f"LoRA, r={w.rank}"
 
 
-def _packed(modules: dict[str, ModuleWeights], pin: bool) -> dict[str, ModuleWeights]:
+def _packed(modules: dict[str, ModuleWeights], pin: bool, slot_dtype: torch.dtype) -> dict[str, ModuleWeights]:
     """Every tensor moved into one flat buffer: one host allocation per mix (one upload to a GPU's slots),
     and one finite check of the whole mix (weights as large as float32 allows may overflow it)."""
     tensors = [t for w in modules.values() for t in _tensors(w)]
@@ -134,6 +136,10 @@ def _packed(modules: dict[str, ModuleWeights], pin: bool) -> dict[str, ModuleWei
         used += t.numel()
     if not bool(torch.isfinite(flat).all()):
         raise AdapterError("the mix overflows float32: its weights are too large for these adapters")
+    limit = torch.finfo(slot_dtype).max
+    if flat.numel() and float(flat.abs().max()) > limit:
+        raise AdapterError(f"the mix's weights scale its factors past what this server's {slot_dtype} adapter "
+                           f"slots hold (at most {limit:.0f}); use smaller weights")
     taken = iter(views)
     return {name: _rebuilt(w, taken) for name, w in modules.items()}
 

@@ -214,3 +214,6 @@ def test_refusals_name_the_reason(zoo):
         mix()
     with pytest.raises(AdapterError, match="overflows float32"):
         mix(("a", 3e38), ("b", 3e38))
+    with pytest.raises(AdapterError, match="torch.float16 adapter slots hold"):
+        mix_adapters([MixMember("a", loaded["a"], 1e6)], 32, slot_dtype=torch.float16)
+    assert mix_adapters([MixMember("a", loaded["a"], 1e6)], 32).rank == 8  # float32 slots hold it
