@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[Path, BaseModel, AdapterLimits], LoadedAdapter]
 CacheEvent = Literal["hit", "miss", "eviction"]
+MIX_RECIPES_PER_HOST_ENTRY = 8  # recipes remembered per host-tier entry (a recipe is a few hundred bytes)
 
 
 class AdapterManager:
@@ -65,6 +67,7 @@ class AdapterManager:
         self.slots = SlotTable(layers.num_slots)
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
         self._refs: dict[AdapterKey, AdapterRef | MixRecipe] = {}  # where a key's host copy comes from
+        self._recipes: OrderedDict[AdapterKey, None] = OrderedDict()  # mixes' keys in _refs, oldest first
         self._errors: dict[AdapterKey, AdapterError] = {}  # versions are immutable: a bad file stays bad
         # The last re-read of a version failed on the file system (gone, unreadable): a request waiting on
         # it fails instead of retrying every step; a later successful read clears it.
@@ -104,7 +107,7 @@ class AdapterManager:
         recipe = MixRecipe(tenant, tuple(sorted(zip(keys, (float(w) for _, w in members)))))
         key = recipe.key
         with self._lock:
-            self._refs[key] = recipe
+            self._remember(recipe)
             ready = key in self.host or key in self.slots.slot_of
         if ready:
             self.host_hits += 1
@@ -113,6 +116,20 @@ class AdapterManager:
             await asyncio.wrap_future(self._load_async(recipe))
         await self._reserve_slots(key)
         return key
+
+    def _remember(self, recipe: MixRecipe) -> None:
+        """Keep the recipe (its mix is rebuilt from it when it leaves the host tier), most recent last. A
+        client may ask for endless distinct weights: past MIX_RECIPES_PER_HOST_ENTRY × the host tier, the
+        oldest recipes with no copy in a tier are forgotten (caller holds the lock)."""
+        self._refs[recipe.key] = recipe
+        self._recipes.pop(recipe.key, None)
+        self._recipes[recipe.key] = None
+        excess = len(self._recipes) - MIX_RECIPES_PER_HOST_ENTRY * self.host.capacity
+        for key in [k for k in self._recipes if k not in self.host and k not in self.slots.slot_of
+                    and k not in self._inflight][:max(excess, 0)]:
+            del self._recipes[key]
+            self._refs.pop(key, None)
+            self._errors.pop(key, None)
 
     def _build_mix(self, recipe: MixRecipe) -> LoadedAdapter:
         """Loader thread: the mix from its members' host copies (re-read if they aged out meanwhile)."""
@@ -356,6 +373,7 @@ class AdapterManager:
                 "host_evictions": self.host.evictions,
                 "pinned": self.slots.pinned_count,
                 "loading": len(self._inflight),
+                "mix_recipes": len(self._recipes),
             }
 
     def close(self) -> None:

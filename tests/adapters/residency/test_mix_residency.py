@@ -152,3 +152,24 @@ async def test_a_mix_that_left_the_host_tier_is_rebuilt(files, tmp_path):
         manager.release(key)
     finally:
         manager.close()
+
+
+async def test_recipes_remembered_are_bounded(files, tmp_path):
+    """Endless distinct weights must not grow the manager without bound: past 8 recipes per host entry the
+    oldest ones with no copy in a tier are forgotten, and asking again rebuilds the same mix."""
+    from server.adapters.residency.manager import MIX_RECIPES_PER_HOST_ENTRY
+
+    _, expected = files
+    base, _, manager = _manager(tmp_path, files, max_adapters_host=2)
+    try:
+        cap = MIX_RECIPES_PER_HOST_ENTRY * 2
+        first = await manager.prepare_mix("t1", [("a", 0.7), ("b", 0.3)])
+        for i in range(cap + 4):
+            await manager.prepare_mix("t1", [("a", 0.01 * (i + 1))])
+            assert manager.stats()["mix_recipes"] <= cap
+        assert await manager.prepare_mix("t1", [("a", 0.7), ("b", 0.3)]) == first
+        slot = await _acquire(manager, first)
+        torch.testing.assert_close(_logits(base.model, slot), expected["a"], atol=1e-5, rtol=1e-5)
+        manager.release(first)
+    finally:
+        manager.close()
