@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,10 +19,11 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.residency.manager import AdapterManager
 from server.adapters.merge.merge import MergeRegistry
+from server.adapters.merge.recipes import Recipe, read_member, write_recipe
 from server.adapters.peft.peft_format import read_adapter
 from server.adapters.store.store import AdapterStore, StoredVersion
 from server.adapters.types import AdapterKey
-from server.errors import AdapterError, ApiError
+from server.errors import AdapterError, ApiError, Conflict
 from server.model.load import BaseModel
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,20 @@ class AdapterService:
         if self.manager is not None and self.keep_uploads:
             self.manager.adopt(stored.ref, loaded)  # validation loaded it: the first request skips the read
         return stored
+
+    def publish_recipe(self, tenant: str, adapter_id: str, members: Sequence[str], recipe: Recipe,
+                       abandoned: Callable[[], bool] = lambda: False) -> StoredVersion:
+        """A new version of `adapter_id` combined from the tenant's `members` (merge/recipes.py), published
+        like an upload; a member the tenant lacks is NotFound, as for any adapter."""
+        recipe.check()
+        refs = [self.store.resolve(tenant, m) for m in members]
+        with self.staging() as staged:
+            try:
+                read = [read_member(m, ref.path, self.limits) for m, ref in zip(members, refs)]
+            except FileNotFoundError:
+                raise Conflict("a member was replaced or deleted while the recipe read it; retry") from None
+            write_recipe(read, recipe, self.base.model, staged)
+            return self.publish(tenant, adapter_id, staged, {"recipe": recipe.record(members)}, abandoned)
 
     async def settle(self, tenant: str, adapter_id: str) -> None:
         """After a publish: a dedicated adapter's new version is merged before the caller answers."""

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request as HttpRequest
 
 from server.adapters.types import AdapterKey
 from server.api.keys import DEFAULT_TENANT, Principal
+from server.api.schemas import MixMemberField
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, RequestStream, SamplingParams, TokenEvent
 from server.errors import ApiError, InvalidRequest, QueueFull, Unavailable
 from server.logging import PRINCIPAL_SCOPE_KEY, log_generation
@@ -35,8 +36,12 @@ class Completion:
     completion_tokens: int
 
 
-async def resolve_adapter(services: Services, principal: Principal, adapter_id: str | None) -> AdapterKey | None:
-    """None = the base model; otherwise the manager's key (raises NotFound / AdapterError)."""
+async def resolve_adapter(services: Services, principal: Principal, adapter_id: str | None,
+                          mix: Sequence[MixMemberField] | None = None) -> AdapterKey | None:
+    """None = the base model; otherwise the manager's key (raises NotFound / AdapterError). `mix`: a
+    weighted mix of the caller's adapters, served as one virtual adapter (`adapter_id` is then None)."""
+    if mix is not None:
+        return await services.adapters.prepare_mix(principal.tenant, [(m.id, m.weight) for m in mix])
     if adapter_id is None or adapter_id == services.base.model_id:
         return None
     return await services.adapters.prepare(principal.tenant, adapter_id)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.adapters.weights.mix import MAX_MIX_MEMBERS
+
 SEED_MAX = 2**63 - 1
 
 Stop = str | list[str] | None
@@ -26,6 +28,45 @@ def normalize_stop(stop: Stop) -> tuple[str, ...]:
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+
+
+class MixMemberField(BaseModel):
+    """One member of a per-request adapter mix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1)
+    weight: float = Field(..., allow_inf_nan=False)
+
+
+Mix = list[MixMemberField] | None
+MIX_FIELD_DESCRIPTION = ("a weighted mix of the caller's adapters, served as one adapter: "
+                         f"1 to {MAX_MIX_MEMBERS} distinct ids, finite weights")
+
+
+def check_mix(mix: Mix) -> Mix:
+    if mix is not None:
+        ids = [m.id for m in mix]
+        if not 1 <= len(ids) <= MAX_MIX_MEMBERS:
+            raise ValueError(f"a mix has 1 to {MAX_MIX_MEMBERS} members, got {len(ids)}")
+        twice = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
+        if twice is not None:
+            raise ValueError(f"{twice!r} is listed twice; give each member once with its weight")
+    return mix
+
+
+class MixRecipeRequest(BaseModel):
+    """POST /v1/adapters/{id}/mix: a new stored adapter from weighted members (PEFT's add_weighted_adapter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[MixMemberField] = Field(..., description=MIX_FIELD_DESCRIPTION)
+    combination_type: Literal["cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+    density: float | None = Field(None, allow_inf_nan=False, description="ties, dare_*, magnitude_prune: kept fraction")
+    majority_sign_method: Literal["total", "frequency"] | None = Field(None, description="ties, dare_ties")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="dare_*: the random pruning's seed (required)")
+
+    _mix = field_validator("adapters")(check_mix)
 
 
 class SamplingFields(BaseModel):
@@ -65,17 +106,22 @@ class SamplingFields(BaseModel):
 class GenerateRequest(SamplingFields):
     prompt: str = Field(..., min_length=1)
     adapter_id: str | None = None
+    adapters: Mix = Field(None, description=MIX_FIELD_DESCRIPTION + "; not with adapter_id")
     max_new_tokens: int = Field(64, ge=1)
     logprobs: int | None = Field(None, ge=0, description="the chosen token's logprob and the top k alternatives")
     json_schema: dict[str, Any] | None = Field(None, description="the output is JSON valid against this schema")
     regex: str | None = Field(None, min_length=1, description="the output matches this regular expression")
     choice: list[str] | None = Field(None, min_length=1, description="the output is exactly one of these strings")
 
+    _mix = field_validator("adapters")(check_mix)
+
     @model_validator(mode="after")
     def _one_constraint(self) -> "GenerateRequest":
         given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"at most one of json_schema, regex, choice (got {', '.join(given)})")
+        if self.adapter_id is not None and self.adapters is not None:
+            raise ValueError("give either adapter_id or adapters (a mix), not both")
         return self
 
 
@@ -128,6 +174,9 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None  # an end-user id for abuse tracking: logged nowhere, changes nothing
+    adapters: Mix = Field(None, description=MIX_FIELD_DESCRIPTION + " (extension); `model` is then the base model")
+
+    _mix = field_validator("adapters")(check_mix)
 
 
 class CompletionRequest(OpenAIFields):

@@ -12,6 +12,9 @@ Threads and who calls what:
     goes on. `release(key)` unpins when a request ends. Only this thread issues
     slot copies; a slot is handed out once its copy's fence is done (transfer.py),
     and a slot whose copy is in flight is never evicted.
+  - HTTP handlers: `await prepare_mix(tenant, [(adapter_id, weight), ...])` prepares each member, then
+    the mix (weights/mix.py) as a virtual adapter under its recipe's key (recipe.py), built from the
+    members' host copies on the loader pool and cached, slotted and evicted like any adapter.
   - Any thread: `forget(tenant, adapter_id)` after delete / re-upload, `stats()`,
     `is_pinned(key)` (the store's garbage collector), `adopt(ref, adapter)` after
     an upload validated it, `prefetch(refs)` to warm the host tier in the background.
@@ -24,17 +27,20 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 from server.adapters.residency.cache import HostCache, SlotTable
+from server.adapters.residency.recipe import MixRecipe
 from server.adapters.runtime.inject import AdapterLayers
 from server.adapters.runtime.transfer import Fence
 from server.adapters.limits import AdapterLimits
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.weights.loaded import LoadedAdapter
+from server.adapters.weights.mix import MixMember, check_members, mix_adapters
 from server.adapters.peft.peft_format import read_adapter
 from server.adapters.store.store import AdapterStore
 from server.adapters.types import AdapterKey, AdapterRef
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[Path, BaseModel, AdapterLimits], LoadedAdapter]
 CacheEvent = Literal["hit", "miss", "eviction"]
+MIX_RECIPES_PER_HOST_ENTRY = 8  # recipes remembered per host-tier entry (a recipe is a few hundred bytes)
 
 
 class AdapterManager:
@@ -59,7 +66,8 @@ class AdapterManager:
         self.host = HostCache(limits.max_adapters_host)
         self.slots = SlotTable(layers.num_slots)
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
-        self._refs: dict[AdapterKey, AdapterRef] = {}
+        self._refs: dict[AdapterKey, AdapterRef | MixRecipe] = {}  # where a key's host copy comes from
+        self._recipes: OrderedDict[AdapterKey, None] = OrderedDict()  # mixes' keys in _refs, oldest first
         self._errors: dict[AdapterKey, AdapterError] = {}  # versions are immutable: a bad file stays bad
         # The last re-read of a version failed on the file system (gone, unreadable): a request waiting on
         # it fails instead of retrying every step; a later successful read clears it.
@@ -91,6 +99,51 @@ class AdapterManager:
         await self._reserve_slots(key)
         return key
 
+    async def prepare_mix(self, tenant: str, members: Sequence[tuple[str, float]]) -> AdapterKey:
+        """The key of the weighted mix of these adapters' newest versions, built and validated in host
+        memory (NotFound for a member the tenant does not have, AdapterError when it cannot be mixed)."""
+        check_members([m for m, _ in members], [w for _, w in members])
+        keys = [await self.prepare(tenant, adapter_id) for adapter_id, _ in members]
+        recipe = MixRecipe(tenant, tuple(sorted(zip(keys, (float(w) for _, w in members)))))
+        key = recipe.key
+        with self._lock:
+            self._remember(recipe)
+            ready = key in self.host or key in self.slots.slot_of
+        if ready:
+            self.host_hits += 1
+            self._count("hit", "host")
+        else:
+            await asyncio.wrap_future(self._load_async(recipe))
+        await self._reserve_slots(key)
+        return key
+
+    def _remember(self, recipe: MixRecipe) -> None:
+        """Keep the recipe (its mix is rebuilt from it when it leaves the host tier), most recent last. A
+        client may ask for endless distinct weights: past MIX_RECIPES_PER_HOST_ENTRY × the host tier, the
+        oldest recipes with no copy in a tier are forgotten (caller holds the lock)."""
+        self._refs[recipe.key] = recipe
+        self._recipes.pop(recipe.key, None)
+        self._recipes[recipe.key] = None
+        excess = len(self._recipes) - MIX_RECIPES_PER_HOST_ENTRY * self.host.capacity
+        for key in [k for k in self._recipes if k not in self.host and k not in self.slots.slot_of
+                    and k not in self._inflight][:max(excess, 0)]:
+            del self._recipes[key]
+            self._refs.pop(key, None)
+            self._errors.pop(key, None)
+
+    def _build_mix(self, recipe: MixRecipe) -> LoadedAdapter:
+        """Loader thread: the mix from its members' host copies (re-read if they aged out meanwhile)."""
+        members = []
+        for member, weight in recipe.members:
+            adapter = self.host.get(member)
+            if adapter is None:  # read here, not queued on the pool this thread may be the last worker of
+                with self._lock:
+                    ref = self._refs[member]
+                adapter = self._load(ref)
+            members.append(MixMember(member.adapter_id, adapter, weight))
+        return mix_adapters(members, self.limits.max_rank, pin=self.base.device.type == "cuda",
+                            slot_dtype=self.limits.slot_dtype or self.base.dtype)
+
     async def _reserve_slots(self, key: AdapterKey) -> None:
         """Grow the slot banks this adapter needs on a loader thread, not on the engine thread at its
         placement, where every running stream would wait for the allocation (slots.py)."""
@@ -101,7 +154,7 @@ class AdapterManager:
         if adapter is not None and self.layers.needs_growth(adapter):
             await asyncio.wrap_future(self._pool.submit(self.layers.reserve, adapter))
 
-    def _load_async(self, ref: AdapterRef) -> Future:
+    def _load_async(self, ref: AdapterRef | MixRecipe) -> Future:
         with self._lock:
             error = self._errors.get(ref.key)
             if error is not None:
@@ -113,16 +166,21 @@ class AdapterManager:
                 fut = self._inflight[ref.key] = self._pool.submit(self._load, ref)
             return fut
 
-    def _load(self, ref: AdapterRef) -> LoadedAdapter:
+    def _load(self, ref: AdapterRef | MixRecipe) -> LoadedAdapter:
         key = ref.key
         started = time.perf_counter()
         try:
-            adapter = self._loader(ref.path, self.base, self.limits)
+            if isinstance(ref, MixRecipe):
+                adapter = self._build_mix(ref)
+            else:
+                adapter = self._loader(ref.path, self.base, self.limits)
             evicted = self.host.put(key, adapter)  # before leaving _inflight: no window where it is in neither
             with self._lock:
                 self._read_failures.pop(key, None)
         except AdapterError as e:
-            if not ref.path.exists():  # gone from the store (deleted, collected), not a bad file
+            if isinstance(ref, MixRecipe) and any(m in self._read_failures for m, _ in ref.members):
+                raise  # a member's files are gone: its own failure, not the recipe's
+            if isinstance(ref, AdapterRef) and not ref.path.exists():  # deleted or collected, not a bad file
                 raise self._read_failed(key, f"version {key.version} is no longer in the store") from None
             with self._lock:
                 self._errors[key] = e
@@ -274,10 +332,16 @@ class AdapterManager:
         resolve through the store and never see an old key again.
         """
         with self._lock:
-            match = lambda k: (k.tenant, k.adapter_id) == (tenant, adapter_id)  # noqa: E731
+            def match(k: AdapterKey) -> bool:  # the adapter's versions, and every mix it is a member of
+                return (k.tenant, k.adapter_id) == (tenant, adapter_id) or self._mixes(k, tenant, adapter_id)
             for k in [k for k in self._errors if match(k)]:
                 del self._errors[k]
             self.slots.doomed.update(k for k in self.slots.slot_of if match(k))
+
+    def _mixes(self, key: AdapterKey, tenant: str, adapter_id: str) -> bool:
+        """Whether `key` is a mix with (tenant, adapter_id) among its members (caller holds the lock)."""
+        recipe = self._refs.get(key)
+        return isinstance(recipe, MixRecipe) and recipe.uses(tenant, adapter_id)
 
     def is_pinned(self, key: AdapterKey) -> bool:
         with self._lock:
@@ -309,6 +373,7 @@ class AdapterManager:
                 "host_evictions": self.host.evictions,
                 "pinned": self.slots.pinned_count,
                 "loading": len(self._inflight),
+                "mix_recipes": len(self._recipes),
             }
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ async def generate(body: GenerateRequest, request: Request,
                             **dec.decoding_options(body, body.logprobs, grammar))
     prompt_ids = await gen.encode_prompt(services, body.prompt)
     gen.check_request(services, prompt_ids, params)
-    key = await gen.resolve_adapter(services, principal, body.adapter_id)
+    key = await gen.resolve_adapter(services, principal, body.adapter_id, body.adapters)
     job = gen.submit(services, principal, prompt_ids, params, key, "generate")
     text = dec.TokenText(services.base.tokenizer)
     if body.stream:

@@ -1,4 +1,5 @@
-"""Routes: the merge path — dedicate a merged copy of the base to an adapter, or take it back.
+"""Routes: the merge path — dedicate a merged copy of the base to an adapter, or take it back; store a
+new adapter combined from others by a merge recipe (`POST /v1/adapters/{id}/mix`).
 
 `POST /v1/adapters/{id}/merge` answers once the copy serves new requests:
 201 with the adapter record (`mode: "merged"`) when a copy was built, 200 when
@@ -16,9 +17,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.ids import check_adapter_id
+from server.adapters.merge.recipes import Recipe
 from server.api.deps import Principal, get_principal
 from server.api.responses import AdapterRecord, ok
 from server.api.routes.adapters import present, target_tenant
+from server.api.schemas import MixRecipeRequest
 from server.api.services import get_services
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -45,3 +48,18 @@ async def unmerge_adapter(adapter_id: str, request: Request, tenant: str | None 
     await services.merge.undedicate(owner, adapter_id)
     stored = await run_in_threadpool(services.store.get, owner, adapter_id)
     return JSONResponse(present(services, stored), status_code=200)
+
+
+@router.post("/{adapter_id}/mix", status_code=201, responses=ok(AdapterRecord, 201))
+async def mix_adapters(adapter_id: str, body: MixRecipeRequest, request: Request, tenant: str | None = None,
+                       principal: Principal = Depends(get_principal)) -> JSONResponse:
+    """A new version of `adapter_id` combined from the caller's adapters by a merge recipe (201, its record)."""
+    check_adapter_id(adapter_id)
+    owner = target_tenant(principal, tenant)
+    services = get_services(request)
+    recipe = Recipe(body.combination_type, tuple(m.weight for m in body.adapters), density=body.density,
+                    majority_sign_method=body.majority_sign_method, seed=body.seed)
+    members = [m.id for m in body.adapters]
+    stored = await run_in_threadpool(services.adapter_service.publish_recipe, owner, adapter_id, members, recipe)
+    await services.adapter_service.settle(owner, adapter_id)
+    return JSONResponse(present(services, stored), status_code=201)

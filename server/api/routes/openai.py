@@ -22,7 +22,7 @@ from server.api.responses import SSE, ModelList, ok
 from server.api.routes.generate import SSE_HEADERS, sse
 from server.api.schemas import ChatRequest, CompletionRequest, OpenAIFields, normalize_stop
 from server.engine.request import FinishEvent, Request as EngineRequest, SamplingParams, TokenEvent, TokenLogprob
-from server.errors import ApiError
+from server.errors import ApiError, InvalidRequest
 from server.api.services import Services, get_services
 
 router = APIRouter()
@@ -56,7 +56,10 @@ async def _start(services: Services, principal: Principal, body: OpenAIFields, p
                             top_k=body.top_k, seed=body.seed, stop=normalize_stop(body.stop),
                             **dec.decoding_options(body, logprobs, grammar))
     gen.check_request(services, prompt_ids, params, length_field="max_tokens")
-    key = await gen.resolve_adapter(services, principal, body.model)
+    if body.adapters is not None and body.model != services.base.model_id:
+        raise InvalidRequest(f"adapters: with a mix, model must be the base model's id "
+                             f"{services.base.model_id!r}, not {body.model!r}")
+    key = await gen.resolve_adapter(services, principal, None if body.adapters else body.model, body.adapters)
     return gen.submit(services, principal, prompt_ids, params, key, route)
 
 
