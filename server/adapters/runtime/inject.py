@@ -229,6 +229,10 @@ def _copy_pool(model: nn.Module, layers: dict[str, AdaptedModule], slots: int,
                           slots, weight.device, weight.dtype, names)
     for name in names:
         layers[name].copies = pool
+    log.info("module-copy pool (modules_to_save of %s): %d copies of %dx%d, %.1f MiB each, %.1f MiB in all "
+             "(module_copy_budget_mb %d), allocated at the first adapter that brings one", ", ".join(names),
+             pool.rows, *pool.shape, pool.row_bytes / (1 << 20), pool.rows * pool.row_bytes / (1 << 20),
+             limits.module_copy_budget >> 20)
     return pool
 
 

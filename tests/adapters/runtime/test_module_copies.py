@@ -135,3 +135,32 @@ def test_peft_reload_of_the_saved_files_matches(tmp_path):
         with torch.no_grad():
             expected = loaded.eval()(input_ids=ids).logits
         torch.testing.assert_close(af.logits_under(ours.model, ids, slot), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_batch_matches_peft(tmp_path):
+    """The pool on the GPU (copies staged through the copy stream), the Triton backend beside it, vs PEFT there."""
+    import dataclasses
+
+    settings = af.adapter_settings(tmp_path, max_adapters_resident=len(KINDS))
+    limits = AdapterLimits.from_settings(settings)
+    reference, ours = af.tiny_base(0, tie_word_embeddings=False), af.tiny_base(0, tie_word_embeddings=False)
+    ours.model.to("cuda")
+    ours = dataclasses.replace(ours, device=torch.device("cuda"))
+    layers = inject_adapter_layers(ours.model, limits)
+    peft_models, row = {}, 0
+    for slot, kind in enumerate(KINDS):
+        peft_models[slot] = af.make_peft(reference, kind, tmp_path / kind, seed=60 + slot).to("cuda")
+        adapter = read_adapter(tmp_path / kind, ours, limits)
+        layers.load_slot(slot, adapter, tuple(range(row, row + adapter.saved.copies))).order_before_compute()
+        row += adapter.saved.copies
+    layers.copier.join()
+    ids = torch.randint(3, af.VOCAB, (len(ROWS), 5), generator=torch.Generator().manual_seed(5)).to("cuda")
+    with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots(ROWS, ids.shape[1], "cuda")):
+        got = ours.model(input_ids=ids).logits
+    for i, slot in enumerate(ROWS):
+        if slot != BASE:
+            with torch.no_grad():
+                expected = peft_models[slot](input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(got[i:i + 1], expected, atol=1e-4, rtol=1e-4)
