@@ -47,9 +47,11 @@ class AdaptedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._forward_slots(x)
+        if self.copies is None:  # every module but the input embedding and the head
+            return y
         step = current_step()
         batch = None if step is None else step.adapters
-        if self.copies is None or batch is None or not self.copies.active(self.module_name, batch):
+        if batch is None or not self.copies.active(self.module_name, batch):
             return y
         return self._with_copies(x, y, batch)
 
