@@ -9,11 +9,12 @@ Threads and who calls what:
     or None when the adapter cannot be placed yet (all slots pinned, it is
     being re-read after falling out of the host tier, or its slot copy is still
     in flight on the GPU's copy stream); the request simply waits and the batch
-    goes on. An adapter with whole-module copies (modules_to_save) also needs rows of
-    the small module-copy pool (copy_rows.py: its own LRU; evicting an adapter's
-    copies evicts its slot too). `release(key)` unpins when a request ends. Only this thread issues
-    slot copies; a slot is handed out once its copy's fence is done (transfer.py),
-    and a slot whose copy is in flight is never evicted.
+    goes on. An adapter with whole-module copies (modules_to_save) also needs
+    rows of the small module-copy pool (copy_rows.py: its own LRU; evicting an
+    adapter's copies evicts its slot too). `release(key)` unpins when a request
+    ends. Only this thread issues slot copies; a slot is handed out once its
+    copy's fence is done (transfer.py), and a slot whose copy is in flight is
+    never evicted.
   - Any thread: `forget(tenant, adapter_id)` after delete / re-upload, `stats()`,
     `is_pinned(key)` (the store's garbage collector), `adopt(ref, adapter)` after
     an upload validated it, `prefetch(refs)` to warm the host tier in the background.
