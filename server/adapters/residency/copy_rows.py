@@ -10,7 +10,7 @@ evicts their slots with them). Bookkeeping only: no tensors here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from server.adapters.types import AdapterKey
 
@@ -27,12 +27,16 @@ class CopyRows:
         if key in self._held:
             self._held.move_to_end(key)
 
-    def victims(self, count: int, evictable: Callable[[AdapterKey], bool]) -> list[AdapterKey] | None:
-        """The least recently used evictable holders to remove so that `count` rows are free; None when
-        that many cannot be freed now (the holders are in use) or ever (the pool is smaller)."""
+    def victims(self, count: int, evictable: Callable[[AdapterKey], bool],
+                first: Container[AdapterKey] = ()) -> list[AdapterKey] | None:
+        """The evictable holders to remove so that `count` rows are free, those in `first` (forgotten
+        versions) before the others, each group least recently used first; None when that many cannot be
+        freed now (the holders are in use) or ever (the pool is smaller)."""
         free = self.rows - self.used
         chosen: list[AdapterKey] = []
-        for key, rows in self._held.items():
+        order = sorted(self._held, key=lambda k: k not in first)  # stable: LRU order within each group
+        for key in order:
+            rows = self._held[key]
             if free >= count:
                 break
             if evictable(key):

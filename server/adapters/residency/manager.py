@@ -267,7 +267,8 @@ class AdapterManager:
         """Make `count` module-copy rows free, evicting the least recently used adapters holding rows
         (their slots go with them: an adapter is resident only with its copies); False = wait."""
         self._prune_landed()
-        victims = self.copies.victims(count, lambda k: not self.slots.is_pinned(k) and k not in self._landing)
+        victims = self.copies.victims(count, lambda k: not self.slots.is_pinned(k) and k not in self._landing,
+                                      first=self.slots.doomed)
         if victims is None:
             return False
         for victim in victims:

@@ -87,5 +87,6 @@ def test_victims_are_least_recent_evictable_holders():
     assert rows.victims(1, lambda k: True) == [b]
     assert rows.victims(2, lambda k: k != b) is None  # a alone frees 1 row
     assert rows.victims(4, lambda k: True) is None  # more than the pool
+    assert rows.victims(1, lambda k: True, first={a}) == [a]  # a forgotten version goes first
     rows.remove(b)
     assert rows.take(c, 2) == (1, 2) and c in rows and d not in rows
