@@ -192,17 +192,17 @@ def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, *, copier: Sl
 
 def copy_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules an adapter may replace whole (modules_to_save), by name, injected or not: the input
-    embedding, and the head when its weight has the embedding's shape and it has no bias (both then
-    share one copy pool)."""
+    embedding when it is a plain lookup (Gemma 3's rescales its rows: not a gather of the copy), and the
+    head when it has no bias and, beside such an embedding, its shape (the two then share one pool)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     e, h = _unwrapped(embed), _unwrapped(head)
-    if not isinstance(e, nn.Embedding):
-        return {}
+    lookup = isinstance(e, nn.Embedding) and type(e).forward is nn.Embedding.forward
+    shape = e.weight.shape if lookup else h.weight.shape if isinstance(h, nn.Linear) else None
     found: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if mod is embed:
+        if mod is embed and lookup:
             found[name] = mod
-        elif mod is head and isinstance(h, nn.Linear) and h.bias is None and h.weight.shape == e.weight.shape:
+        elif mod is head and isinstance(h, nn.Linear) and h.bias is None and h.weight.shape == shape:
             found[name] = mod
     return found
 
@@ -213,10 +213,11 @@ def _unwrapped(mod: nn.Module | None) -> nn.Module | None:
 
 def copy_pool_rows(model: nn.Module, limits: AdapterLimits, slots: int) -> int:
     """How many whole-module copies the `module_copy_budget` holds on this model (0: none)."""
-    embed = _unwrapped(model.get_input_embeddings())
-    if not isinstance(embed, nn.Embedding):
+    modules = list(copy_modules(model).values())
+    if not modules:
         return 0
-    return pool_rows(limits.module_copy_budget, embed.weight.numel() * embed.weight.element_size(), slots)
+    weight = modules[0].weight
+    return pool_rows(limits.module_copy_budget, weight.numel() * weight.element_size(), slots)
 
 
 def _copy_pool(model: nn.Module, layers: dict[str, AdaptedModule], slots: int,

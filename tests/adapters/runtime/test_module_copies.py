@@ -164,3 +164,17 @@ def test_cuda_mixed_batch_matches_peft(tmp_path):
             with torch.no_grad():
                 expected = peft_models[slot](input_ids=ids[i:i + 1]).logits
             torch.testing.assert_close(got[i:i + 1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_only_a_plain_embedding_lookup_is_copyable():
+    """Gemma 3's embedding rescales its rows in its forward: a gather of a copy would skip that, so only
+    its head may be saved; a Llama offers both."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from server.adapters.runtime.inject import copy_modules
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=16))
+    assert list(copy_modules(gemma)) == ["lm_head"]
+    assert sorted(copy_modules(af.tiny_base(0).model)) == ["lm_head", "model.embed_tokens"]
