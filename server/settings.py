@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         "relative rounding of the adapter weights (bench/NOTES.md)")
     max_adapter_bytes: int = Field(256 * MiB, ge=1)
     max_merged: int = Field(2, ge=0, description="Merged (dedicated) copies allowed at once")
+    module_copy_budget_mb: int = Field(256, ge=0, description="Device memory (MiB) for the pool of whole-module "
+                                       "copies adapters bring in modules_to_save (a fine-tuned lm_head or "
+                                       "embed_tokens: vocab x hidden each); it holds budget / one copy's bytes "
+                                       "copies (at most 2 per device slot), allocated at the first such adapter. "
+                                       "An adapter needing more copies than that is refused; 0 refuses them all")
     max_pattern_keys: int = Field(1024, ge=1, description="Regexes in one adapter config (rank_pattern and "
                                   "alpha_pattern keys, layers_pattern entries); each is matched against "
                                   "every targeted module")

@@ -28,6 +28,7 @@ class AdapterSettings(Protocol):
     max_batch: int
     max_adapters_host: int
     max_merged: int
+    module_copy_budget_mb: int
     cpu_kernels: bool
     cache_dir: Path
 
@@ -46,6 +47,7 @@ class AdapterLimits:
     max_adapters_resident: int = 8  # device slots per adapted module, resolved (never "auto")
     max_adapters_host: int = 128
     max_merged: int = 2
+    module_copy_budget: int = 256 * MiB  # device bytes of whole-module copies (modules_to_save); 0 = refused
     cpu_kernels: bool = True
     kernel_cache_dir: Path | None = None  # where the C kernel is built; None = no kernel
 
@@ -62,5 +64,6 @@ class AdapterLimits:
             max_pattern_keys=settings.max_pattern_keys,
             slot_dtype=None if settings.slot_dtype == "auto" else settings.slot_torch_dtype,
             max_adapters_resident=resident, max_adapters_host=settings.max_adapters_host,
-            max_merged=settings.max_merged, cpu_kernels=settings.cpu_kernels, kernel_cache_dir=settings.cache_dir,
+            max_merged=settings.max_merged, module_copy_budget=settings.module_copy_budget_mb * MiB,
+            cpu_kernels=settings.cpu_kernels, kernel_cache_dir=settings.cache_dir,
         )

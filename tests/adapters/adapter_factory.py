@@ -25,6 +25,8 @@ VOCAB = 4096
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "miss_block")
 ALL_KINDS = ["lora_qv", "lora_all", "lora_embed", "miss_balance", "miss_mini", "miss_bat", "bone", "bone_bat"]
 DORA_KINDS = ["dora_qv", "dora_all"]
+# modules_to_save: a fine-tuned head, a fine-tuned input embedding, both (one shared copy on a tied base).
+SAVED_KINDS = ["mts_head", "mts_embed", "mts_both_tied"]
 EOS = 2
 
 
@@ -67,6 +69,11 @@ def peft_config(kind: str):
         "dora_qv": lambda: LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]),
         "dora_all": lambda: LoraConfig(r=8, lora_alpha=16, use_dora=True, use_rslora=True, target_modules="all-linear",
                                        rank_pattern={"o_proj": 4}),
+        "mts_head": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                       modules_to_save=["lm_head"]),
+        "mts_embed": lambda: MissConfig(r=8, target_modules=["k_proj"], modules_to_save=["embed_tokens"]),
+        "mts_both_tied": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
+                                            modules_to_save=["lm_head", "embed_tokens"], ensure_weight_tying=True),
     }
     return configs[kind]()
 
@@ -83,6 +90,8 @@ def make_peft(base: BaseModel, kind: str, out_dir: Path, seed: int = 1, scale: f
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
             elif ".lora_magnitude_vector" in name:  # PEFT inits m = ‖W‖: make it differ from any norm
                 p.mul_(0.5 + torch.rand(p.shape, generator=gen))
+            elif ".modules_to_save." in name:  # a copy of the base module: fine-tune it (a tied copy once)
+                p.add_(torch.randn(p.shape, generator=gen))
     model.eval()
     model.save_pretrained(out_dir)
     if kind.startswith("bone"):

@@ -8,6 +8,7 @@ MiSS balance/mini, legacy Bone, and bat through the base weight), computed in
 float32 and cast once to the serving dtype, so bf16/fp16 serving rounds once
 instead of accumulating. A copy with NaN/Inf anywhere is refused (safe merge):
 a merged lane has no per-request fallback, so a bad copy must never be served.
+Modules the adapter replaces whole (modules_to_save) take its copy as their weight.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class MergedCopy:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self.weights.values())
+        distinct = {id(w): w for w in self.weights.values()}.values()  # a tied copy serves two modules
+        return sum(w.numel() * w.element_size() for w in distinct)
 
 
 def merged_weight(base: torch.Tensor, weights: ModuleWeights, name: str) -> torch.Tensor:
@@ -61,7 +63,23 @@ def build_merged_copy(layers: AdapterLayers, adapter: LoadedAdapter, key: Adapte
     with torch.no_grad():
         for name, weights in adapter.modules.items():
             out[name] = merged_weight(layers[name].base_layer.weight, weights, name)
+        out.update(_saved_weights(layers, adapter))
     return MergedCopy(key, lane, out)
+
+
+def _saved_weights(layers: AdapterLayers, adapter: LoadedAdapter) -> dict[str, torch.Tensor]:
+    """Modules the adapter replaces whole (modules_to_save): the lane reads its copy as the weight, in the
+    base's layout; a tied copy stays one tensor for both modules, as in PEFT."""
+    missing = [n for n in adapter.saved.weights if n not in layers]
+    if missing:
+        raise AdapterError(f"adapter replaces modules that have no adapter layer: {missing[:3]}")
+    made: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, copy in adapter.saved.weights.items():
+        if id(copy) not in made:
+            made[id(copy)] = torch.empty_like(layers[name].base_layer.weight).copy_(copy)
+        out[name] = made[id(copy)]
+    return out
 
 
 def install(layers: AdapterLayers, copy: MergedCopy) -> None:

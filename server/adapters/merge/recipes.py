@@ -100,6 +100,9 @@ def read_member(name: str, path: Path, limits: AdapterLimits) -> Member:
                            "(PEFT's add_weighted_adapter); mix MiSS adapters per request instead")
     if spec.use_dora:
         raise AdapterError(f"adapter {name!r} is a DoRA adapter, which a merge recipe cannot combine exactly")
+    if spec.modules_to_save:
+        raise AdapterError(f"adapter {name!r} carries whole-module copies (modules_to_save), which a merge recipe "
+                           "cannot combine: recipes sum low-rank updates, a module copy replaces its module")
     return Member(name, spec, {k: t.to(torch.float32) for k, t in load_file(path / WEIGHTS_NAME).items()})
 
 

@@ -8,6 +8,7 @@ regex count would make checking it cost more than a bounded amount of CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ LORA_UNSUPPORTED = (
 )
 # init_lora_weights values that rewrite the base weights: the adapter is meaningless on ours.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-LIST_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+LIST_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class AdapterSpec:
     alpha_pattern: PatternMap[float] = field(default_factory=lambda: PatternMap({}, ()))
     init: str = "balance"  # MiSS/Bone: balance | mini | bat
     mini_r: int = 1
+    modules_to_save: tuple[str, ...] = ()  # PEFT's entries, matched as PEFT does (module name ends with one)
+    ensure_weight_tying: bool = False  # a tied base's saved embedding and head share one copy (PEFT's)
 
     @property
     def kind(self) -> str:
@@ -83,7 +86,8 @@ def parse_config(raw: bytes, limits: AdapterLimits) -> AdapterSpec:
     _check_bounds(cfg, limits)
     spec = _lora_spec(cfg) if peft_type == "LORA" else _miss_spec(cfg, peft_type)
     _check_ranks(spec, limits)
-    return spec
+    return dataclasses.replace(spec, modules_to_save=_modules_to_save(cfg),
+                               ensure_weight_tying=_bool(cfg.get("ensure_weight_tying", False), "ensure_weight_tying"))
 
 
 def _refuse_remote_code(obj: Any) -> None:
@@ -117,8 +121,6 @@ def _check_bounds(cfg: dict, limits: AdapterLimits) -> None:
 
 
 def _refuse_common(cfg: dict) -> None:
-    if cfg.get("modules_to_save"):
-        raise AdapterError("modules_to_save is not supported: adapters may not replace whole base modules")
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise AdapterError(f"bias={bias!r} is not supported: only bias='none' adapters can be served")
@@ -148,6 +150,8 @@ def _lora_spec(cfg: dict) -> AdapterSpec:
 
 
 def _miss_spec(cfg: dict, peft_type: str) -> AdapterSpec:
+    if cfg.get("ensure_weight_tying"):
+        raise AdapterError(f"ensure_weight_tying is a LoRA option; PEFT's {peft_type} does not tie saved modules")
     init = cfg.get("init_weights", True)
     allowed = (True, False, "bat", "mini") if peft_type == "MISS" else (True, False, "bat")
     if init not in allowed or isinstance(init, (int, float)) and not isinstance(init, bool):
@@ -158,6 +162,17 @@ def _miss_spec(cfg: dict, peft_type: str) -> AdapterSpec:
         raise AdapterError(f"mini_r must be >= 1, got {mini_r}")
     return AdapterSpec(peft_type=peft_type, r=_int(cfg.get("r", 64), "r"), init=variant, mini_r=mini_r,
                        targeting=_targeting(cfg))
+
+
+def _modules_to_save(cfg: dict) -> tuple[str, ...]:
+    """The entries as written; which modules they select (and whether we serve those) is the
+    reader's check against the base model (peft_format)."""
+    value = cfg.get("modules_to_save")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterError(f"modules_to_save must be a list of module names, got {value!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def _targeting(cfg: dict) -> Targeting:

@@ -3,6 +3,7 @@
 Order matters: config first (cheap refusals), then the safetensors layout
 (bounded, no allocation), then names and shapes against the base model (still
 no allocation), and only then the tensors themselves (finite check, compute form).
+Whole-module copies (`modules_to_save`) follow the same order (saved_modules.py).
 The same function validates uploads for the store and loads for the cache.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from server.adapters.runtime.inject import ModuleInfo, all_linear_names, module_table
+from server.adapters.runtime.inject import ModuleInfo, all_linear_names, copy_modules, copy_pool_rows, module_table
 from server.adapters.peft.arena import Arena
 from server.adapters.peft.carve import Piece, carve, source
 from server.adapters.weights.loaded import LoadedAdapter, ModuleWeights
@@ -26,6 +27,8 @@ from server.adapters.weights.lora import LoraWeights, dora_scale, lora_scale
 from server.adapters.weights.miss import BatWeights, MissWeights
 from server.adapters.peft.peft_config import AdapterSpec, parse_config
 from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
+from server.adapters.peft.saved_modules import (Saveable, check_saved_shapes, load_saved, plan_saved,
+                                                refuse_tied_target, split_saved)
 from server.errors import AdapterError
 from server.adapters.limits import AdapterLimits
 
@@ -50,6 +53,12 @@ DORA_HIDDEN = "DoRA magnitude tensors (lora_magnitude_vector) in an adapter whos
 class _Base:
     table: dict[str, ModuleInfo]
     all_linear: set[str]
+    copyable: dict[str, torch.Tensor]  # modules an adapter may replace whole -> their base weight
+    tied: bool  # the head shares the input embedding's weight
+
+    def saveable(self, model: Any, limits: AdapterLimits) -> Saveable:
+        return Saveable(self.copyable, self.tied, copy_pool_rows(model, limits, limits.max_adapters_resident),
+                        limits.module_copy_budget)
 
 
 def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
@@ -62,22 +71,30 @@ def read_adapter(path: Path, base: Any, limits: AdapterLimits) -> LoadedAdapter:
         raise AdapterError(f"{WEIGHTS_NAME} is missing (only safetensors weights are accepted)")
     infos = check_safetensors(weights_path, limits.max_adapter_bytes)
     model_base = _base_of(base.model)
+    saveable = model_base.saveable(base.model, limits)
+    targeted = {n for n in model_base.table if n and spec.targets(n, model_base.all_linear)}
+    refuse_tied_target(spec, saveable, targeted)
+    plan = plan_saved(spec, list(model_base.table), saveable, targeted)
+    saved_infos = split_saved(infos, plan, PEFT_PREFIX)
     roles = _tensors_by_module(infos, spec)
     _check_targets(spec, roles, model_base)
     for name, parts in roles.items():
         _check_shapes(spec, model_base.table[name], parts)
+    check_saved_shapes(saved_infos, saveable)
     # float32 host copy whatever the model's dtype: the slots round it once, and a merge (float32 math)
     # starts from the file's unrounded factors; a 16-bit model's adapters cost 2x the host bytes.
     # Pinned when the slots are on a GPU: their copies then run asynchronously, off the engine thread.
     modules = _load(weights_path, spec, roles, model_base, torch.float32, pin=base.device.type == "cuda")
     _check_slot_range(modules, limits, base.dtype)
+    saved = load_saved(weights_path, saved_infos, plan, saveable, pin=base.device.type == "cuda")
     return LoadedAdapter(
         kind=spec.kind,
         variant=spec.variant,
         rank=max(w.rank for w in modules.values()),
         target_modules=tuple(sorted(modules)),
         modules=modules,
-        nbytes=sum(w.nbytes for w in modules.values()),
+        nbytes=sum(w.nbytes for w in modules.values()) + saved.nbytes,
+        saved=saved,
     )
 
 
@@ -90,8 +107,16 @@ def _base_of(model: Any) -> _Base:
     with _bases_lock:
         found = _bases.get(model)
         if found is None:
-            found = _bases[model] = _Base(table := module_table(model), all_linear_names(model, table))
+            copyable = {name: mod.weight for name, mod in copy_modules(model).items()}
+            found = _bases[model] = _Base(table := module_table(model), all_linear_names(model, table), copyable,
+                                          _tied(model))
         return found
+
+
+def _tied(model: Any) -> bool:
+    """Whether the head reads the input embedding's weight (transformers' tie_word_embeddings)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def _refuse_pickles(path: Path) -> None:

@@ -9,9 +9,12 @@ Threads and who calls what:
     or None when the adapter cannot be placed yet (all slots pinned, it is
     being re-read after falling out of the host tier, or its slot copy is still
     in flight on the GPU's copy stream); the request simply waits and the batch
-    goes on. `release(key)` unpins when a request ends. Only this thread issues
-    slot copies; a slot is handed out once its copy's fence is done (transfer.py),
-    and a slot whose copy is in flight is never evicted.
+    goes on. An adapter with whole-module copies (modules_to_save) also needs
+    rows of the small module-copy pool (copy_rows.py: its own LRU; evicting an
+    adapter's copies evicts its slot too). `release(key)` unpins when a request
+    ends. Only this thread issues slot copies; a slot is handed out once its
+    copy's fence is done (transfer.py), and a slot whose copy is in flight is
+    never evicted.
   - HTTP handlers: `await prepare_mix(tenant, [(adapter_id, weight), ...])` prepares each member, then
     the mix (weights/mix.py) as a virtual adapter under its recipe's key (recipe.py), built from the
     members' host copies on the loader pool and cached, slotted and evicted like any adapter.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from server.adapters.residency.cache import HostCache, SlotTable
+from server.adapters.residency.copy_rows import CopyRows
 from server.adapters.residency.recipe import MixRecipe
 from server.adapters.runtime.inject import AdapterLayers
 from server.adapters.runtime.transfer import Fence
@@ -65,6 +69,7 @@ class AdapterManager:
         self._loader = loader
         self.host = HostCache(limits.max_adapters_host)
         self.slots = SlotTable(layers.num_slots)
+        self.copies = CopyRows(0 if layers.copies is None else layers.copies.rows)  # modules_to_save copies
         self._lock = threading.RLock()  # guards slots, refs, errors, inflight
         self._refs: dict[AdapterKey, AdapterRef | MixRecipe] = {}  # where a key's host copy comes from
         self._recipes: OrderedDict[AdapterKey, None] = OrderedDict()  # mixes' keys in _refs, oldest first
@@ -77,7 +82,7 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
         self._closed = False
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.copy_evictions = 0
         self.host_hits = self.host_misses = 0
 
     # -- event loop side -----------------------------------------------------
@@ -247,6 +252,7 @@ class AdapterManager:
         with self._lock:
             slot = self.slots.lookup(key)
             if slot is not None:
+                self.copies.touch(key)
                 if key in self._landing:  # the miss was counted when its copy was issued
                     return self._pin_landed(key, slot)
                 self.slots.pin(key)
@@ -256,11 +262,14 @@ class AdapterManager:
             adapter = self._host_copy(key)
             if adapter is None:
                 return None
+            if adapter.saved and not self._free_copy_rows(adapter.saved.copies):
+                return None
             slot = self._claim_slot()
             if slot is None:
                 return None
+            rows = self.copies.take(key, adapter.saved.copies) if adapter.saved else ()
             started = time.perf_counter()
-            self._landing[key] = self.layers.load_slot(slot, adapter)
+            self._landing[key] = self.layers.load_slot(slot, adapter, rows)
             self._observe_load("device", time.perf_counter() - started)  # issuing it (the engine thread's cost)
             self.slots.assign(key, slot)
             self.misses += 1
@@ -297,16 +306,41 @@ class AdapterManager:
         slot = self.slots.free_slot()
         if slot is not None:
             return slot
-        for key, fence in list(self._landing.items()):  # landed, its request gone (cancelled): evictable
-            if fence.done():
-                del self._landing[key]
+        self._prune_landed()
         victim = self.slots.victim(busy=self._landing)
         if victim is None:
             return None  # every slot is pinned by a running request
         slot = self.slots.remove(victim)  # its weights stay until load_slot overwrites them (one pass)
+        self.copies.remove(victim)
         self.evictions += 1
         self._count("eviction", "device")
         return slot
+
+    def _prune_landed(self) -> None:
+        for key, fence in list(self._landing.items()):  # landed, its request gone (cancelled): evictable
+            if fence.done():
+                del self._landing[key]
+
+    def _free_copy_rows(self, count: int) -> bool:
+        """Make `count` module-copy rows free, evicting the least recently used adapters holding rows
+        (their slots go with them: an adapter is resident only with its copies); False = wait."""
+        self._prune_landed()
+        victims = self.copies.victims(count, lambda k: not self.slots.is_pinned(k) and k not in self._landing,
+                                      first=self.slots.doomed)
+        if victims is None:
+            return False
+        for victim in victims:
+            self._drop(victim)
+            self.evictions += 1
+            self.copy_evictions += 1
+            self._count("eviction", "device")
+        return True
+
+    def _drop(self, key: AdapterKey) -> None:
+        """Take `key` off the device now: its slot cleared, its copy rows freed."""
+        self.layers.clear_slot(self.slots.remove(key))
+        self.copies.remove(key)
+        self._set_resident()
 
     def pin(self, key: AdapterKey) -> None:
         """Pin without a device slot: a request running on a merged copy (its lane) does no adapter
@@ -320,8 +354,7 @@ class AdapterManager:
                 log.warning("release of %s which is not pinned", key)
                 return
             if key in self.slots.doomed and not self.slots.is_pinned(key):
-                self.layers.clear_slot(self.slots.remove(key))
-                self._set_resident()
+                self._drop(key)
 
     # -- any thread ----------------------------------------------------------
     def forget(self, tenant: str, adapter_id: str) -> None:
@@ -374,6 +407,8 @@ class AdapterManager:
                 "pinned": self.slots.pinned_count,
                 "loading": len(self._inflight),
                 "mix_recipes": len(self._recipes),
+                "module_copies": len(self.copies),
+                "module_copy_evictions": self.copy_evictions,
             }
 
     def close(self) -> None:

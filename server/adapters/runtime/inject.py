@@ -9,7 +9,7 @@ Wrapping is idempotent and leaves the base weights frozen and uncopied.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from server.adapters.runtime.backend import AdapterBackend, CpuKernelBackend, TorchBackend
 from server.adapters.runtime.layers import AdaptedEmbedding, AdaptedLinear, AdaptedModule
+from server.adapters.runtime.module_copies import ModuleCopyPool, pool_rows
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.runtime.slots import SlotBank
 from server.adapters.runtime.transfer import Fence, InlineCopier, SlotCopier, copier_for
@@ -77,10 +78,11 @@ class AdapterLayers:
     """Registry of injected wrappers; writes/clears whole adapters into device slots."""
 
     def __init__(self, layers: dict[str, AdaptedModule], num_slots: int,
-                 copier: SlotCopier | None = None) -> None:
+                 copier: SlotCopier | None = None, copies: ModuleCopyPool | None = None) -> None:
         self.layers = layers
         self.num_slots = num_slots
         self.copier = copier or InlineCopier()
+        self.copies = copies  # whole-module copies (modules_to_save); None: the model has no pool
         self._slot_modules: list[set[str]] = [set() for _ in range(num_slots)]
 
     def __getitem__(self, name: str) -> AdaptedModule:
@@ -89,22 +91,32 @@ class AdapterLayers:
     def __contains__(self, name: str) -> bool:
         return name in self.layers
 
-    def load_slot(self, slot: int, adapter: LoadedAdapter) -> Fence:
+    def load_slot(self, slot: int, adapter: LoadedAdapter, copy_rows: Sequence[int] = ()) -> Fence:
         """Copy an adapter into `slot` of every module it targets (engine thread, between steps), replacing
         what the slot held: modules both target are overwritten in place, the old adapter's others cleared.
+        Its whole-module copies (modules_to_save) go to `copy_rows` of the copy pool, one per distinct copy.
         The copies may still be running when this returns: no step may read the slot before the fence is
         done (`Fence.done`, then `order_before_compute`; on CPU it is done at once)."""
         missing = [n for n in adapter.modules if n not in self.layers]
         if missing:
             raise KeyError(f"adapter targets modules that were not injected: {missing[:3]}")
+        if adapter.saved and self.copies is None:
+            raise KeyError(f"adapter saves whole modules {adapter.saved.names()} but this model has no copy pool")
         old = self._slot_modules[slot]
         try:
             self._grow_for(adapter)
+            if adapter.saved and self.copies is not None and self.copies.table is None:
+                self.copier.join()
+                self.copies.allocate()
             with self.copier.writes() as stage:
                 for name in old.difference(adapter.modules):
                     self.layers[name].bank.clear(slot)
                 for name, weights in adapter.modules.items():
                     self.layers[name].bank.write(slot, weights, stage)
+                if self.copies is not None:
+                    self.copies.clear(slot)
+                    if adapter.saved:
+                        self.copies.write(slot, copy_rows, adapter.saved, stage)
         except BaseException:
             self._slot_modules[slot] = old | set(adapter.modules)
             self.clear_slot(slot)  # never half of one adapter and half of another
@@ -139,6 +151,8 @@ class AdapterLayers:
         with self.copier.writes():  # ordered with the slot's writes, after the steps that read it
             for name in self._slot_modules[slot]:
                 self.layers[name].bank.clear(slot)
+            if self.copies is not None:
+                self.copies.clear(slot)
         self._slot_modules[slot] = set()
 
     def set_train_adapters(self, modules: dict[str, nn.Module] | None) -> None:
@@ -147,7 +161,9 @@ class AdapterLayers:
             layer.train_adapter = None if modules is None else modules.get(name)
 
     def slot_bytes(self) -> int:
-        return sum(layer.bank.nbytes() for layer in self.layers.values())
+        """Device bytes of the slot banks and of the module-copy pool."""
+        copies = 0 if self.copies is None else self.copies.nbytes()
+        return sum(layer.bank.nbytes() for layer in self.layers.values()) + copies
 
 
 def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, *, copier: SlotCopier | None = None,
@@ -168,9 +184,57 @@ def inject_adapter_layers(model: nn.Module, limits: AdapterLimits, *, copier: Sl
     layers: dict[str, AdaptedModule] = {}
     for name, mod in targets:
         layers[name] = _wrap(model, name, mod, slots, limits.max_rank, slot_dtype, backend)
-    registry = AdapterLayers(layers, slots, copier or copier_for(next(model.parameters()).device))
+    copies = _copy_pool(model, layers, slots, limits)
+    registry = AdapterLayers(layers, slots, copier or copier_for(next(model.parameters()).device), copies)
     model._loraplex_layers = registry  # type: ignore[assignment]
     return registry
+
+
+def copy_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules an adapter may replace whole (modules_to_save), by name, injected or not: the input
+    embedding when it is a plain lookup (Gemma 3's rescales its rows: not a gather of the copy), and the
+    head when it has no bias and, beside such an embedding, its shape (the two then share one pool)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    e, h = _unwrapped(embed), _unwrapped(head)
+    lookup = isinstance(e, nn.Embedding) and type(e).forward is nn.Embedding.forward
+    shape = e.weight.shape if lookup else h.weight.shape if isinstance(h, nn.Linear) else None
+    found: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if mod is embed and lookup:
+            found[name] = mod
+        elif mod is head and isinstance(h, nn.Linear) and h.bias is None and h.weight.shape == shape:
+            found[name] = mod
+    return found
+
+
+def _unwrapped(mod: nn.Module | None) -> nn.Module | None:
+    return mod.base_layer if isinstance(mod, AdaptedModule) else mod
+
+
+def copy_pool_rows(model: nn.Module, limits: AdapterLimits, slots: int) -> int:
+    """How many whole-module copies the `module_copy_budget` holds on this model (0: none)."""
+    modules = list(copy_modules(model).values())
+    if not modules:
+        return 0
+    weight = modules[0].weight
+    return pool_rows(limits.module_copy_budget, weight.numel() * weight.element_size(), slots)
+
+
+def _copy_pool(model: nn.Module, layers: dict[str, AdaptedModule], slots: int,
+               limits: AdapterLimits) -> ModuleCopyPool | None:
+    names = [n for n in copy_modules(model) if n in layers]
+    if not names:
+        return None
+    weight = layers[names[0]].weight
+    pool = ModuleCopyPool(copy_pool_rows(model, limits, slots), (int(weight.shape[0]), int(weight.shape[1])),
+                          slots, weight.device, weight.dtype, names)
+    for name in names:
+        layers[name].copies = pool
+    log.info("module-copy pool (modules_to_save of %s): %d copies of %dx%d, %.1f MiB each, %.1f MiB in all "
+             "(module_copy_budget_mb %d), allocated at the first adapter that brings one", ", ".join(names),
+             pool.rows, *pool.shape, pool.row_bytes / (1 << 20), pool.rows * pool.row_bytes / (1 << 20),
+             limits.module_copy_budget >> 20)
+    return pool
 
 
 def slot_dtype_for(model: nn.Module, limits: AdapterLimits) -> torch.dtype:

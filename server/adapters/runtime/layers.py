@@ -8,7 +8,9 @@ forward reads the step's AdapterBatch (from the StepContext, step.py):
   - otherwise                    → base output + every token's own adapter term
     (computed by the module's AdapterBackend, backend.py; `plan.py` explains the batched
     layout), + bat's full ΔW per bat adapter present,
-    + the trainer's trainable adapter on TRAIN_SLOT rows.
+    + the trainer's trainable adapter on TRAIN_SLOT rows;
+    then, on the input embedding and the head, the rows of adapters that replace the whole
+    module (modules_to_save) take their copy's output instead (module_copies.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from server.adapters.runtime.backend import AdapterBackend
 from server.adapters.runtime.mapping import TRAIN_SLOT
+from server.adapters.runtime.module_copies import ModuleCopyPool
 from server.adapters.weights.miss import bat_delta
 from server.adapters.runtime.plan import AdapterBatch
 from server.adapters.runtime.slots import SlotBank
@@ -36,12 +39,23 @@ class AdaptedModule(nn.Module):
         self.backend = backend  # how the slot terms are computed (backend.py)
         self.merged_weights: dict[int, torch.Tensor] = {}  # merge path: lane -> full weight
         self.train_adapter: nn.Module | None = None  # trainer hook: called on TRAIN_SLOT rows
+        self.copies: ModuleCopyPool | None = None  # whole-module copies (input embedding and head only)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward_slots(x)
+        if self.copies is None:  # every module but the input embedding and the head
+            return y
+        step = current_step()
+        batch = None if step is None else step.adapters
+        if batch is None or not self.copies.active(self.module_name, batch):
+            return y
+        return self._with_copies(x, y, batch)
+
+    def _forward_slots(self, x: torch.Tensor) -> torch.Tensor:
         step = current_step()
         batch = None if step is None else step.adapters
         if batch is None:
@@ -101,6 +115,10 @@ class AdaptedModule(nn.Module):
     def _add_adapters(self, x2: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         raise NotImplementedError
 
+    def _with_copies(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """`y` with the rows of slots that replace this whole module read from their copies (module_copies.py)."""
+        raise NotImplementedError
+
 
 class AdaptedLinear(AdaptedModule):
     @property
@@ -133,6 +151,10 @@ class AdaptedLinear(AdaptedModule):
                 delta = bat_delta(self.base_layer.weight, block, x2.dtype)  # [out, in]: the full extra matmul
                 y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
 
+    def _with_copies(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        assert self.copies is not None
+        return self.copies.head(self.module_name, x, y, batch)
+
 
 class AdaptedEmbedding(AdaptedModule):
     """Input embedding; LoRA only: Δ = emb(ids, Aᵀ) · (B·s)ᵀ. The trainer's module receives ids."""
@@ -157,3 +179,7 @@ class AdaptedEmbedding(AdaptedModule):
 
     def _add_adapters(self, ids: torch.Tensor, y2: torch.Tensor, batch: AdapterBatch) -> None:
         self.backend.add_embedding(ids, y2, self.bank, batch)
+
+    def _with_copies(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        assert self.copies is not None
+        return self.copies.embed(self.module_name, x, y, batch)

@@ -54,6 +54,7 @@ def mix_adapters(members: Sequence[MixMember], max_rank: int, pin: bool = False,
     check_members([m.name for m in members], [m.weight for m in members])
     for m in members:
         _refuse_dora(m)
+        _refuse_saved(m)
     names = sorted({n for m in members for n in m.adapter.modules})
     modules = {name: _mix_module(name, [(m, m.adapter.modules[name]) for m in members if name in m.adapter.modules])
                for name in names}
@@ -74,6 +75,13 @@ def _refuse_dora(m: MixMember) -> None:
         raise AdapterError(f"adapter {m.name!r} is a DoRA adapter, which cannot be mixed: DoRA rescales each "
                            "output column by a norm of its own adapted weight, so a weighted sum of DoRA adapters "
                            "is not a DoRA (or LoRA) adapter")
+
+
+def _refuse_saved(m: MixMember) -> None:
+    if m.adapter.saved:
+        raise AdapterError(f"adapter {m.name!r} carries whole-module copies (modules_to_save: "
+                           f"{', '.join(m.adapter.saved.names())}), which cannot be mixed: a weighted mix is a sum "
+                           "of low-rank updates, and a module copy replaces its module outright")
 
 
 def _mix_module(name: str, parts: list[tuple[MixMember, ModuleWeights]]) -> ModuleWeights:

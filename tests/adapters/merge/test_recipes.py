@@ -29,7 +29,8 @@ def members(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipes")
     base = af.tiny_base(0)
     for name, kind, seed in (("a", "lora_qv", 80), ("b", "lora_embed", 81), ("c", "lora_all", 82),
-                             ("d", "dora_qv", 83), ("m", "miss_balance", 84)):
+                             ("d", "dora_qv", 83), ("m", "miss_balance", 84),
+                             ("h", "mts_head", 85)):
         af.make_peft(base, kind, tmp / name, seed=seed, scale=0.3)
     return tmp, base
 
@@ -111,6 +112,8 @@ def test_refusals(members):
         read_member("dora", tmp / "d", limits)
     with pytest.raises(AdapterError, match="'m' is a MISS adapter"):
         read_member("m", tmp / "m", limits)
+    with pytest.raises(AdapterError, match="'h' carries whole-module copies"):
+        read_member("h", tmp / "h", limits)
     with pytest.raises(AdapterError, match="needs members of one rank"):  # c: r 8 with a rank_pattern up to 12
         write_recipe([a, c], Recipe("ties", (0.5, 0.5), density=0.5), base.model, tmp)
     for recipe, message in [

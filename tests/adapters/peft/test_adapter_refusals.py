@@ -54,7 +54,7 @@ def test_valid_files_are_accepted(fresh):
 
 CONFIG_CASES = [
     ({"use_dora": True}, r"use_dora is set but its DoRA magnitude tensor \(lora_magnitude_vector\) is missing"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save: module .lm_head. has no weight"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
     ({"lora_bias": True}, "lora_bias is not supported"),

@@ -29,7 +29,8 @@ from server.errors import AdapterError, InvalidRequest
 BASE = -1
 # name -> (kind, seed)
 SOURCES = {"a": ("lora_qv", 50), "b": ("lora_embed", 51), "m1": ("miss_balance", 52), "m2": ("miss_balance", 53),
-           "mini": ("miss_mini", 54), "bat1": ("miss_bat", 55), "bat2": ("miss_bat", 56), "dora": ("dora_qv", 57)}
+           "mini": ("miss_mini", 54), "bat1": ("miss_bat", 55), "bat2": ("miss_bat", 56), "dora": ("dora_qv", 57),
+           "head": ("mts_head", 58)}
 MIX, A, B, M1, MISS_MIX, LORA_MISS, BAT_MIX = range(7)
 
 
@@ -202,6 +203,8 @@ def test_refusals_name_the_reason(zoo):
 
     with pytest.raises(AdapterError, match="'dora' is a DoRA adapter, which cannot be mixed"):
         mix(("a", 0.5), ("dora", 0.5))
+    with pytest.raises(AdapterError, match=r"'head' carries whole-module copies \(modules_to_save: lm_head\)"):
+        mix(("a", 0.5), ("head", 0.5))
     with pytest.raises(AdapterError, match="summed rank is 16 .* over the configured maximum rank 12"):
         mix(("a", 0.5), ("b", 0.5), max_rank=12)
     with pytest.raises(AdapterError, match="bat adapter mixes only with bat adapters of the same r"):
