@@ -27,6 +27,7 @@ from server.adapters.weights.miss import BatWeights, MissWeights
 from server.adapters.peft.peft_config import AdapterSpec, parse_config
 from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, check_safetensors
 from server.errors import AdapterError
+from server.model.quantize import dense_weight
 from server.adapters.limits import AdapterLimits
 
 # PEFT's on-disk names, for every reader and writer in the server (store, upload, trainer export).
@@ -312,7 +313,7 @@ def _module_weights(spec: AdapterSpec, info: ModuleInfo, views: Iterator[torch.T
             return LoraWeights(a, bt, embedding=info.kind == "embedding")
         assert info.weight is not None
         magnitude = next(views)  # [out]: overwritten by g, in its arena bytes
-        scale = dora_scale(magnitude, a, bt, info.weight)
+        scale = dora_scale(magnitude, a, bt, dense_weight(info.weight))  # a quantized base: its values
         if not bool(torch.isfinite(scale).all()) and all(bool(torch.isfinite(t).all()) for t in (magnitude, a, bt)):
             raise AdapterError(f"module {info.name!r}: DoRA's column norm ‖W + s·BA‖ is zero in an output row of "
                                "this base model, where DoRA's output is undefined (PEFT's is NaN)")
