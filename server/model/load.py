@@ -28,7 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase  # noqa: E402
 
 from server.model.families import check_model  # noqa: E402
-from server.model.quantize import QuantizeError, import_torchao, model_bytes, quantize_base, quantized_mode  # noqa: E402
+from server.model.quantize import (QuantizeError, import_torchao, is_quantized, model_bytes,  # noqa: E402
+                                   quantize_base, quantized_mode)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,11 @@ def column_major_linears(model: torch.nn.Module) -> int:
     "Settings chosen by measurement"). Values, shapes and every caller stay as they were: only the
     strides change. A tied lm_head shares its Parameter with the input embedding, whose row gathers
     then read strided, a small cost against lm_head's matmul. Merged copies keep the base's layout
-    (merged_copy.py).
+    (merged_copy.py). Weights loaded quantized (a torchao checkpoint) keep the layout they were saved in.
     """
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen and not is_quantized(module.weight):
             seen.add(id(module.weight))
             module.weight.data = module.weight.data.t().contiguous().t()  # [out, in], strides (1, out)
     return len(seen)
