@@ -136,9 +136,6 @@ def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
-    from server.model.quantize import preload_torchao
-
-    preload_torchao()  # first, quietly: transformers imports it with the app, and that first import logs
     from server.app import create_app, uvicorn_limits
     from server.logging import configure_logging
 

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from server.model.quantize import preload_torchao
-
-preload_torchao()  # before transformers.modeling_utils imports it and it logs (quantize.py, _IMPORT_NOISE)
-
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase  # noqa: E402
-
-from server.model.families import check_model  # noqa: E402
-from server.model.quantize import (QuantizeError, import_torchao, is_quantized, model_bytes,  # noqa: E402
+from server.model.families import check_model
+from server.model.quantize import (QuantizeError, import_torchao, is_quantized, model_bytes,
                                    quantize_base, quantized_mode)
 from server.settings import Settings
 

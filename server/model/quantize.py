@@ -17,23 +17,16 @@ which an adapter row gathers from, and PEFT's modules_to_save copies it.
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from server.model.torchao_noise import silence_torchao_noise
 
 MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)  # tinygemm's; the largest that divides every in_features is used
-
-# torchao's import logs two lines this server does not need: its CUDA-only extensions (mxfp8 for
-# Blackwell, CUTLASS for sm90a) fail to load on a CPU build of torch, and torch warns that torchao
-# registers an Enum as a pytree constant. Neither touches the int8/int4 weight-only paths.
-_IMPORT_NOISE = (("torchao", "Failed to load "), ("torch.utils._pytree", "is an Enum subclass"))
 
 
 class QuantizeError(RuntimeError):
@@ -47,33 +40,9 @@ class Quantized:
     group_size: int | None  # int4: the weight's group size along in_features
 
 
-class _DropKnownNoise(logging.Filter):
-    def __init__(self, fragment: str) -> None:
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-def _silence_known_noise() -> None:
-    """Installed once, kept: torchao registers more Enums as it imports its prototype modules lazily."""
-    for name, fragment in _IMPORT_NOISE:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
-            logger.addFilter(_DropKnownNoise(fragment))
-
-
-def preload_torchao() -> None:
-    """Import torchao quietly if it is installed: transformers imports it as it loads any model, and the
-    first import is the one that logs (_IMPORT_NOISE)."""
-    if importlib.util.find_spec("torchao") is not None:
-        import_torchao()
-
-
 def import_torchao() -> ModuleType:
-    """torchao, imported without its known start-up noise (see _IMPORT_NOISE); a clear error if absent."""
-    _silence_known_noise()
+    """torchao (its known import noise filtered: torchao_noise.py), or a clear error if it is absent."""
+    silence_torchao_noise()
     try:
         import torchao
         import torchao.quantization  # noqa: F401

@@ -74,9 +74,9 @@ def test_int4_is_refused_on_the_cpu_with_the_reason():
         quantize_base(torch.nn.Linear(4, 4), "nf4", torch.device("cpu"), torch.float32)
 
 
-def test_importing_the_loader_logs_no_torchao_noise():
+def test_importing_the_server_logs_no_torchao_noise():
     """torchao's CUDA-only extension failures and torch's Enum-pytree deprecation stay out of our logs."""
-    code = ("import logging; logging.basicConfig(level=logging.DEBUG); import server.model.load; "
+    code = ("import logging; logging.basicConfig(level=logging.DEBUG); import server.engine.engine; "
             "import torchao.prototype.mx_formats.config; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
