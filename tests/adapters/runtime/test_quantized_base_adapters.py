@@ -89,3 +89,44 @@ def test_greedy_mixed_decode_matches_peft_generate(served):
                                               max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                               pad_token_id=af.EOS, eos_token_id=None)
         assert torch.equal(out[i:i + 1], expected), f"row {i} (slot {slot})"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_bfloat16_quantized_base_lora_matches_peft(mode, tmp_path):
+    """On CUDA in bfloat16: int8, and int4 (tinygemm, group size 64 for the tiny model's in_features)."""
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from server.model.load import BaseModel
+    from server.model.quantize import import_torchao, quantize_base
+
+    import_torchao()
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    path = save_tiny(tmp_path / "model")
+    cuda = torch.device("cuda")
+    config = (Int8WeightOnlyConfig() if mode == "int8" else
+              Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d"))
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
+                                                     quantization_config=TorchAoConfig(config)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(cuda).eval().requires_grad_(False)
+    assert quantize_base(model, mode, cuda, torch.bfloat16).modules == 14
+    base = BaseModel(model=model, tokenizer=None, model_id="tiny", device=cuda, dtype=torch.bfloat16,
+                     max_context=512, quantize=mode)
+    ref = BaseModel(model=ref_model, tokenizer=None, model_id="tiny", device=cuda, dtype=torch.bfloat16,
+                    max_context=512, quantize=mode)
+    settings = af.adapter_settings(tmp_path, device="cuda", dtype="bfloat16", max_adapters_resident=2)
+    limits = AdapterLimits.from_settings(settings)
+    layers = inject_adapter_layers(base.model, limits)
+    peft_model = af.make_peft(ref, "lora_all", tmp_path / "a", seed=3, scale=0.3)
+    layers.load_slot(0, read_adapter(tmp_path / "a", base, limits))
+    ids = torch.randint(3, af.VOCAB, (1, 6), generator=torch.Generator().manual_seed(1)).to(cuda)
+    ours = ids
+    for _ in range(6):
+        with torch.no_grad(), adapter_step(AdapterMapping.from_row_slots([0], ours.shape[1], device=cuda)):
+            nxt = base.model(input_ids=ours).logits[:, -1].argmax(-1, keepdim=True)
+        ours = torch.cat([ours, nxt], dim=1)
+    theirs = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, pad_token_id=af.EOS, eos_token_id=None)
+    assert torch.equal(ours, theirs)
