@@ -52,7 +52,7 @@ def import_torchao() -> ModuleType:
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    """A torchao weight tensor (checked by module, like PEFT, so a plain model never imports torchao)."""
+    """A torchao weight tensor (checked by its class's module, as PEFT does: no torchao import needed)."""
     return type(weight).__module__.startswith("torchao.")
 
 

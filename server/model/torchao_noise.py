@@ -1,31 +1,35 @@
-"""Two log lines torchao's import writes that this server does not need, filtered wherever it is imported.
+"""Log lines torchao's import writes that this server does not need, filtered wherever it is imported.
 
-torchao's CUDA-only extensions (mxfp8 for Blackwell, CUTLASS for sm90a) fail to load on a CPU build of
-torch ("Failed to load …_C_….so"), and torch warns that torchao registers its Enums as pytree constants
-("… is an Enum subclass …"). Neither touches the int8/int4 weight-only paths. transformers imports torchao
-as it loads any model once torchao is installed, so the filters go on at package import (server/__init__),
-before any import order can matter; standard library only, so that costs nothing.
+Two of torchao's prebuilt extensions fail to load here ("Failed to load …/_C_mxfp8….so", built for
+CPython 3.10; "…/_C_cutlass_90a….so", CUDA sm90a only). They serve the mxfp8 and fp8 CUTLASS paths, never
+the int8/int4 weight-only ones, so only those two files' failures are dropped: any other still shows.
+torch also warns that torchao registers its Enums as pytree constants ("… is an Enum subclass …"), a
+deprecation for torchao to act on. transformers imports torchao as it loads any model once torchao is
+installed, so the filters go on at package import (server/__init__), whatever the import order;
+standard library only, so that costs nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
-KNOWN_NOISE = (("torchao", "Failed to load "), ("torch.utils._pytree", "is an Enum subclass"))
+KNOWN_NOISE = (("torchao", re.compile(r"^Failed to load \S*/_C_(mxfp8|cutlass_90a)[^/]*\.so")),
+               ("torch.utils._pytree", re.compile(r"is an Enum subclass and is now natively supported")))
 
 
 class _DropKnownNoise(logging.Filter):
-    def __init__(self, fragment: str) -> None:
+    def __init__(self, pattern: re.Pattern[str]) -> None:
         super().__init__()
-        self.fragment = fragment
+        self.pattern = pattern
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
+        return self.pattern.search(record.getMessage()) is None
 
 
 def silence_torchao_noise() -> None:
     """Idempotent: one filter per logger, kept (torchao registers more Enums as it imports lazily)."""
-    for name, fragment in KNOWN_NOISE:
+    for name, pattern in KNOWN_NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
-            logger.addFilter(_DropKnownNoise(fragment))
+            logger.addFilter(_DropKnownNoise(pattern))

@@ -84,7 +84,7 @@ class DoraLinear(LoraLinear):
 
     The frozen base weight is referenced, never copied nor saved; the rescale of the base output costs one
     extra full matmul per step (the wrapper hands a trainable module x alone). A quantized base weight is
-    dequantized for that matmul and the norm each step (QLoRA-style: no dense copy is kept)."""
+    dequantized for that matmul and the norm each step (no dense copy is kept)."""
 
     def __init__(self, base_weight: torch.Tensor, r: int, scaling: float, dropout: float,
                  device: torch.device, init_gen: torch.Generator) -> None:

@@ -81,3 +81,17 @@ def test_importing_the_server_logs_no_torchao_noise():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert "Failed to load" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr[-2000:]
+
+
+def test_only_the_two_known_torchao_lines_are_dropped(caplog):
+    import logging
+
+    from server.model.torchao_noise import silence_torchao_noise
+
+    silence_torchao_noise()
+    with caplog.at_level(logging.WARNING):
+        for line in ("Failed to load /x/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load",
+                     "Failed to load /x/torchao/_C_cutlass_90a.abi3.so: Could not load",
+                     "Failed to load /x/torchao/_C_other.so: a real problem"):
+            logging.getLogger("torchao").warning(line)
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load /x/torchao/_C_other.so: a real problem"]
