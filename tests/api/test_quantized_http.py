@@ -54,3 +54,26 @@ def test_adapter_on_the_int8_base_generates_peft_text_and_merge_is_refused(serve
                                   do_sample=False, pad_token_id=tokenizer.eos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
     assert r.json()["text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_a_qlora_job_over_http_trains_through_the_int8_base_and_serves_at_once(served):
+    """The job API on a quantized server: the base stays quantized and the adapter serves what it learned."""
+    from server.model.quantize import is_quantized
+    from tests.harness import TRAIN_DATA, wait_job
+
+    url, services = served
+    spec = dict(adapter_id="qpirate", method="lora", rank=8, alpha=16, batch_size=2, seed=0, data=TRAIN_DATA,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "lm_head"], steps=50, learning_rate=1e-2)
+    r = httpx.post(f"{url}/v1/training/jobs", json=spec, headers=auth(ALICE), timeout=30)
+    assert r.status_code == 202, r.text
+    job = wait_job(url, r.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
+                   headers=auth(ALICE))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["loss_history"][-1]["loss"] < 0.05 * job["loss_history"][0]["loss"]
+    q = dict(services.base.model.named_modules())["model.layers.0.self_attn.q_proj"]
+    assert is_quantized(q.base_layer.weight)
+    for ex in TRAIN_DATA:
+        out = httpx.post(f"{url}/generate", headers=auth(ALICE), timeout=60,
+                         json={"prompt": ex["prompt"], "adapter_id": "qpirate", "max_new_tokens": 20}).json()
+        assert out["text"] == ex["completion"] and out["finish_reason"] == "stop", out
