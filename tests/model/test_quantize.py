@@ -95,3 +95,16 @@ def test_only_the_two_known_torchao_lines_are_dropped(caplog):
                      "Failed to load /x/torchao/_C_other.so: a real problem"):
             logging.getLogger("torchao").warning(line)
     assert [r.getMessage() for r in caplog.records] == ["Failed to load /x/torchao/_C_other.so: a real problem"]
+
+
+def test_a_checkpoint_quantized_by_another_library_is_refused_by_name(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "gptq"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizeError, match="the checkpoint is quantized with 'gptq'; this server loads torchao"):
+        load_base(cpu_settings(model, tmp_path / "store"))
