@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--quantize", choices=["none", "int8", "int4"],
+                       help="weight-only quantization of the base's Linear layers (default none; int4: CUDA)")
     serve.add_argument("--max-batch", type=int, dest="max_batch", help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, dest="max_queue", help="waiting requests before 429")
     serve.add_argument("--max-adapters-resident", dest="max_adapters_resident", metavar="N|auto",
@@ -139,9 +141,9 @@ def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("loraplex").info(
-        "serving model=%s device=%s dtype=%s host=%s port=%d max_batch=%d max_queue=%d store=%s auth=%s",
-        settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
-        settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
+        "serving model=%s device=%s dtype=%s quantize=%s host=%s port=%d max_batch=%d max_queue=%d store=%s "
+        "auth=%s", settings.model or "<embedded>", settings.device, settings.dtype, settings.quantize, settings.host,
+        settings.port, settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
     app = create_app(settings, keys=keys)
     app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware

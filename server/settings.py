@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="Weight-only quantization of the base's Linear layers (torchao), adapters on top in "
+        "the compute dtype: int8 = one int8 per weight, a scale per output row (CPU and CUDA); int4 = tinygemm "
+        "int4 in groups (CUDA, bfloat16 only). lm_head stays unquantized")
     api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}, or {keys: that, tenants: "
                                   "{tenant: limits}}; None = single-tenant dev mode")
     insecure_no_auth: bool = False
@@ -155,6 +159,11 @@ class Settings(BaseSettings):
                 raise ValueError("cuda_graphs needs a CUDA device; this server runs on the CPU")
             if self.cuda_sdpa != "flash_efficient":
                 raise ValueError(f"cuda_sdpa={self.cuda_sdpa!r} applies to CUDA only; this server runs on the CPU")
+        if self.quantize == "int4" and self.torch_device.type != "cuda":
+            raise ValueError("quantize=int4 runs on CUDA only (torchao 0.18 has no int4 weight-only layout for "
+                             "this CPU build of torch); use quantize=int8 on the CPU")
+        if self.quantize == "int4" and self.torch_dtype != torch.bfloat16:
+            raise ValueError("quantize=int4 needs dtype bfloat16 (torchao's tinygemm int4 kernel)")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind non-loopback host {self.host!r} without --api-keys "

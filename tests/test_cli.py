@@ -133,3 +133,14 @@ def test_a_second_server_on_one_store_is_refused_and_kill_9_leaves_no_stale_lock
     with spawn_server(args) as (third, url):
         assert httpx.get(f"{url}/ready").status_code == 200
         assert (store / ".lock").read_text().strip() == str(third.pid)
+
+
+def test_quantize_flag_refusals_are_one_line_errors(capsys) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--quantize", "int3"])
+    assert e.value.code == 2 and "argument --quantize: invalid choice: 'int3'" in capsys.readouterr().err
+    assert main(["serve", "--quantize", "int4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "quantize=int4 runs on CUDA only" in err and "Traceback" not in err

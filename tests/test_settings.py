@@ -22,3 +22,13 @@ def test_the_env_twin_of_every_field_and_the_clients_variables_are_accepted() ->
 def test_an_unknown_keyword_is_refused() -> None:
     with pytest.raises(ValidationError, match="max_batchh"):
         Settings(max_batchh=4)
+
+
+def test_quantize_has_an_env_twin_and_refuses_unknown_modes_and_int4_on_the_cpu(monkeypatch) -> None:
+    assert Settings().quantize == "none"
+    monkeypatch.setenv("LORAPLEX_QUANTIZE", "int8")
+    assert Settings().quantize == "int8"
+    with pytest.raises(ValidationError, match="quantize\n  Input should be 'none', 'int8' or 'int4'"):
+        Settings(quantize="nf4")
+    with pytest.raises(ValidationError, match="quantize=int4 runs on CUDA only .* use quantize=int8 on the CPU"):
+        Settings(quantize="int4", device="cpu")

@@ -23,6 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from server.model.families import check_model
+from server.model.quantize import (QuantizeError, import_torchao, is_quantized, model_bytes,
+                                   quantize_base, quantized_mode)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     max_context: int  # tokens: prompt + generated never exceed this
+    quantize: str = "none"  # none | int8 | int4: the Linear weights' weight-only quantization (quantize.py)
 
 
 def embedded_gguf_path() -> Path:
@@ -110,11 +113,11 @@ def column_major_linears(model: torch.nn.Module) -> int:
     "Settings chosen by measurement"). Values, shapes and every caller stay as they were: only the
     strides change. A tied lm_head shares its Parameter with the input embedding, whose row gathers
     then read strided, a small cost against lm_head's matmul. Merged copies keep the base's layout
-    (merged_copy.py).
+    (merged_copy.py). Weights loaded quantized (a torchao checkpoint) keep the layout they were saved in.
     """
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen and not is_quantized(module.weight):
             seen.add(id(module.weight))
             module.weight.data = module.weight.data.t().contiguous().t()  # [out, in], strides (1, out)
     return len(seen)
@@ -126,12 +129,15 @@ def load_base(settings: Settings) -> BaseModel:
     config = AutoConfig.from_pretrained(path)
     max_context = min(int(getattr(config, "max_position_embeddings", settings.max_seq_len)), settings.max_seq_len)
     family = check_model(config, max_context)  # before the weights: refuse an unsupported model at once
+    prequantized = _prequantized(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     if settings.cpu_column_major and device.type == "cpu" and dtype == torch.float32:
         log.info("%d linear weights stored column-major", column_major_linears(model))
-    log.info("loaded %s (%s) on %s/%s, context %d", model_id, family.name, device, dtype, max_context)
+    mode = _quantize(model, settings.quantize, prequantized, device, dtype)
+    log.info("loaded %s (%s) on %s/%s, quantize %s, %d bytes of weights, context %d", model_id, family.name,
+             device, dtype, mode, model_bytes(model), max_context)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,
@@ -139,4 +145,33 @@ def load_base(settings: Settings) -> BaseModel:
         device=device,
         dtype=dtype,
         max_context=max_context,
+        quantize=mode,
     )
+
+
+def _prequantized(config: object) -> bool:
+    """A checkpoint saved quantized by transformers' TorchAoConfig: torchao must import (quietly) to load it."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant is not None and str(getattr(method, "value", method)) != "torchao":
+        raise QuantizeError(f"the checkpoint is quantized with {method!r}; this server loads torchao "
+                            "checkpoints (TorchAoConfig) or plain ones it quantizes itself (--quantize)")
+    if quant is not None:
+        import_torchao()
+    return quant is not None
+
+
+def _quantize(model: PreTrainedModel, mode: str, prequantized: bool, device: torch.device,
+              dtype: torch.dtype) -> str:
+    """Quantize a plain checkpoint as asked; a pre-quantized one must be in the mode asked for."""
+    if not prequantized:
+        done = quantize_base(model, mode, device, dtype)
+        if done.modules:
+            log.info("quantized %d linear layers to %s weight-only (torchao%s)", done.modules, mode,
+                     f", group size {done.group_size}" if done.group_size else "")
+        return mode
+    found = quantized_mode(model)
+    if found != mode:
+        raise QuantizeError(f"the checkpoint is pre-quantized ({found} weight-only, torchao): start with "
+                            f"--quantize {found}, not {mode}")
+    return found

@@ -20,6 +20,7 @@ from torch import nn
 
 from server.adapters.weights.miss import bat_delta
 from server.errors import InvalidRequest
+from server.model.quantize import dense_weight
 from server.training.spec import TrainingJobSpec
 
 PARAM_DTYPE = torch.float32
@@ -82,7 +83,8 @@ class DoraLinear(LoraLinear):
     (DoRA paper §4.3), h = dropout(x); m starts at ‖W‖ (B is zero), PEFT's init.
 
     The frozen base weight is referenced, never copied nor saved; the rescale of the base output costs one
-    extra full matmul per step (the wrapper hands a trainable module x alone)."""
+    extra full matmul per step (the wrapper hands a trainable module x alone). A quantized base weight is
+    dequantized for that matmul and the norm each step (no dense copy is kept)."""
 
     def __init__(self, base_weight: torch.Tensor, r: int, scaling: float, dropout: float,
                  device: torch.device, init_gen: torch.Generator) -> None:
@@ -94,13 +96,13 @@ class DoraLinear(LoraLinear):
     def _norm(self) -> torch.Tensor:
         """‖W + s·BA‖ per output row `[out]`, float32, detached."""
         with torch.no_grad():
-            w = self._base[0].to(PARAM_DTYPE)
+            w = dense_weight(self._base[0]).to(PARAM_DTYPE)
             return torch.linalg.norm(w + self.scaling * (self.lora_B.weight @ self.lora_A.weight), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         h = _dropout(x.to(PARAM_DTYPE), self.p, self.generator, self.training)
         g = self.lora_magnitude_vector / self._norm()  # [out]
-        base = F.linear(h, self._base[0].to(PARAM_DTYPE))  # [..., out], no bias: DoRA leaves it out
+        base = F.linear(h, dense_weight(self._base[0]).to(PARAM_DTYPE))  # [..., out], no bias: DoRA leaves it out
         return ((g - 1) * base + g * self.lora_B(self.lora_A(h)) * self.scaling).to(x.dtype)
 
 
@@ -147,7 +149,8 @@ class MissBat(TrainableAdapter):
         self._base = (base_weight,)  # a tuple: not registered, not in state_dict
 
     def delta_weight(self) -> torch.Tensor:  # [out, in]
-        return bat_delta(self._base[0], self.miss_block, PARAM_DTYPE)  # the serving path's formula, autograd-safe
+        weight = dense_weight(self._base[0])  # a quantized base: dequantized per step, never kept
+        return bat_delta(weight, self.miss_block, PARAM_DTYPE)  # the serving path's formula, autograd-safe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         return F.linear(x.to(PARAM_DTYPE), self.delta_weight()).to(x.dtype)
@@ -206,7 +209,7 @@ def check_layer(name: str, layer: nn.Module, spec: TrainingJobSpec) -> None:
         return
     if not isinstance(base, nn.Linear):
         raise InvalidRequest(f"module {name!r} is not a Linear or Embedding layer")
-    if spec.method == "dora" and bool((base.weight == 0).all(dim=1).any()):
+    if spec.method == "dora" and bool((dense_weight(base.weight) == 0).all(dim=1).any()):
         raise InvalidRequest(f"DoRA cannot adapt {name!r}: its weight has an all-zero output row (a padding "
                              "embedding tied to it, say), where DoRA's column norm starts at zero and its "
                              "rescale is 0/0")

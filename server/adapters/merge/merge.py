@@ -100,9 +100,10 @@ class MergeRegistry:
     async def dedicate(self, tenant: str, adapter_id: str) -> bool:
         """Serve the adapter's newest version from a merged copy; True if a new copy was built.
 
-        Conflict beyond `max_merged`; AdapterError (422) when the merge is refused.
+        Conflict beyond `max_merged` or on a quantized base; AdapterError (422) when the merge is refused.
         """
         ref: AdapterRef = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
+        self._check_base(adapter_id)
         pair = (tenant, adapter_id)
         with self._lock:
             build = self._wanted.get(pair)
@@ -169,10 +170,16 @@ class MergeRegistry:
                     "pending": len(self._events)}
 
     def restore(self) -> None:
-        """Start-up: rebuild the copies of adapters dedicated before the restart (in the background)."""
+        """Start-up: rebuild the copies of adapters dedicated before the restart (in the background).
+
+        On a quantized base none is rebuilt and the markers stay: a restart on the plain base restores them."""
         for tenant in self.store.tenants():
             for adapter_id in self.store.adapter_ids(tenant):
                 if not (self.store.adapter_dir(tenant, adapter_id) / MARKER).is_file():
+                    continue
+                if self.base.quantize != "none":
+                    log.warning("not re-merging %s/%s: the base is quantized (%s), adapters are served unmerged",
+                                tenant, adapter_id, self.base.quantize)
                     continue
                 with self._lock:
                     if len(self._wanted) >= self.limits.max_merged:
@@ -312,6 +319,16 @@ class MergeRegistry:
         build.done.set_exception(error)
 
     # -- helpers -----------------------------------------------------------------
+    def _check_base(self, adapter_id: str) -> None:
+        """Refused on a quantized base, rather than serving a merged copy that is either dense (the bytes
+        quantization saved, spent again per copy) or requantized (outputs that differ from unmerged serving
+        by the rounding of W + ΔW)."""
+        if self.base.quantize != "none":
+            raise Conflict(f"cannot merge {adapter_id!r}: the base model is quantized ({self.base.quantize} "
+                           "weight-only), and a merged copy would be either dense (the memory quantization "
+                           "saved) or requantized (outputs no longer those of the adapter); it stays served "
+                           "unmerged, with the same outputs")
+
     async def _settle(self, pair: Pair, build: _Build) -> None:
         """Wait until the wanted copy is published, following rebuilds that superseded it."""
         while not await _wait(build.done):

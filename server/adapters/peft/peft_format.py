@@ -30,6 +30,7 @@ from server.adapters.peft.safetensors_check import FLOAT_DTYPES, TensorInfo, che
 from server.adapters.peft.saved_modules import (Saveable, check_saved_shapes, load_saved, plan_saved,
                                                 refuse_tied_target, split_saved)
 from server.errors import AdapterError
+from server.model.quantize import dense_weight
 from server.adapters.limits import AdapterLimits
 
 # PEFT's on-disk names, for every reader and writer in the server (store, upload, trainer export).
@@ -337,7 +338,7 @@ def _module_weights(spec: AdapterSpec, info: ModuleInfo, views: Iterator[torch.T
             return LoraWeights(a, bt, embedding=info.kind == "embedding")
         assert info.weight is not None
         magnitude = next(views)  # [out]: overwritten by g, in its arena bytes
-        scale = dora_scale(magnitude, a, bt, info.weight)
+        scale = dora_scale(magnitude, a, bt, dense_weight(info.weight))  # a quantized base: its values
         if not bool(torch.isfinite(scale).all()) and all(bool(torch.isfinite(t).all()) for t in (magnitude, a, bt)):
             raise AdapterError(f"module {info.name!r}: DoRA's column norm ‖W + s·BA‖ is zero in an output row of "
                                "this base model, where DoRA's output is undefined (PEFT's is NaN)")

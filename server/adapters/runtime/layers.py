@@ -26,6 +26,7 @@ from server.adapters.weights.miss import bat_delta
 from server.adapters.runtime.plan import AdapterBatch
 from server.adapters.runtime.slots import SlotBank
 from server.adapters.runtime.step import current_step
+from server.model.quantize import dense_weight
 
 
 class AdaptedModule(nn.Module):
@@ -148,7 +149,8 @@ class AdaptedLinear(AdaptedModule):
         for slot, block in self.bank.bat.items():
             if slot in batch.active:
                 rows = batch.rows(slot)  # [k]
-                delta = bat_delta(self.base_layer.weight, block, x2.dtype)  # [out, in]: the full extra matmul
+                weight = dense_weight(self.base_layer.weight)  # a quantized base: dequantized for this step
+                delta = bat_delta(weight, block, x2.dtype)  # [out, in]: the full extra matmul
                 y2.index_add_(0, rows, x2.index_select(0, rows) @ delta.T)
 
     def _with_copies(self, x: torch.Tensor, y: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Log lines torchao's import writes that this server does not need, filtered wherever it is imported.
+
+Two of torchao's prebuilt extensions fail to load here ("Failed to load …/_C_mxfp8….so", built for
+CPython 3.10; "…/_C_cutlass_90a….so", CUDA sm90a only). They serve the mxfp8 and fp8 CUTLASS paths, never
+the int8/int4 weight-only ones, so only those two files' failures are dropped: any other still shows.
+torch also warns that torchao registers its Enums as pytree constants ("… is an Enum subclass …"), a
+deprecation for torchao to act on. transformers imports torchao as it loads any model once torchao is
+installed, so the filters go on at package import (server/__init__), whatever the import order;
+standard library only, so that costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+KNOWN_NOISE = (("torchao", re.compile(r"^Failed to load \S*/_C_(mxfp8|cutlass_90a)[^/]*\.so")),
+               ("torch.utils._pytree", re.compile(r"is an Enum subclass and is now natively supported")))
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.search(record.getMessage()) is None
+
+
+def silence_torchao_noise() -> None:
+    """Idempotent: one filter per logger, kept (torchao registers more Enums as it imports lazily)."""
+    for name, pattern in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(pattern))

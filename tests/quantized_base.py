@@ -1,0 +1,62 @@
+"""Quantized tiny bases for tests: ours (quantize_base) and PEFT's reference (transformers' TorchAoConfig).
+
+PEFT serves adapters on a torchao base only when transformers quantized it (`model.hf_quantizer` carries
+the config PEFT's layers need), so the reference is loaded that way from the same saved weights; the
+tests check that both hold the same int8 codes and scales before comparing outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from server.model.load import BaseModel
+from server.model.quantize import import_torchao, quantize_base
+from tests.adapters.adapter_factory import tiny_base
+
+
+def save_tiny(path: Path, seed: int = 0, **config) -> Path:
+    """adapter_factory's tiny Llama (VOCAB 4096, biases non-zero when asked) as a model dir."""
+    tiny_base(seed, **config).model.save_pretrained(path)
+    return path
+
+
+def _base(model: torch.nn.Module, mode: str) -> BaseModel:
+    model.eval().requires_grad_(False)
+    return BaseModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"),
+                     dtype=torch.float32, max_context=512, quantize=mode)
+
+
+def ours(path: Path, mode: str = "int8") -> BaseModel:
+    """The plain checkpoint, quantized by the server's own quantize_base (as load_base does)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantize_base(model, mode, torch.device("cpu"), torch.float32)
+    return _base(model, mode)
+
+
+def reference(path: Path) -> BaseModel:
+    """The same checkpoint quantized by transformers (TorchAoConfig, int8 weight-only): PEFT's route."""
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    import_torchao()
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    return _base(model, "int8")
+
+
+def same_quantization(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Names of Linear layers whose int8 codes or scales differ between two models (none = the same)."""
+    weights_b = {n: m.weight for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    differ = []
+    for name, mod in a.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name in weights_b:
+            wa, wb = mod.weight, weights_b[name]
+            if type(wa) is not type(wb) or (hasattr(wa, "qdata") and not (
+                    torch.equal(wa.qdata, wb.qdata) and torch.equal(wa.scale, wb.scale))):
+                differ.append(name)
+    return differ

@@ -1,0 +1,87 @@
+"""QLoRA: jobs trained through the int8 weight-only base (torchao) the server serves.
+
+The base is loaded as the server loads it with `quantize=int8`; the trainer's backward runs through the
+quantized Linear (gradients w.r.t. its input only: the base stays frozen and quantized). The exported
+adapter must load in PEFT on the same checkpoint quantized by transformers' TorchAoConfig (identical int8
+codes) and generate the tokens our server generates from it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.adapters.limits import AdapterLimits
+from server.adapters.peft.peft_format import read_adapter
+from server.adapters.runtime.inject import inject_adapter_layers
+from server.model.load import BaseModel, load_base
+from server.model.quantize import is_quantized
+from tests.quantized_base import reference, same_quantization
+from tests.training.conftest import greedy, make_spec, make_trainer, settings_for
+
+
+@pytest.fixture(scope="module")
+def q_settings(tiny_model_dir, tmp_path_factory):
+    return settings_for(tiny_model_dir, tmp_path_factory.mktemp("qstore"), quantize="int8")
+
+
+@pytest.fixture(scope="module")
+def q_served(q_settings) -> BaseModel:
+    base = load_base(q_settings)
+    inject_adapter_layers(base.model, AdapterLimits.from_settings(q_settings))
+    return base
+
+
+@pytest.fixture(scope="module")
+def peft_quantized(tiny_model_dir):
+    return reference(tiny_model_dir).model
+
+
+def test_backward_through_the_int8_linear_matches_the_dequantized_one():
+    from server.model.quantize import quantize_base
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    quantize_base(model, "int8", torch.device("cpu"), torch.float32)
+    weight = model[0].weight
+    assert is_quantized(weight) and not weight.requires_grad
+    x = torch.randn(5, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, weight.dequantize(), model[0].bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "miss"])
+def test_qlora_job_round_trips_through_peft_on_the_same_quantized_model(method, q_served, q_settings,
+                                                                         peft_quantized, tmp_path):
+    from peft import PeftModel
+
+    assert not same_quantization(q_served.model, peft_quantized)
+    spec = make_spec(method=method, steps=30, learning_rate=5e-2, target_modules=["q_proj", "v_proj", "up_proj"])
+    trainer = make_trainer(q_served, spec)
+    for _ in range(spec.steps):
+        trainer.train_step()
+    out = tmp_path / method
+    trainer.save_output(out, "tiny")
+    q = dict(q_served.model.named_modules())["model.layers.0.self_attn.q_proj"]
+    assert is_quantized(q.base_layer.weight), "training leaves the base quantized"
+
+    peft_model = PeftModel.from_pretrained(peft_quantized, str(out)).eval()
+    try:
+        prompt = q_served.tokenizer("Say hi:")["input_ids"]
+        layers = inject_adapter_layers(q_served.model, AdapterLimits.from_settings(q_settings))
+        layers.load_slot(3, read_adapter(out, q_served, AdapterLimits.from_settings(q_settings)))
+        try:
+            ours = greedy(q_served, prompt, 12, slot=3)
+        finally:
+            layers.clear_slot(3)
+        base = greedy(q_served, prompt, 12, slot=-1)
+        with torch.no_grad():
+            theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                         pad_token_id=q_served.tokenizer.eos_token_id,
+                                         eos_token_id=q_served.tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        assert ours == theirs
+        assert ours != base, "training must change the greedy tokens for this test to mean anything"
+    finally:
+        peft_model.unload()
