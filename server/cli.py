@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                            argument_default=argparse.SUPPRESS)
     serve.add_argument("--model", help="local HF model dir or hub id (default: embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--store", help="adapter and job store directory (default ./adapters_store)")
+    serve.add_argument("--s3-store", dest="s3_store", metavar="s3://BUCKET[/PREFIX]",
+                       help="keep adapters in this S3-compatible bucket, shared by every server pointed at it")
+    serve.add_argument("--s3-endpoint-url", dest="s3_endpoint_url", help="S3-compatible endpoint (default AWS)")
+    serve.add_argument("--s3-region", dest="s3_region", help="bucket region (default: the AWS config chain's)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -141,7 +145,8 @@ def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
     logging.getLogger("loraplex").info(
         "serving model=%s device=%s dtype=%s host=%s port=%d max_batch=%d max_queue=%d store=%s auth=%s",
         settings.model or "<embedded>", settings.device, settings.dtype, settings.host, settings.port,
-        settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
+        settings.max_batch, settings.max_queue, settings.s3_store or settings.store,
+        "api-keys" if settings.api_keys else "off")
     app = create_app(settings, keys=keys)
     app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware

@@ -36,7 +36,7 @@ from server.adapters.limits import AdapterLimits
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.peft.peft_format import read_adapter
-from server.adapters.store.store import AdapterStore
+from server.adapters.store.protocol import AdapterStorage
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError
 from server.metrics import Metrics, NullMetrics
@@ -49,7 +49,7 @@ CacheEvent = Literal["hit", "miss", "eviction"]
 
 
 class AdapterManager:
-    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStore, limits: AdapterLimits,
+    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStorage, limits: AdapterLimits,
                  metrics: Metrics | None = None, merge: MergeRegistry | None = None, loader: Loader = read_adapter,
                  load_workers: int = 2) -> None:
         self.base, self.layers, self.store, self.limits = base, layers, store, limits
