@@ -97,13 +97,14 @@ class ObjectStore:
         self._client = make_client(options)
 
     @contextlib.contextmanager
-    def _calls(self, what: str) -> Iterator[None]:
-        """Every failure but "missing" and "lost a race" becomes StoreUnavailable (logged here, with the cause)."""
+    def _calls(self, what: str, missing_ok: bool = False) -> Iterator[None]:
+        """Every failure becomes StoreUnavailable (logged here, with the cause), but a lost race
+        (PreconditionFailed) and, where the caller asks, a missing object (_Missing)."""
         try:
             yield
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in MISSING_CODES:
+            if code in MISSING_CODES and missing_ok:
                 raise _Missing(what) from None
             if code in LOST_RACE_CODES:
                 raise PreconditionFailed(what) from None
@@ -114,15 +115,20 @@ class ObjectStore:
             raise StoreUnavailable() from None
 
     def check(self) -> None:
-        """The bucket answers (start-up): StoreUnavailable naming nothing secret otherwise."""
-        with self._calls("head bucket"):
-            self._client.head_bucket(Bucket=self.bucket)
+        """The bucket answers (start-up): otherwise StoreUnavailable for the operator, naming the bucket."""
+        try:
+            with self._calls("head bucket"):
+                self._client.head_bucket(Bucket=self.bucket)
+        except StoreUnavailable:
+            raise StoreUnavailable(f"the adapter store {self.location} cannot be used: the endpoint did not answer, "
+                                   "the bucket does not exist, or it refused these credentials (the log says "
+                                   "which)") from None
 
     # -- objects -------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str] | None:
         """The object's bytes and ETag; None when it does not exist."""
         try:
-            with self._calls(f"get {key}"):
+            with self._calls(f"get {key}", missing_ok=True):
                 resp = self._client.get_object(Bucket=self.bucket, Key=key)
                 return resp["Body"].read(), resp["ETag"]
         except _Missing:
@@ -130,21 +136,25 @@ class ObjectStore:
 
     def exists(self, key: str) -> bool:
         try:
-            with self._calls(f"head {key}"):
+            with self._calls(f"head {key}", missing_ok=True):
                 self._client.head_object(Bucket=self.bucket, Key=key)
                 return True
         except _Missing:
             return False
 
     def put(self, key: str, body: bytes, *, if_match: str | None = None, if_absent: bool = False) -> str:
-        """Write one object (PreconditionFailed when the condition fails); returns its ETag."""
+        """Write one object (PreconditionFailed when the condition fails: an If-Match object that is
+        gone lost its race too); returns its ETag."""
         extra: dict[str, str] = {}
         if if_match is not None:
             extra["IfMatch"] = if_match
         if if_absent:
             extra["IfNoneMatch"] = "*"
-        with self._calls(f"put {key}"):
-            return str(self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)["ETag"])
+        try:
+            with self._calls(f"put {key}", missing_ok=True):
+                return str(self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)["ETag"])
+        except _Missing:
+            raise PreconditionFailed(key) from None
 
     def put_file(self, key: str, path: Path) -> None:
         """One PUT of a local file (S3 takes up to 5 GB in one; adapters are capped far below)."""
@@ -156,7 +166,7 @@ class ObjectStore:
         h = hashlib.sha256()
         size = 0
         try:
-            with self._calls(f"get {key}"), open(dest, "wb") as f:
+            with self._calls(f"get {key}", missing_ok=True), open(dest, "wb") as f:
                 body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
                 for chunk in body.iter_chunks(CHUNK):
                     h.update(chunk)

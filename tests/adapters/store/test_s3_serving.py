@@ -10,10 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
+
+from server.cli import build_parser
+from server.settings import Settings
 
 from tests.adapters.store.s3_moto import MotoS3
 from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import cpu_settings, running_server
+from tests.harness import TRAIN_DATA, cpu_settings, running_server, wait_job
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 TOKENS = 8
@@ -69,6 +73,21 @@ def test_an_upload_through_one_server_is_served_by_the_other_at_once(servers, pe
     assert a.delete("/v1/adapters/shared", headers=auth(ALICE)).status_code == 204
     gone = generate(b, "shared")
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found"
+
+
+def test_a_trained_adapter_is_published_to_the_bucket(servers) -> None:
+    """The trainer publishes through the same store: a job finished on one server is served by the other."""
+    a, b = servers
+    spec = {"adapter_id": "trained", "method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+            "data": TRAIN_DATA, "steps": 3, "learning_rate": 1e-2, "batch_size": 2, "seed": 0}
+    r = a.post("/v1/training/jobs", json=spec, headers=auth(ALICE))
+    assert r.status_code == 202, r.text
+    job = wait_job(str(a.base_url), r.json()["id"], lambda j: j["status"] in ("succeeded", "failed"),
+                   headers=auth(ALICE))
+    assert job["status"] == "succeeded", job
+    record = b.get("/v1/adapters/trained", headers=auth(ALICE))
+    assert record.status_code == 200 and record.json()["version"] == 1
+    assert text(b, "trained") == text(a, "trained")
 
 
 def test_reuploads_and_deletes_under_load_never_serve_a_mix(servers, peft_dirs) -> None:
@@ -127,3 +146,14 @@ def test_an_unreachable_store_is_a_quick_503_then_recovers(servers, peft_dirs, m
         moto.start()
     assert text(b, "steady") == before
     assert upload(a, "steady", peft_dirs["y"]).status_code == 201
+
+
+def test_s3_settings_and_flags() -> None:
+    args = build_parser().parse_args(["serve", "--s3-store", "s3://my-bucket/team", "--s3-endpoint-url",
+                                      "http://minio:9000", "--s3-region", "eu-west-1"])
+    assert vars(args) | {"command": None} == {"command": None, "s3_store": "s3://my-bucket/team",
+                                             "s3_endpoint_url": "http://minio:9000", "s3_region": "eu-west-1"}
+    for bad in ("my-bucket", "s3://", "s3://UPPER", "https://my-bucket"):
+        with pytest.raises(ValidationError):
+            Settings(s3_store=bad)
+    assert Settings().s3_store is None, "the local directory stays the default"

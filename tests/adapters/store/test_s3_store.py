@@ -228,9 +228,28 @@ def test_an_unreachable_store_fails_fast_and_recovers(tmp_path: Path) -> None:
         store.close()
 
 
+def test_opening_a_missing_bucket_is_refused(moto: MotoS3, tmp_path: Path) -> None:
+    options = moto.new_bucket()
+    missing = S3Options(S3Location("no-such-bucket", "x"), moto.endpoint, "us-east-1", 2.0, 2)
+    with pytest.raises(StoreUnavailable, match="s3://no-such-bucket/x"):
+        open_on(missing, tmp_path / "a")
+    open_on(options, tmp_path / "a").close()
+
+
+def test_a_pointer_removed_by_hand_reads_as_never_published(moto: MotoS3, options: S3Options,
+                                                             store: S3AdapterStore) -> None:
+    upload(store, "acme", "a1", b"x")
+    moto.client().delete_object(Bucket=options.location.bucket, Key=f"{options.location.key('acme', 'a1')}/pointer.json")
+    with pytest.raises(NotFound):
+        store.resolve("acme", "a1")
+    assert upload(store, "acme", "a1", b"y") == 2, "the orphaned v1 keeps its number"
+
+
 def test_opening_an_unreachable_store_is_refused(tmp_path: Path) -> None:
     with moto_s3() as moto:
         options = moto.new_bucket()
         moto.stop()
+        started = time.monotonic()
         with pytest.raises(StoreUnavailable):
             open_on(options, tmp_path / "a")
+        assert time.monotonic() - started < 10.0
