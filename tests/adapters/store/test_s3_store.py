@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from server.adapters.store.object_store import S3Location, S3Options
+from server.adapters.store.object_store import ObjectStore, S3Location, S3Options
 from server.adapters.store.s3_store import S3AdapterStore, open_s3_store
+from server.adapters.store.version_cache import VersionCache
 from server.adapters.store.store import CONFIG_NAME, WEIGHTS_NAME
 from server.adapters.types import AdapterKey
 from server.errors import InvalidRequest, NotFound, StoreUnavailable
@@ -225,6 +227,22 @@ def test_an_unreachable_store_fails_fast_and_recovers(tmp_path: Path) -> None:
         moto.start()
         assert (store.resolve("acme", "a1").path / WEIGHTS_NAME).read_bytes() == b"x"
         assert upload(store, "acme", "a1", b"y") == 2
+        store.close()
+
+
+def test_an_endpoint_that_never_answers_is_a_bounded_wait(moto: MotoS3, tmp_path: Path) -> None:
+    """A peer that accepts connections and then says nothing (a hung proxy): timeouts end the wait."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        options = S3Options(S3Location("lpx-silent", "p"), endpoint, "us-east-1", timeout_s=1.0, max_attempts=2)
+        store = S3AdapterStore(ObjectStore(options), VersionCache(tmp_path / "cache", MiB))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.resolve("acme", "a1")
+        waited = time.monotonic() - started
+        assert 1.0 <= waited < 6.0, f"{waited:.1f}s: two attempts of a 1 s read timeout, plus one backoff"
         store.close()
 
 
