@@ -78,7 +78,9 @@ class S3AdapterStore:
         with self._guard:
             return self._locks.setdefault((tenant, adapter_id), threading.Lock())
 
-    def _read_pointer(self, tenant: str, adapter_id: str) -> tuple[Pointer, str | None]:
+    def _read_pointer(self, tenant: str, adapter_id: str, skip_corrupt: bool = False) -> tuple[Pointer, str | None]:
+        """The adapter's pointer and its ETag (NONE, None: never published). A corrupt one is a 503 for
+        that adapter, or, in listings (`skip_corrupt`), left out so the others still list."""
         got = self.objects.get(f"{self._prefix(tenant, adapter_id)}/{POINTER_NAME}")
         if got is None:
             return NONE, None
@@ -86,6 +88,8 @@ class S3AdapterStore:
             return Pointer.from_bytes(got[0]), got[1]
         except PointerCorrupt as e:
             log.error("adapter store: %s/%s has a corrupt pointer: %s", tenant, adapter_id, e)
+            if skip_corrupt:
+                return NONE, None
             raise StoreUnavailable(f"adapter {adapter_id!r} cannot be read from the store; "
                                    "an operator must repair or delete it") from None
 
@@ -115,7 +119,8 @@ class S3AdapterStore:
                 return True
             with self.cache.scratch() as tmp:
                 for name, want in pointer.files.items():
-                    got = self.objects.download(self._version_key(ref.key.tenant, ref.key.adapter_id, ref.key.version, name), tmp / name)
+                    key = self._version_key(ref.key.tenant, ref.key.adapter_id, ref.key.version, name)
+                    got = self.objects.download(key, tmp / name)
                     if got is None:
                         return False
                     if got != (want.sha256, want.size):
@@ -150,7 +155,7 @@ class S3AdapterStore:
             with names_as_422():
                 check_tenant(t)
             pairs += [(t, a) for a in self.objects.children(self.objects.location.key(t)) if is_valid_name(a)]
-        pointers = list(self._pool.map(lambda pair: self._read_pointer(*pair)[0], pairs))
+        pointers = list(self._pool.map(lambda pair: self._read_pointer(*pair, skip_corrupt=True)[0], pairs))
         return [self._stored(t, a, p) for (t, a), p in zip(pairs, pointers) if p.live]
 
     def newest_first(self) -> Iterator[AdapterRef]:

@@ -143,6 +143,16 @@ def test_checksum_mismatch_is_refused(moto: MotoS3, options: S3Options, store: S
     assert other.cache.versions("acme", "a1") == set(), "nothing unverified is kept"
 
 
+def test_a_corrupt_pointer_refuses_its_adapter_only(moto: MotoS3, options: S3Options, store: S3AdapterStore) -> None:
+    upload(store, "acme", "good", b"x")
+    upload(store, "acme", "bad", b"y")
+    key = f"{options.location.key('acme', 'bad')}/pointer.json"
+    moto.client().put_object(Bucket=options.location.bucket, Key=key, Body=b"{not json")
+    with pytest.raises(StoreUnavailable, match="repair"):
+        store.resolve("acme", "bad")
+    assert store.adapter_ids("acme") == ["good"]
+
+
 def test_markers_are_shared(store: S3AdapterStore, other: S3AdapterStore) -> None:
     upload(store, "acme", "a1", b"x")
     assert not other.has_marker("acme", "a1", ".merged")
@@ -199,7 +209,8 @@ def test_local_cache_stays_within_its_bound(store: S3AdapterStore, options: S3Op
         total = sum(e.size for e in small.cache.entries())
         assert total <= 3 * 10_000, f"{total} bytes cached after {i + 1} adapters"
     assert small.cache.versions("acme", "a5") == {1} and small.cache.versions("acme", "a0") == set()
-    assert (small.resolve("acme", "a0").path / WEIGHTS_NAME).read_bytes() == bytes([0]) * 9_000, "evicted: fetched again"
+    refetched = small.resolve("acme", "a0").path / WEIGHTS_NAME
+    assert refetched.read_bytes() == bytes([0]) * 9_000, "evicted: fetched again"
 
 
 def test_recently_used_entries_outlive_the_bound(store: S3AdapterStore, options: S3Options, tmp_path: Path) -> None:
@@ -257,7 +268,8 @@ def test_opening_a_missing_bucket_is_refused(moto: MotoS3, tmp_path: Path) -> No
 def test_a_pointer_removed_by_hand_reads_as_never_published(moto: MotoS3, options: S3Options,
                                                              store: S3AdapterStore) -> None:
     upload(store, "acme", "a1", b"x")
-    moto.client().delete_object(Bucket=options.location.bucket, Key=f"{options.location.key('acme', 'a1')}/pointer.json")
+    pointer = f"{options.location.key('acme', 'a1')}/pointer.json"
+    moto.client().delete_object(Bucket=options.location.bucket, Key=pointer)
     with pytest.raises(NotFound):
         store.resolve("acme", "a1")
     assert upload(store, "acme", "a1", b"y") == 2, "the orphaned v1 keeps its number"
