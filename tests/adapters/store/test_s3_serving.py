@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from server.adapters.store.object_store import S3Options
 from server.cli import build_parser
 from server.settings import Settings
 
@@ -32,10 +33,15 @@ def peft_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-            moto: MotoS3) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+def bucket(moto: MotoS3) -> S3Options:
+    return moto.new_bucket()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, moto: MotoS3,
+            bucket: S3Options) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     tmp = tmp_path_factory.mktemp("s3-serving")
-    options = moto.new_bucket()
+    options = bucket
     keys = write_keys(tmp / "keys.json")
 
     def settings(name: str):  # each server: its own local dir (cache, jobs), the one shared bucket
@@ -90,6 +96,18 @@ def test_a_trained_adapter_is_published_to_the_bucket(servers) -> None:
     assert text(b, "trained") == text(a, "trained")
 
 
+def test_a_dedication_is_kept_in_the_bucket(servers, peft_dirs, moto: MotoS3, bucket: S3Options) -> None:
+    """The merge marker lives with the adapter, so any server starting on the bucket re-merges it."""
+    a, _ = servers
+    assert upload(a, "dedicated", peft_dirs["x"]).status_code == 201
+    marker = {"Bucket": bucket.location.bucket, "Key": f"{bucket.location.key('alice', 'dedicated')}/.merged"}
+    merged = a.post("/v1/adapters/dedicated/merge", headers=auth(ALICE))
+    assert merged.status_code == 201 and merged.json()["mode"] == "merged", merged.text
+    assert moto.client().head_object(**marker)["ContentLength"] == 0
+    assert a.delete("/v1/adapters/dedicated/merge", headers=auth(ALICE)).status_code == 200
+    assert moto.client().list_objects_v2(Bucket=marker["Bucket"], Prefix=marker["Key"]).get("KeyCount") == 0
+
+
 def test_reuploads_and_deletes_under_load_never_serve_a_mix(servers, peft_dirs) -> None:
     """Server A swaps the adapter between two weight sets (and deletes it) while B serves it: every answer
     is exactly one set's output, or a 404 while it is deleted."""
@@ -132,7 +150,9 @@ def test_an_unreachable_store_is_a_quick_503_then_recovers(servers, peft_dirs, m
     before = text(b, "steady")
     moto.stop()
     try:
+        stream = {"prompt": PROMPT, "adapter_id": "steady", "max_new_tokens": 4, "stream": True}
         for call in (lambda: generate(b, "steady"), lambda: b.get("/v1/adapters", headers=auth(ALICE)),
+                     lambda: b.post("/generate", json=stream, headers=auth(ALICE)),
                      lambda: upload(a, "steady", peft_dirs["y"]),
                      lambda: b.post("/v1/completions", json={"model": "steady", "prompt": PROMPT, "max_tokens": 4},
                                     headers=auth(ALICE))):
