@@ -210,8 +210,11 @@ class S3AdapterStore:
         log.info("published adapter %s/%s v%d to %s (%d bytes)", tenant, adapter_id, version,
                  self.objects.location, files[WEIGHTS_NAME].size)
         stored = self._stored(tenant, adapter_id, new)
-        (staged / RECORD_NAME).write_text(json.dumps(record))
-        self.cache.install(staged, stored.ref.path)  # this server never downloads what it uploaded
+        try:  # this server never downloads what it uploaded; failing that, its first resolve will
+            (staged / RECORD_NAME).write_text(json.dumps(record))
+            self.cache.install(staged, stored.ref.path)
+        except OSError as e:
+            log.warning("adapter cache: kept no local copy of %s: %s", stored.ref.key, e)
         return stored
 
     def _claim(self, tenant: str, adapter_id: str, pointer: Pointer, weights: FileDigest,
