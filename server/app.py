@@ -15,7 +15,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI
@@ -49,6 +49,9 @@ from server.model.load import BaseModel, load_base
 from server.api.services import Services
 from server.settings import Settings
 from server.training.service import TrainingService
+
+if TYPE_CHECKING:
+    from server.adapters.store.object_store import S3Options
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +117,17 @@ def open_adapter_store(settings: Settings, base: BaseModel, limits: AdapterLimit
     it does not answer), whose downloads this server caches under `settings.store`."""
     if settings.s3_store is None:
         return open_store(settings.store, base, limits)
-    # boto3 is the optional `s3` extra: imported only by servers that use a bucket.
-    from server.adapters.store.object_store import S3Location, S3Options
-    from server.adapters.store.s3_store import open_s3_store
+    from server.adapters.store.s3_store import open_s3_store  # boto3: the optional `s3` extra
 
-    options = S3Options(S3Location.parse(settings.s3_store), settings.s3_endpoint_url, settings.s3_region,
-                        settings.s3_timeout_s, settings.s3_max_attempts)
-    return open_s3_store(options, settings.store, settings.s3_cache_bytes)
+    return open_s3_store(s3_options(settings), settings.store, settings.s3_cache_bytes)
+
+
+def s3_options(settings: Settings) -> S3Options:
+    """The bucket settings as the S3 store takes them (with settings.s3_store set)."""
+    from server.adapters.store.object_store import S3Location, S3Options
+
+    return S3Options(S3Location.parse(settings.s3_store or ""), settings.s3_endpoint_url, settings.s3_region,
+                     settings.s3_timeout_s, settings.s3_max_attempts)
 
 
 def _build_on(store: AdapterStorage, settings: Settings, base: BaseModel, limits: AdapterLimits,

@@ -132,9 +132,29 @@ def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 1
     try:
+        if settings.s3_store is not None and not _bucket_answers(settings):
+            return 1
         return _serve_locked(settings, keys)
     finally:
         release_store()
+
+
+def _bucket_answers(settings: Settings) -> bool:
+    """Before the model loads: a bucket that does not answer is refused in one line, not a traceback."""
+    try:
+        from server.adapters.store.object_store import ObjectStore
+    except ImportError as exc:
+        print(f"loraplex serve: --s3-store needs the s3 extra (pip install 'loraplex[s3]'): {exc}", file=sys.stderr)
+        return False
+    from server.app import s3_options
+    from server.errors import StoreUnavailable
+
+    try:
+        ObjectStore(s3_options(settings)).check()
+    except StoreUnavailable as exc:
+        print(f"loraplex serve: {exc.message}", file=sys.stderr)
+        return False
+    return True
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:

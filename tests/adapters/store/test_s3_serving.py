@@ -3,6 +3,8 @@ under load never serve a mix of versions, and a bucket that goes away is a quick
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,10 @@ from server.adapters.store.object_store import S3Options
 from server.cli import build_parser
 from server.settings import Settings
 
-from tests.adapters.store.s3_moto import MotoS3
+from tests.adapters.store.s3_moto import CREDENTIALS, MotoS3
 from tests.api.adapter_http import ALICE, BOB, auth, build_adapter, load_tiny, upload, write_keys
-from tests.harness import TRAIN_DATA, cpu_settings, running_server, wait_job
+from tests.harness import (REPO_ROOT, TRAIN_DATA, cpu_settings, free_port, running_server, serve_command,
+                           spawn_server, wait_job)
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 TOKENS = 8
@@ -177,3 +180,26 @@ def test_s3_settings_and_flags() -> None:
         with pytest.raises(ValidationError):
             Settings(s3_store=bad)
     assert Settings().s3_store is None, "the local directory stays the default"
+
+
+def test_serve_with_a_bucket_that_does_not_answer_exits_in_one_line(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    done = subprocess.run(serve_command(["--store", str(tmp_path / "store"), "--s3-store", "s3://my-bucket/x",
+                                         "--s3-endpoint-url", f"http://127.0.0.1:{port}"]),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **CREDENTIALS, "LORAPLEX_S3_TIMEOUT_S": "1"})
+    assert done.returncode == 1, done.stderr
+    assert "s3://my-bucket/x cannot be used" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_on_a_bucket_end_to_end(tiny_model_dir: Path, tmp_path: Path, moto: MotoS3, peft_dirs) -> None:
+    """`loraplex serve --s3-store` as a process: it starts on the bucket, stores uploads there, serves them."""
+    options = moto.new_bucket()
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--store", str(tmp_path / "s"),
+            "--s3-store", str(options.location), "--s3-endpoint-url", moto.endpoint, "--s3-region", "us-east-1"]
+    with spawn_server(args, env=CREDENTIALS, startup_timeout=120) as (_, url), httpx.Client(base_url=url,
+                                                                                          timeout=60) as c:
+        assert upload(c, "cli", peft_dirs["x"]).status_code == 201
+        assert text(c, "cli")
+    listed = moto.client().list_objects_v2(Bucket=options.location.bucket)["Contents"]
+    assert f"{options.location.key('default', 'cli')}/pointer.json" in [o["Key"] for o in listed]
