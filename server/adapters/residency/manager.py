@@ -20,7 +20,6 @@ Threads and who calls what:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -75,10 +74,8 @@ class AdapterManager:
     # -- event loop side -----------------------------------------------------
     async def prepare(self, tenant: str, adapter_id: str) -> AdapterKey:
         """Newest version of the adapter, loaded and validated in host memory (NotFound / AdapterError)."""
-        if inspect.iscoroutinefunction(self.store.resolve):
-            ref = await self.store.resolve(tenant, adapter_id)
-        else:  # a directory listing: keep it off the event loop too
-            ref = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
+        # A directory listing or a GET of the bucket's pointer: either way off the event loop.
+        ref = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
         key = ref.key
         with self._lock:
             self._refs[key] = ref
