@@ -117,6 +117,25 @@ def test_an_upload_through_one_server_is_served_by_the_other_at_once(store: S3Ad
     assert upload(other, "acme", "a1", b"v3") == 3, "the other server numbers after the shared pointer"
 
 
+def test_a_number_claimed_by_another_publisher_is_skipped(moto: MotoS3, options: S3Options,
+                                                          store: S3AdapterStore, other: S3AdapterStore) -> None:
+    """Another server's publish in flight holds v2 (its record object exists, its pointer swap is to come)."""
+    upload(store, "acme", "a1", b"one")
+    claim = f"{options.location.key('acme', 'a1')}/v000002/loraplex_record.json"
+    moto.client().put_object(Bucket=options.location.bucket, Key=claim, Body=b"{}")
+    assert upload(store, "acme", "a1", b"three") == 3
+    assert (other.resolve("acme", "a1").path / WEIGHTS_NAME).read_bytes() == b"three"
+
+
+def test_a_stale_pointer_swap_loses(store: S3AdapterStore, other: S3AdapterStore) -> None:
+    """The commit is a compare-and-swap: a publisher whose pointer read is stale never moves it back."""
+    upload(store, "acme", "a1", b"one")
+    stale, etag = store._read_pointer("acme", "a1")
+    upload(other, "acme", "a1", b"two")
+    assert not store._swap("acme", "a1", stale, etag)
+    assert store.resolve("acme", "a1").key.version == 2
+
+
 def test_superseded_and_deleted_versions_leave_the_bucket(moto: MotoS3, options: S3Options,
                                                           store: S3AdapterStore) -> None:
     upload(store, "acme", "a1", b"one")
