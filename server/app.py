@@ -15,7 +15,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI
@@ -26,7 +26,8 @@ from server.adapters.residency.manager import AdapterManager
 from server.adapters.residency.sizing import SlotPlan, bytes_per_slot_rank, plan_slots
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
-from server.adapters.store.store import AdapterStore, open_store
+from server.adapters.store.protocol import AdapterStorage
+from server.adapters.store.store import open_store
 from server.api.auth import install_auth
 from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.keys import ApiKeys
@@ -48,6 +49,9 @@ from server.model.load import BaseModel, load_base
 from server.api.services import Services
 from server.settings import Settings
 from server.training.service import TrainingService
+
+if TYPE_CHECKING:
+    from server.adapters.store.object_store import S3Options
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ def build_services(settings: Settings, base: BaseModel | None = None, quotas: Te
     slots = slot_plan(settings, base)
     log.info(slots.describe())
     limits = AdapterLimits.from_settings(settings, resident=slots.slots)
-    store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
+    store = open_adapter_store(settings, base, limits)
     try:
         return _build_on(store, settings, base, limits, quotas or TenantQuotas())
     except BaseException:
@@ -108,7 +112,25 @@ def build_services(settings: Settings, base: BaseModel | None = None, quotas: Te
         raise
 
 
-def _build_on(store: AdapterStore, settings: Settings, base: BaseModel, limits: AdapterLimits,
+def open_adapter_store(settings: Settings, base: BaseModel, limits: AdapterLimits) -> AdapterStorage:
+    """The local directory (StoreInUse: another server has it), or the shared bucket (StoreUnavailable:
+    it does not answer), whose downloads this server caches under `settings.store`."""
+    if settings.s3_store is None:
+        return open_store(settings.store, base, limits)
+    from server.adapters.store.s3_store import open_s3_store  # boto3: the optional `s3` extra
+
+    return open_s3_store(s3_options(settings), settings.store, settings.s3_cache_bytes)
+
+
+def s3_options(settings: Settings) -> S3Options:
+    """The bucket settings as the S3 store takes them (with settings.s3_store set)."""
+    from server.adapters.store.object_store import S3Location, S3Options
+
+    return S3Options(S3Location.parse(settings.s3_store or ""), settings.s3_endpoint_url, settings.s3_region,
+                     settings.s3_timeout_s, settings.s3_max_attempts)
+
+
+def _build_on(store: AdapterStorage, settings: Settings, base: BaseModel, limits: AdapterLimits,
               quotas: TenantQuotas) -> Services:
     metrics = Metrics(settings.metrics_max_adapter_series)
     loop = EngineLoop()

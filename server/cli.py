@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                            argument_default=argparse.SUPPRESS)
     serve.add_argument("--model", help="local HF model dir or hub id (default: embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--store", help="adapter and job store directory (default ./adapters_store)")
+    serve.add_argument("--s3-store", dest="s3_store", metavar="s3://BUCKET[/PREFIX]",
+                       help="keep adapters in this S3-compatible bucket, shared by every server pointed at it")
+    serve.add_argument("--s3-endpoint-url", dest="s3_endpoint_url", help="S3-compatible endpoint (default AWS)")
+    serve.add_argument("--s3-region", dest="s3_region", help="bucket region (default: the AWS config chain's)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -130,9 +134,29 @@ def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 1
     try:
+        if settings.s3_store is not None and not _bucket_answers(settings):
+            return 1
         return _serve_locked(settings, keys)
     finally:
         release_store()
+
+
+def _bucket_answers(settings: Settings) -> bool:
+    """Before the model loads: a bucket that does not answer is refused in one line, not a traceback."""
+    try:
+        from server.adapters.store.object_store import ObjectStore
+    except ImportError as exc:
+        print(f"loraplex serve: --s3-store needs the s3 extra (pip install 'loraplex[s3]'): {exc}", file=sys.stderr)
+        return False
+    from server.app import s3_options
+    from server.errors import StoreUnavailable
+
+    try:
+        ObjectStore(s3_options(settings)).check()
+    except StoreUnavailable as exc:
+        print(f"loraplex serve: {exc.message}", file=sys.stderr)
+        return False
+    return True
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
@@ -143,7 +167,8 @@ def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
     logging.getLogger("loraplex").info(
         "serving model=%s device=%s dtype=%s quantize=%s host=%s port=%d max_batch=%d max_queue=%d store=%s "
         "auth=%s", settings.model or "<embedded>", settings.device, settings.dtype, settings.quantize, settings.host,
-        settings.port, settings.max_batch, settings.max_queue, settings.store, "api-keys" if settings.api_keys else "off")
+        settings.port, settings.max_batch, settings.max_queue, settings.s3_store or settings.store,
+        "api-keys" if settings.api_keys else "off")
     app = create_app(settings, keys=keys)
     app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware

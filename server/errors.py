@@ -82,6 +82,16 @@ class Unavailable(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class StoreUnavailable(ApiError):
+    """The shared adapter store (an S3 bucket) could not be reached or gave bytes that fail their checksum:
+    not the client's fault, and retrying later may work. Never names the bucket or the cause to clients."""
+    status = 503
+    type = "store_unavailable"
+
+    def __init__(self, message: str = "the adapter store is unreachable; retry later", retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class InsufficientStorage(ApiError):
     """The server's disk is full (ENOSPC / EDQUOT): not the client's fault, and retrying later may work."""
     status = 507

@@ -33,7 +33,19 @@ class Settings(BaseSettings):
 
     # --- process -----------------------------------------------------------
     model: str | None = Field(None, description="Local HF model dir or hub id; None = embedded SmolLM2-135M-Instruct")
-    store: Path = Field(Path("adapters_store"), description="Adapters and job records live here")
+    store: Path = Field(Path("adapters_store"), description="Adapters and job records live here (with "
+                        "s3_store: only job records and this server's cache of downloaded adapters)")
+    s3_store: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                                 description="s3://bucket[/prefix]: adapters live in this S3-compatible bucket, "
+                                 "shared by every server pointed at it; credentials from the standard AWS chain "
+                                 "(AWS_ACCESS_KEY_ID..., ~/.aws, instance role)")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2...); None = AWS")
+    s3_region: str | None = Field(None, description="Bucket region; None = the AWS chain's (AWS_REGION...)")
+    s3_cache_bytes: int = Field(4 * 1024 * MiB, ge=MiB, description="Local disk cache of downloaded adapter "
+                                "versions (under store/.s3cache), least recently used evicted past this")
+    s3_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of one call to the bucket")
+    s3_max_attempts: int = Field(2, ge=1, le=10, description="Attempts per call to the bucket before its request "
+                                 "fails with 503 store_unavailable")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"

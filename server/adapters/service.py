@@ -21,7 +21,8 @@ from server.adapters.residency.manager import AdapterManager
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.merge.recipes import Recipe, read_member, write_recipe
 from server.adapters.peft.peft_format import read_adapter
-from server.adapters.store.store import AdapterStore, StoredVersion
+from server.adapters.store.protocol import AdapterStorage
+from server.adapters.store.store import StoredVersion
 from server.adapters.types import AdapterKey
 from server.errors import AdapterError, ApiError, Conflict
 from server.model.load import BaseModel
@@ -41,7 +42,7 @@ def summarize(loaded: LoadedAdapter) -> dict[str, Any]:
 
 
 class AdapterService:
-    def __init__(self, base: BaseModel, store: AdapterStore, limits: AdapterLimits,
+    def __init__(self, base: BaseModel, store: AdapterStorage, limits: AdapterLimits,
                  manager: AdapterManager | None = None, merge: MergeRegistry | None = None,
                  queue: RequestQueue | None = None, keep_uploads: bool = False) -> None:
         """`manager`, `merge`, `queue`: the serving side; None when only files are produced (the

@@ -101,7 +101,8 @@ def _error(description: str) -> dict[str, Any]:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": _error("Client error: {'error': {'type', 'message'}} (OpenAI routes add 'param' and 'code')"),
     429: _error("Queue full; retry after the Retry-After header"),
-    503: _error("Not accepting requests (starting, draining, or the engine stopped); see Retry-After"),
+    503: _error("Not accepting requests (starting, draining, or the engine stopped), or the shared adapter "
+                "store is unreachable (type store_unavailable); see Retry-After"),
 }
 
 # With stream: true. One `data: <json>` line per event, then `data: [DONE]`; the events differ per route,

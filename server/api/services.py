@@ -17,7 +17,7 @@ from fastapi import Request
 from server.adapters.residency.manager import AdapterManager
 from server.adapters.merge.merge import MergeRegistry
 from server.adapters.service import AdapterService
-from server.adapters.store.store import AdapterStore
+from server.adapters.store.protocol import AdapterStorage
 from server.api.prompts import PromptEncoder
 from server.api.rate_limit import TenantLimiter
 from server.engine.engine import Engine
@@ -39,7 +39,7 @@ class Services:
     metrics: Metrics
     prompts: PromptEncoder  # bounded tokenization
     grammars: GrammarCompiler  # structured output
-    store: AdapterStore
+    store: AdapterStorage
     adapters: AdapterManager  # host and device tiers of adapters
     merge: MergeRegistry  # merged copies for dedicated adapters
     adapter_service: AdapterService  # publish / delete: uploads, trained outputs

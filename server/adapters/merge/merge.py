@@ -32,14 +32,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from server.adapters.runtime.inject import AdapterLayers
 from server.adapters.limits import AdapterLimits
 from server.adapters.merge.merged_copy import MergedCopy, build_merged_copy, install, uninstall
 from server.adapters.peft.peft_format import read_adapter
-from server.adapters.store.store import AdapterStore
+from server.adapters.store.protocol import AdapterStorage
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError, ApiError, Conflict, NotFound, Unavailable
 from server.metrics import Metrics, NullMetrics
@@ -77,7 +76,7 @@ class StepLoop(Protocol):
 
 
 class MergeRegistry:
-    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStore, limits: AdapterLimits,
+    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStorage, limits: AdapterLimits,
                  metrics: Metrics | None = None, loop: StepLoop | None = None) -> None:
         """`loop`: the engine loop that runs `between_steps`; None = it runs inline (no engine)."""
         self.base, self.layers, self.store, self.limits = base, layers, store, limits
@@ -175,7 +174,7 @@ class MergeRegistry:
         On a quantized base none is rebuilt and the markers stay: a restart on the plain base restores them."""
         for tenant in self.store.tenants():
             for adapter_id in self.store.adapter_ids(tenant):
-                if not (self.store.adapter_dir(tenant, adapter_id) / MARKER).is_file():
+                if not self.store.has_marker(tenant, adapter_id, MARKER):
                     continue
                 if self.base.quantize != "none":
                     log.warning("not re-merging %s/%s: the base is quantized (%s), adapters are served unmerged",
@@ -349,11 +348,7 @@ class MergeRegistry:
     def _mark(self, pair: Pair, dedicated: bool) -> None:
         """The `.merged` marker that makes a dedication survive a restart (best effort)."""
         with contextlib.suppress(OSError, ApiError):
-            path: Path = self.store.adapter_dir(*pair) / MARKER
-            if dedicated and path.parent.is_dir():
-                path.touch()
-            elif not dedicated:
-                path.unlink(missing_ok=True)
+            self.store.set_marker(*pair, MARKER, dedicated)
 
     def _set_gauges(self) -> None:
         self.metrics.merged_copies.set(len(self._copies))

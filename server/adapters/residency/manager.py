@@ -26,7 +26,6 @@ Threads and who calls what:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -46,7 +45,7 @@ from server.adapters.merge.merge import MergeRegistry
 from server.adapters.weights.loaded import LoadedAdapter
 from server.adapters.weights.mix import MixMember, check_members, mix_adapters
 from server.adapters.peft.peft_format import read_adapter
-from server.adapters.store.store import AdapterStore
+from server.adapters.store.protocol import AdapterStorage
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import AdapterError
 from server.metrics import Metrics, NullMetrics
@@ -60,7 +59,7 @@ MIX_RECIPES_PER_HOST_ENTRY = 8  # recipes remembered per host-tier entry (a reci
 
 
 class AdapterManager:
-    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStore, limits: AdapterLimits,
+    def __init__(self, base: BaseModel, layers: AdapterLayers, store: AdapterStorage, limits: AdapterLimits,
                  metrics: Metrics | None = None, merge: MergeRegistry | None = None, loader: Loader = read_adapter,
                  load_workers: int = 2) -> None:
         self.base, self.layers, self.store, self.limits = base, layers, store, limits
@@ -88,10 +87,8 @@ class AdapterManager:
     # -- event loop side -----------------------------------------------------
     async def prepare(self, tenant: str, adapter_id: str) -> AdapterKey:
         """Newest version of the adapter, loaded and validated in host memory (NotFound / AdapterError)."""
-        if inspect.iscoroutinefunction(self.store.resolve):
-            ref = await self.store.resolve(tenant, adapter_id)
-        else:  # a directory listing: keep it off the event loop too
-            ref = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
+        # A directory listing or a GET of the bucket's pointer: either way off the event loop.
+        ref = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
         key = ref.key
         with self._lock:
             self._refs[key] = ref

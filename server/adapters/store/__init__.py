@@ -1,1 +1,1 @@
-"""Adapter storage on disk: versioned records, the publish lock, atomic file writes."""
+"""Adapter storage: versioned records published atomically, in a local directory or a shared S3 bucket."""

@@ -55,6 +55,7 @@ DELETED_NAME = ".deleted_through"
 TMP_DIR = ".tmp"
 TRASH_DIR = ".trash"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
+MARKER_RE = re.compile(r"^\.[a-z]{1,32}$")
 
 _LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -71,6 +72,13 @@ def names_as_422() -> Iterator[None]:
         yield
     except InvalidName as e:
         raise InvalidRequest(str(e)) from None
+
+
+def check_marker(name: str) -> str:
+    """A marker is a short dot name: never a version, a pointer or a path."""
+    if not MARKER_RE.fullmatch(name):
+        raise ValueError(f"not a marker name: {name!r}")
+    return name
 
 
 def not_found(adapter_id: str) -> NotFound:
@@ -206,6 +214,17 @@ class AdapterStore:
             with contextlib.suppress(Exception):
                 return self.describe(path)
         return summary_from_config(path / CONFIG_NAME)
+
+    def has_marker(self, tenant: str, adapter_id: str, name: str) -> bool:
+        return (self.adapter_dir(tenant, adapter_id) / check_marker(name)).is_file()
+
+    def set_marker(self, tenant: str, adapter_id: str, name: str, present: bool) -> None:
+        """A marker lives in the adapter's directory, so only an adapter that exists gets one."""
+        path = self.adapter_dir(tenant, adapter_id) / check_marker(name)
+        if present and path.parent.is_dir():
+            path.touch()
+        elif not present:
+            path.unlink(missing_ok=True)
 
     # --------------------------------------------------------------- writing
     @contextlib.contextmanager
