@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -51,10 +51,13 @@ def generation_payload(prompt: str, *, adapter_id: str | None = None, max_new_to
 
     `extra` carries the decoding options by their API names (DECODING_OPTIONS: n, logprobs,
     penalties, logit_bias as {token id: bias}, min_tokens, stop_token_ids, ignore_eos,
-    json_schema / regex / choice); the server refuses a name it does not know.
+    json_schema / regex / choice, and `adapters`: a weighted mix as {adapter id: weight} or the API's
+    [{"id", "weight"}] list, instead of adapter_id); the server refuses a name it does not know.
     """
     if isinstance(extra.get("logit_bias"), dict):
         extra["logit_bias"] = {str(k): v for k, v in extra["logit_bias"].items()}
+    if isinstance(extra.get("adapters"), Mapping):  # a weighted mix given as {adapter id: weight}
+        extra["adapters"] = [{"id": i, "weight": w} for i, w in extra["adapters"].items()]
     body = dict(prompt=prompt, adapter_id=adapter_id, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, stop=stop, **extra)
     return {k: v for k, v in body.items() if v is not None or k == "adapter_id"}

@@ -98,6 +98,19 @@ def test_upload_list_get_generate_delete(client: Client, server_url: str, peft_d
         client.get_adapter("sdk-lora")
 
 
+def test_generate_with_a_weighted_mix(client: Client, peft_dir: Path) -> None:
+    """`adapters` as {id: weight}: a one-member mix at weight 1 is the adapter itself; at 0 it is the base."""
+    client.upload_adapter("sdk-mix", peft_dir)
+    alone = client.generate(PROMPT, adapter_id="sdk-mix", max_new_tokens=8, temperature=0)
+    mixed = client.generate(PROMPT, adapters={"sdk-mix": 1.0}, max_new_tokens=8, temperature=0)
+    muted = client.generate(PROMPT, adapters=[{"id": "sdk-mix", "weight": 0.0}], max_new_tokens=8, temperature=0)
+    assert mixed.text == alone.text
+    assert muted.text == client.generate(PROMPT, max_new_tokens=8, temperature=0).text
+    with pytest.raises(NotFoundError):
+        client.generate(PROMPT, adapters={"sdk-mix": 0.5, "nobody": 0.5}, max_new_tokens=2)
+    client.delete_adapter("sdk-mix")
+
+
 def test_upload_refuses_a_directory_without_safetensors(client: Client, tmp_path: Path, peft_dir: Path) -> None:
     (tmp_path / "adapter_config.json").write_bytes((peft_dir / "adapter_config.json").read_bytes())
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
