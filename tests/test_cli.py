@@ -89,11 +89,10 @@ def test_env_twins_and_flags(varied_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_without_model_loads_the_embedded_default_quickly(embedded_model_dir, tmp_path):
-    """`make serve` equivalent; the GGUF was converted once already, so start-up is fast."""
-    started = time.monotonic()
-    with spawn_server(["--store", str(tmp_path / "store")], startup_timeout=60) as (proc, url):
-        elapsed = time.monotonic() - started
+def test_serve_without_model_loads_the_embedded_default_from_its_cache(embedded_model_dir, tmp_path):
+    """`make serve` equivalent; the GGUF was converted once already (the fixture), so this start reads the
+    safetensors cache and converts nothing (start-up time itself is a bench figure, not a test)."""
+    with spawn_server(["--store", str(tmp_path / "store")], startup_timeout=120) as (proc, url):
         assert httpx.get(f"{url}/ready").json()["model"] == "SmolLM2-135M-Instruct"
         models = httpx.get(f"{url}/v1/models").json()
         assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
@@ -101,7 +100,8 @@ def test_serve_without_model_loads_the_embedded_default_quickly(embedded_model_d
                        json={"model": "SmolLM2-135M-Instruct", "max_tokens": 8, "temperature": 0,
                              "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip()
-    assert elapsed < 10, f"second start took {elapsed:.1f}s"
+        log = read_log(proc)
+    assert "loaded SmolLM2-135M-Instruct" in log and "converting embedded GGUF" not in log, log[-2000:]
 
 
 def test_client_subcommands_are_delegated():
