@@ -124,9 +124,16 @@ class Metrics:
                                              "Tokens served per tenant as fair admission counts them "
                                              "(prompt at admission, generated per decode step)",
                                              ["tenant", "phase"], registry=r)
+        self.tenant_preemptions = Counter("loraplex_tenant_preemptions",
+                                          "Running sequences of the tenant preempted for a tenant below its "
+                                          "share (recomputed later)", ["tenant"], registry=r)
         self.tenant_virtual_tokens = Gauge("loraplex_tenant_virtual_tokens",
                                            "Fair-admission counter: weighted service received (least goes first)",
                                            ["tenant"], registry=r)
+
+    def observe_preemption(self, tenant: str) -> None:
+        """One of the tenant's running sequences was preempted for a tenant below its share (engine thread)."""
+        self.tenant_preemptions.labels(tenant).inc()
 
     def observe_service(self, tenant: str, prompt_tokens: int, generated_tokens: int, counter: float) -> None:
         """Service charged to a tenant by fair admission (engine thread)."""

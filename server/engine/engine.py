@@ -28,6 +28,7 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
+from server.engine.preemption import Preemption
 from server.engine.prefix_cache import PrefixCache
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
@@ -80,9 +81,13 @@ class Engine:
         self.runner = Runner(base, self.cache, runner_options or RunnerOptions(
             cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
+        share = FairShare(shares, settings.fair_scheduling, self.metrics)
+        preemption = None
+        if settings.fair_scheduling and settings.preemption:
+            preemption = Preemption(share.shares, min(settings.max_batch, self.cache.max_batch),
+                                    self._suspend, self._resume)
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
-                                   settings.max_tokens_per_step, self._new_sequence, placement,
-                                   FairShare(shares, settings.fair_scheduling, self.metrics))
+                                   settings.max_tokens_per_step, self._new_sequence, placement, share, preemption)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
@@ -106,6 +111,8 @@ class Engine:
         # Prefix cache, per adapter key (None = base): prompt tokens looked up, and reused from the cache.
         self.prefix_lookup_tokens: Counter[Any] = Counter()
         self.prefix_hit_tokens: Counter[Any] = Counter()
+        self.preemptions: Counter[str] = Counter()  # per tenant: its running sequences preempted
+        self.recomputed_tokens = 0  # tokens preempted sequences prefilled again (prefix-cache hits excluded)
 
     # --- lifecycle (any thread) -----------------------------------------------
     def start(self) -> None:
@@ -142,13 +149,16 @@ class Engine:
         self.loop.wake()
 
     def idle(self) -> bool:
-        return not self.scheduler.running and len(self.waiting) == 0
+        return not self.scheduler.running and not self.scheduler.preempted and len(self.waiting) == 0
 
     def stats(self) -> dict[str, Any]:
         return {
             "alive": self.alive,
             "running": len(self.scheduler.running),
             "waiting": len(self.waiting),
+            "preempted": len(self.scheduler.preempted),
+            "preemptions": sum(self.preemptions.values()),
+            "recomputed_tokens": self.recomputed_tokens,
             "free_kv_rows": self.cache.free_rows,
             "max_batch": self.scheduler.max_batch,
             "steps": self.steps,
@@ -211,6 +221,11 @@ class Engine:
         prefilled = 0
         for s, n in plan.prefill:
             s.prefilled += n
+            if s in plan.refill:  # a resumed sequence recomputing: no new prompt, nothing new to cache
+                self.recomputed_tokens += n
+                if not s.prefilling:
+                    s.resume_ids = None  # decoding goes on from last_token
+                continue
             prefilled += n
             if not s.prefilling:  # before any finish frees the row
                 self._store_prefix(s)
@@ -256,6 +271,7 @@ class Engine:
     def _on_token(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         s.generated += 1
         s.last_token = token
+        s.output.append(token)
         s.unsent.append(token)
         if logprob is not None:
             s.unsent_logprobs.append(logprob)
@@ -306,7 +322,7 @@ class Engine:
             s.request.stream.put(ErrorEvent(error))
 
     def _fail_everything(self, error: Exception) -> None:
-        for s in list(self.scheduler.running):
+        for s in [*self.scheduler.running, *self.scheduler.preempted.values()]:
             self.scheduler.finish(s)
             s.request.stream.put(ErrorEvent(error))
         for request in self.waiting.drain():
@@ -357,6 +373,33 @@ class Engine:
             seq.prefilled = seq.cached = 0
         self.prefix_lookup_tokens[seq.request.adapter_key] += seq.prompt_len
         self.prefix_hit_tokens[seq.request.adapter_key] += seq.cached
+
+    def _suspend(self, seq: Sequence) -> None:
+        """A preemption victim's row is about to be freed: offer what it computed (prompt + output so far) to
+        the prefix cache, so its resume copies most of it back instead of recomputing it."""
+        self.preemptions[seq.request.tenant] += 1
+        self.metrics.observe_preemption(seq.request.tenant)
+        if not self.prefix_cache.enabled:
+            return
+        if seq.prefilling:
+            tokens = (seq.request.prompt_ids if seq.resume_ids is None else seq.resume_ids)[:seq.prefilled]
+        else:
+            tokens = [*seq.request.prompt_ids, *seq.output[:-1]]  # the last one is not fed in yet
+        try:
+            self.prefix_cache.store(_namespace(seq), tokens, seq.row)
+        except Exception:  # noqa: BLE001 - the cache only saves work
+            log.exception("prefix cache store failed")
+
+    def _resume(self, seq: Sequence) -> None:
+        """A preempted sequence got a new row: copy its cached prefix in, rebuild the row's penalty state."""
+        tokens = seq.request.prompt_ids if seq.resume_ids is None else seq.resume_ids
+        if self.prefix_cache.enabled:
+            try:
+                seq.prefilled = self.prefix_cache.load(_namespace(seq), tokens, seq.row)
+            except Exception:  # noqa: BLE001 - the cache only saves work: recompute it all
+                log.exception("prefix cache lookup failed; recomputing the whole sequence")
+                seq.prefilled = 0
+        self.sampler.resume(seq)
 
     def _store_prefix(self, seq: Sequence) -> None:
         """Offer a sequence's freshly prefilled prompt to the cache; a failure there fails no request."""
