@@ -29,7 +29,7 @@ from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.preemption import Preemption
-from server.engine.prefix_cache import PrefixCache
+from server.engine.prefix_cache import PrefixCache, namespace
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
@@ -87,7 +87,8 @@ class Engine:
             preemption = Preemption(share.shares, min(settings.max_batch, self.cache.max_batch),
                                     self._suspend, self._resume)
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
-                                   settings.max_tokens_per_step, self._new_sequence, placement, share, preemption)
+                                   settings.max_tokens_per_step, self._new_sequence, placement, share, preemption,
+                                   self.prefix_cache if self.prefix_cache.enabled else None)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
@@ -420,9 +421,7 @@ class Engine:
 
 
 def _namespace(s: Sequence) -> tuple[Any, bool]:
-    """Whose KV a prompt's blocks are: the adapter key (its version included; None = base), and whether a
-    merged copy of the base computed it (other numerics than adapter math)."""
-    return s.request.adapter_key, s.lane is not None
+    return namespace(s.request.adapter_key, s.lane is not None)
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:

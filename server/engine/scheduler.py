@@ -29,6 +29,7 @@ from server.adapters.runtime.mapping import BASE_SLOT
 from server.engine.fairness import AdmissionPass, FairShare
 from server.engine.kv_cache import KVCache
 from server.engine.preemption import Preemption
+from server.engine.prefix_cache import namespace
 from server.engine.request import Request
 from server.engine.sequence import Sequence
 from server.engine.waiting import WaitingQueue
@@ -52,6 +53,15 @@ class AdapterPlacement(Protocol):
 
     def pin(self, key: Hashable) -> None:
         """Hold `key`'s version for a request that runs in a merged lane (no device slot)."""
+
+
+class PrefixLookup(Protocol):
+    """The prefix cache as admission sees it (server.engine.prefix_cache.PrefixCache)."""
+
+    block_tokens: int
+
+    def cached_tokens(self, namespace: Hashable, prompt: list[int]) -> int:
+        """Tokens of `prompt` a new sequence would copy from the cache now."""
 
 
 @dataclass
@@ -92,7 +102,8 @@ class Removals:
 class Scheduler:
     def __init__(self, cache: KVCache, max_batch: int, waiting: WaitingQueue, token_budget: int,
                  new_sequence: NewSequence, adapters: AdapterPlacement | None = None,
-                 share: FairShare | None = None, preemption: Preemption | None = None) -> None:
+                 share: FairShare | None = None, preemption: Preemption | None = None,
+                 prefix: PrefixLookup | None = None) -> None:
         self.cache = cache
         self.max_batch = min(max_batch, cache.max_batch)
         self.waiting = waiting
@@ -101,6 +112,7 @@ class Scheduler:
         self.adapters = adapters  # None: base model only, an adapter request fails
         self.share = share if share is not None else FairShare()  # admission order and per-tenant caps
         self.preemption = preemption  # None: nothing running is ever preempted
+        self.prefix = prefix  # None: no prefix cache, nothing to wait for
         self.running: list[Sequence] = []
         # Preempted sequences (n = 1 requests), keeping their adapter pin, until they get a row back.
         self.preempted: dict[Request, Sequence] = {}
@@ -154,6 +166,8 @@ class Scheduler:
         admission = self.share.begin([*resumable, *self.waiting.snapshot()], self.running)
         while (request := admission.next()) is not None:
             seq = self.preempted.get(request)
+            if seq is None and self._prefix_in_flight(request):
+                continue  # a prompt with the same prefix is prefilling: start once its blocks are cached
             need = 1 if seq is not None else request.params.n  # n sequences: n KV rows, admitted together
             victims = self._victims(request.tenant, need)
             if victims is None:
@@ -185,6 +199,32 @@ class Scheduler:
             first.forks = others
             self.running.extend([first, *others])
             admission.admitted(request, computed=first.prompt_len - first.cached)
+
+    def _prefix_in_flight(self, request: Request) -> bool:
+        """Whether a running sequence still prefilling a prompt of the same namespace will cache more of
+        `request`'s prompt than the cache holds now (identical prompts admitted together would all miss)."""
+        if self.prefix is None:
+            return False
+        b = self.prefix.block_tokens
+        prompt = request.prompt_ids
+        usable = (len(prompt) - 1) // b * b  # what a cache hit can cover: the last token is always computed
+        key = request.adapter_key
+        lane = self.adapters.lane_of(key) if key is not None and self.adapters is not None else None
+        ns = namespace(key, lane is not None)
+        cached: int | None = None
+        for s in self.running:
+            first_fill = s.prefilling and s.resume_ids is None
+            if not first_fill or namespace(s.request.adapter_key, s.lane is not None) != ns:
+                continue
+            other = s.request.prompt_ids
+            limit, shared = min(usable, len(other) // b * b), 0
+            while shared < limit and prompt[shared:shared + b] == other[shared:shared + b]:
+                shared += b
+            if shared:
+                cached = self.prefix.cached_tokens(ns, prompt) if cached is None else cached
+                if shared > cached:
+                    return True
+        return False
 
     def _victims(self, tenant: str, need: int) -> list[Sequence] | None:
         """What must be preempted for `need` more rows: [] when they are free, None when they cannot be had."""
