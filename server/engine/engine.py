@@ -29,10 +29,11 @@ from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.preemption import Preemption
-from server.engine.prefix_cache import PrefixCache, namespace
+from server.engine.prefix_cache import PrefixCache
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
+from server.engine.row_prefix import RowPrefix
 from server.engine.runner import Runner, RunnerOptions
 from server.engine.scheduler import AdapterPlacement, Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
@@ -78,6 +79,7 @@ class Engine:
             log.info("prefix cache: %d blocks of %d tokens, %.1f MiB of KV reserved",
                      self.prefix_cache.num_blocks, self.prefix_cache.block_tokens,
                      self.prefix_cache.reserved_bytes() / 2**20)
+        self.rows = RowPrefix(self.prefix_cache)
         self.runner = Runner(base, self.cache, runner_options or RunnerOptions(
             cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
@@ -110,8 +112,8 @@ class Engine:
         self.adapter_tokens_by_key: Counter[Any] = Counter()
         self.merged_tokens_by_key: Counter[Any] = Counter()
         # Prefix cache, per adapter key (None = base): prompt tokens looked up, and reused from the cache.
-        self.prefix_lookup_tokens: Counter[Any] = Counter()
-        self.prefix_hit_tokens: Counter[Any] = Counter()
+        self.prefix_lookup_tokens = self.rows.lookup_tokens
+        self.prefix_hit_tokens = self.rows.hit_tokens
         self.preemptions: Counter[str] = Counter()  # per tenant: its running sequences preempted
         self.recomputed_tokens = 0  # tokens preempted sequences prefilled again (prefix-cache hits excluded)
 
@@ -229,7 +231,7 @@ class Engine:
                 continue
             prefilled += n
             if not s.prefilling:  # before any finish frees the row
-                self._store_prefix(s)
+                self.rows.prefilled(s)
         self.prompt_tokens += prefilled
         self.metrics.prompt_tokens.inc(prefilled)  # before any finish event goes out
         self.metrics.generated_tokens.inc(len(tokens))
@@ -360,54 +362,21 @@ class Engine:
         matcher = params.grammar.matcher() if params.grammar is not None else None
         seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
                        index=index, matcher=matcher)
-        if index == 0 and self.prefix_cache.enabled:  # the other n - 1 take a copy of this row (_fork)
-            self._load_prefix(seq)
+        if index == 0 and self.rows.enabled:  # the other n - 1 take a copy of this row (_fork)
+            self.rows.admit(seq)
         self.sampler.start(seq)
         return seq
 
-    def _load_prefix(self, seq: Sequence) -> None:
-        """Start the new sequence's prefill after its longest cached prefix (a cache failure: from 0)."""
-        try:
-            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), seq.request.prompt_ids, seq.row)
-        except Exception:  # noqa: BLE001 - the cache only saves work: prefill the whole prompt instead
-            log.exception("prefix cache lookup failed; prefilling the whole prompt")
-            seq.prefilled = seq.cached = 0
-        self.prefix_lookup_tokens[seq.request.adapter_key] += seq.prompt_len
-        self.prefix_hit_tokens[seq.request.adapter_key] += seq.cached
-
     def _suspend(self, seq: Sequence) -> None:
-        """A preemption victim's row is about to be freed: offer what it computed (prompt + output so far) to
-        the prefix cache, so its resume copies most of it back instead of recomputing it."""
+        """A preemption victim's row is about to be freed (server/engine/preemption.py)."""
         self.preemptions[seq.request.tenant] += 1
         self.metrics.observe_preemption(seq.request.tenant)
-        if not self.prefix_cache.enabled:
-            return
-        if seq.prefilling:
-            tokens = (seq.request.prompt_ids if seq.resume_ids is None else seq.resume_ids)[:seq.prefilled]
-        else:
-            tokens = [*seq.request.prompt_ids, *seq.output[:-1]]  # the last one is not fed in yet
-        try:
-            self.prefix_cache.store(_namespace(seq), tokens, seq.row)
-        except Exception:  # noqa: BLE001 - the cache only saves work
-            log.exception("prefix cache store failed")
+        self.rows.suspend(seq)
 
     def _resume(self, seq: Sequence) -> None:
-        """A preempted sequence got a new row: copy its cached prefix in, rebuild the row's penalty state."""
-        tokens = seq.request.prompt_ids if seq.resume_ids is None else seq.resume_ids
-        if self.prefix_cache.enabled:
-            try:
-                seq.prefilled = self.prefix_cache.load(_namespace(seq), tokens, seq.row)
-            except Exception:  # noqa: BLE001 - the cache only saves work: recompute it all
-                log.exception("prefix cache lookup failed; recomputing the whole sequence")
-                seq.prefilled = 0
+        """A preempted sequence got a new row: its cached prefix copied in, the row's penalty state rebuilt."""
+        self.rows.resume(seq)
         self.sampler.resume(seq)
-
-    def _store_prefix(self, seq: Sequence) -> None:
-        """Offer a sequence's freshly prefilled prompt to the cache; a failure there fails no request."""
-        try:
-            self.prefix_cache.store(_namespace(seq), seq.request.prompt_ids, seq.row)
-        except Exception:  # noqa: BLE001 - the cache only saves work
-            log.exception("prefix cache store failed")
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics
@@ -418,10 +387,6 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.scheduler.running))
-
-
-def _namespace(s: Sequence) -> tuple[Any, bool]:
-    return namespace(s.request.adapter_key, s.lane is not None)
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:
