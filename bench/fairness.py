@@ -59,6 +59,7 @@ class FloodResult:
     loaded_ttft_s: list[float]
     heavy_ok: int
     heavy_s: float  # A's burst, first send to last answer
+    heavy_texts: int = 0  # distinct texts among A's answers (identical greedy requests: 1, preempted or not)
 
     @property
     def ratio(self) -> float:
@@ -93,10 +94,11 @@ async def run_flood(base_url: str, flood: Flood = Flood()) -> FloodResult:
             started = time.perf_counter()
             burst = [asyncio.create_task(_heavy_one(heavy, flood.heavy_tokens)) for _ in range(flood.heavy_requests)]
             loaded = await _spaced_probes(light, probe, flood)
-            statuses = await asyncio.gather(*burst)
+            answers = await asyncio.gather(*burst)
             heavy_s = time.perf_counter() - started
             idle += await _probes(light, probe, flood.light_requests)  # idle on both sides of the flood: drift
-            return FloodResult(idle, loaded, sum(s == 200 for s in statuses), heavy_s)
+            texts = {text for status, text in answers if status == 200}
+            return FloodResult(idle, loaded, sum(s == 200 for s, _ in answers), heavy_s, len(texts))
 
 
 async def _spaced_probes(client: httpx.AsyncClient, probe: GenRequest, flood: Flood) -> list[float]:
@@ -122,9 +124,10 @@ async def _probes(client: httpx.AsyncClient, probe: GenRequest, count: int) -> l
     return [r.ttft_s for r in results]
 
 
-async def _heavy_one(client: httpx.AsyncClient, tokens: int) -> int:
+async def _heavy_one(client: httpx.AsyncClient, tokens: int) -> tuple[int, str]:
     body = {"prompt": HEAVY_PROMPT, "max_new_tokens": tokens, "ignore_eos": True}
-    return (await client.post("/generate", json=body)).status_code
+    response = await client.post("/generate", json=body)
+    return response.status_code, response.json().get("text", "") if response.status_code == 200 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,9 @@ Each step the scheduler (1) drops cancelled requests, (2) admits waiting
 requests while KV rows and batch room remain — a request whose adapter is not
 ready yet keeps waiting without blocking those behind it; the order is the
 tenants' fair share (server/engine/fairness.py), and a tenant below its share
-may preempt a running sequence of one above it (server/engine/preemption.py) —
-and (3) plans one
+may preempt a running sequence of one above it (server/engine/preemption.py),
+and a short prefill admitted that way runs in a step of its own, so its first
+token does not wait behind a full batch's decode — and (3) plans one
 step: one decode token for every running sequence of the chosen lane, plus
 prefill chunks that fit the token budget, so a long prompt is prefilled over
 several steps instead of stalling everyone's decoding.
@@ -120,9 +121,12 @@ class Scheduler:
 
     def schedule(self, removals: Removals) -> StepPlan | None:
         self._reap(removals)
-        self._admit(removals)
+        urgent = self._admit(removals)
         if not self.running:
             return None
+        if urgent:  # a starved tenant's first token does not wait behind a full batch's decode step
+            lane = urgent[0].lane
+            return StepPlan(lane, [], [(s, s.fill_len - s.prefilled) for s in urgent if s.lane == lane])
         lane = self._pick_lane()
         members = [s for s in self.running if s.lane == lane]
         decode = sorted((s for s in members if not s.prefilling and not s.awaiting_fork), key=lambda s: s.row)
@@ -161,7 +165,9 @@ class Scheduler:
             removals.cancelled.append(seq)
         removals.cancelled.extend(self.waiting.take_cancelled())
 
-    def _admit(self, removals: Removals) -> None:
+    def _admit(self, removals: Removals) -> list[Sequence]:
+        """Admit what fits; the new sequences that got their rows by preemption (their short prefills)."""
+        urgent: list[Sequence] = []
         resumable = sorted(self.preempted, key=lambda r: r.arrival)  # each at the head of its tenant's queue
         admission = self.share.begin([*resumable, *self.waiting.snapshot()], self.running)
         while (request := admission.next()) is not None:
@@ -172,7 +178,7 @@ class Scheduler:
             victims = self._victims(request.tenant, need)
             if victims is None:
                 if self.preemption is None:
-                    return
+                    return urgent
                 admission.skip(request.tenant)  # no room for it now; a tenant below its share may still preempt
                 continue
             if seq is not None:
@@ -199,6 +205,9 @@ class Scheduler:
             first.forks = others
             self.running.extend([first, *others])
             admission.admitted(request, computed=first.prompt_len - first.cached)
+            if victims and first.fill_len - first.prefilled <= self.token_budget // 4:
+                urgent.append(first)
+        return urgent
 
     def _prefix_in_flight(self, request: Request) -> bool:
         """Whether a running sequence still prefilling a prompt of the same namespace will cache more of

@@ -73,14 +73,16 @@ def test_an_under_share_tenant_preempts_the_youngest_of_the_one_over_share(loop)
     decode(sched, 3)
     light = request(loop, "b")
     sched.waiting.push(light)
-    sched.schedule(Removals())
+    plan = sched.schedule(Removals())
     assert [s.request for s in sched.running] == [*heavy[:3], light]
+    assert plan is not None and not plan.decode and plan.prefill == [(sched.running[-1], 4)]  # a step of its own
     (victim,) = sched.preempted.values()
     assert victim.request is heavy[3] and calls == ["suspend 3"]  # the youngest running one
     assert victim.resume_ids == [1, 2, 3, 4, 101, 102] and victim.prefilled == 0 and victim.preemptions == 1
     assert victim.generated == 3 and victim.last_token == 103  # decoding resumes from the unfed token
-    sched.schedule(Removals())
+    plan = sched.schedule(Removals())
     assert len(sched.preempted) == 1  # a is over its share: its waiting requests never preempt
+    assert plan is not None and len(plan.decode) == 3  # the others decode again from the next step
 
     sched.finish(sched.running[-1])  # b's request ends: a's preempted one goes before a's waiting ones
     plan = sched.schedule(Removals())
