@@ -181,7 +181,7 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self.loop.woken.clear()
-                self.loop.run_hooks(s.lane for s in self.scheduler.running)
+                self.loop.run_hooks(self.scheduler.lanes_in_use())
                 served = self._serve_step()
                 trained = self._background_step(busy=served)
                 if not served and not trained:

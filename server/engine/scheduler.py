@@ -143,6 +143,10 @@ class Scheduler:
         refill = {s: s.resume_ids for s, _ in prefill if s.resume_ids is not None}
         return StepPlan(lane, decode, prefill, refill)
 
+    def lanes_in_use(self) -> set[int | None]:
+        """Lanes whose weights must not change: those of running and of preempted sequences (they resume there)."""
+        return {s.lane for s in (*self.running, *self.preempted.values())}
+
     def finish(self, seq: Sequence) -> None:
         """Free the sequence's KV row (if it holds one) and adapter pin (idempotent)."""
         if seq in self.running:

@@ -135,6 +135,19 @@ def test_without_preemption_a_full_batch_makes_every_tenant_wait(loop) -> None:
     assert [s.request.tenant for s in sched.running] == ["a", "a"] and not sched.preempted and not calls
 
 
+def test_a_preempted_sequence_keeps_its_lane_in_use(loop) -> None:
+    """A merged copy's weights may change only when no sequence runs on its lane; a preempted one resumes there."""
+    sched, _ = scheduler(2)
+    sched.waiting.push(request(loop, "a"))
+    sched.waiting.push(request(loop, "a"))
+    sched.schedule(Removals())
+    sched.running[1].lane = 3  # the youngest runs on a merged copy
+    decode(sched, 1)
+    sched.waiting.push(request(loop, "b"))
+    sched.schedule(Removals())
+    assert [s.lane for s in sched.preempted.values()] == [3] and sched.lanes_in_use() == {None, 3}
+
+
 def test_a_cancelled_preempted_sequence_is_reaped(loop) -> None:
     sched, _ = scheduler(2)
     sched.waiting.push(request(loop, "a"))
