@@ -221,13 +221,15 @@ class Scheduler:
         b = self.prefix.block_tokens
         prompt = request.prompt_ids
         usable = (len(prompt) - 1) // b * b  # what a cache hit can cover: the last token is always computed
+        filling = [s for s in self.running if s.prefilling and s.resume_ids is None and not s.awaiting_fork]
+        if not usable or not filling:
+            return False
         key = request.adapter_key
         lane = self.adapters.lane_of(key) if key is not None and self.adapters is not None else None
         ns = namespace(key, lane is not None)
         cached: int | None = None
-        for s in self.running:
-            first_fill = s.prefilling and s.resume_ids is None
-            if not first_fill or namespace(s.request.adapter_key, s.lane is not None) != ns:
+        for s in filling:
+            if namespace(s.request.adapter_key, s.lane is not None) != ns:
                 continue
             other = s.request.prompt_ids
             limit, shared = min(usable, len(other) // b * b), 0
