@@ -36,6 +36,7 @@ from bench.load import GenRequest, percentile, stream_one
 from bench.process import spawn
 
 HEAVY_KEY = "heavy-key-0001"
+ADMIN_KEY = "admin-key-0001"  # reads the server's metrics (sends no traffic)
 LIGHT_KEY = "light-key-0001"
 HEAVY_PROMPT = "Tell me a long story about the sea and the ships that sail on it."
 LIGHT_PROMPT = "Hi!"
@@ -76,8 +77,8 @@ class FloodResult:
 def keys_file(path: Path, heavy_cap: int | None = None) -> Path:
     """The two tenants' keys; A's running sequences capped at `heavy_cap` when given."""
     tenants = {"heavy": {"max_concurrent": heavy_cap}} if heavy_cap is not None else {}
-    path.write_text(json.dumps({"keys": {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}},
-                                "tenants": tenants}))
+    keys = {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}, ADMIN_KEY: {"tenant": "ops", "admin": True}}
+    path.write_text(json.dumps({"keys": keys, "tenants": tenants}))
     path.chmod(0o600)
     return path
 
@@ -162,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def preemptions(base_url: str) -> int:
-    """How many of A's running sequences the server preempted (its own metrics view)."""
-    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {HEAVY_KEY}"}, timeout=30).text
+    """How many of A's running sequences the server preempted (an admin's metrics view: tenants do not see it)."""
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).text
     found = re.search(r'^loraplex_tenant_preemptions_total\{tenant="heavy"\} (\S+)$', text, re.M)
     return int(float(found.group(1))) if found else 0
 
