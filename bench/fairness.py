@@ -4,15 +4,16 @@ Tenant A ("heavy") sends `heavy_requests` long requests at once; while they are
 queued and running, tenant B ("light") sends `light_requests` short ones at
 fixed intervals. B's TTFT is measured idle (before and after the flood) and
 under it. Run
-with fair admission on and off, and with A's running share capped
-(`max_concurrent`) or not:
+with fair admission off, on without preemption and on with it, and with A's
+running share capped (`max_concurrent`) or not:
 
-    python -m bench.fairness [--model DIR] [--max-batch 8] [--heavy 40] [--heavy-tokens 64]
+    python -m bench.fairness [--quick] [--model DIR] [--max-batch 8] [--heavy 40] [--heavy-tokens 64]
 
-Fair off, uncapped: B queues behind every A request (FIFO). Fair on: B takes the
-next row that frees (it has the least service), so it waits for one A request
-to end, not for all of them. With A capped below the batch, B finds a free row
-at once, whatever the order.
+Fair off, uncapped: B queues behind every A request (FIFO). Fair on without
+preemption: B takes the next row that frees (it has the least service), so it
+waits for one A request to end, not for all of them. With preemption: B, below
+its share of the rows, preempts A's youngest running sequence and starts at
+once. With A capped below the batch, B finds a free row at once, whatever the order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from bench.load import GenRequest, percentile, stream_one
 from bench.process import spawn
 
 HEAVY_KEY = "heavy-key-0001"
+ADMIN_KEY = "admin-key-0001"  # reads the server's metrics (sends no traffic)
 LIGHT_KEY = "light-key-0001"
 HEAVY_PROMPT = "Tell me a long story about the sea and the ships that sail on it."
 LIGHT_PROMPT = "Hi!"
@@ -57,6 +60,7 @@ class FloodResult:
     loaded_ttft_s: list[float]
     heavy_ok: int
     heavy_s: float  # A's burst, first send to last answer
+    heavy_texts: int = 0  # distinct texts among A's answers (identical greedy requests: 1, preempted or not)
 
     @property
     def ratio(self) -> float:
@@ -73,8 +77,8 @@ class FloodResult:
 def keys_file(path: Path, heavy_cap: int | None = None) -> Path:
     """The two tenants' keys; A's running sequences capped at `heavy_cap` when given."""
     tenants = {"heavy": {"max_concurrent": heavy_cap}} if heavy_cap is not None else {}
-    path.write_text(json.dumps({"keys": {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}},
-                                "tenants": tenants}))
+    keys = {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}, ADMIN_KEY: {"tenant": "ops", "admin": True}}
+    path.write_text(json.dumps({"keys": keys, "tenants": tenants}))
     path.chmod(0o600)
     return path
 
@@ -91,10 +95,11 @@ async def run_flood(base_url: str, flood: Flood = Flood()) -> FloodResult:
             started = time.perf_counter()
             burst = [asyncio.create_task(_heavy_one(heavy, flood.heavy_tokens)) for _ in range(flood.heavy_requests)]
             loaded = await _spaced_probes(light, probe, flood)
-            statuses = await asyncio.gather(*burst)
+            answers = await asyncio.gather(*burst)
             heavy_s = time.perf_counter() - started
             idle += await _probes(light, probe, flood.light_requests)  # idle on both sides of the flood: drift
-            return FloodResult(idle, loaded, sum(s == 200 for s in statuses), heavy_s)
+            texts = {text for status, text in answers if status == 200}
+            return FloodResult(idle, loaded, sum(s == 200 for s, _ in answers), heavy_s, len(texts))
 
 
 async def _spaced_probes(client: httpx.AsyncClient, probe: GenRequest, flood: Flood) -> list[float]:
@@ -120,9 +125,10 @@ async def _probes(client: httpx.AsyncClient, probe: GenRequest, count: int) -> l
     return [r.ttft_s for r in results]
 
 
-async def _heavy_one(client: httpx.AsyncClient, tokens: int) -> int:
+async def _heavy_one(client: httpx.AsyncClient, tokens: int) -> tuple[int, str]:
     body = {"prompt": HEAVY_PROMPT, "max_new_tokens": tokens, "ignore_eos": True}
-    return (await client.post("/generate", json=body)).status_code
+    response = await client.post("/generate", json=body)
+    return response.status_code, response.json().get("text", "") if response.status_code == 200 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,21 +138,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heavy", type=int, default=40)
     parser.add_argument("--heavy-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every configuration")
+    parser.add_argument("--quick", action="store_true", help="a short flood: 16 heavy requests of 32 tokens")
     args = parser.parse_args(argv)
     cfg = BenchConfig(model=args.model, device="cpu", dtype="float32")
-    flood = Flood(heavy_requests=args.heavy, heavy_tokens=args.heavy_tokens)
-    configs = [(fair, cap) for cap in (None, args.max_batch - 2) for fair in (False, True)]
+    heavy, tokens = (16, 32) if args.quick else (args.heavy, args.heavy_tokens)
+    flood = Flood(heavy_requests=heavy, heavy_tokens=tokens)
+    cap = args.max_batch - 2
+    # (fair_scheduling, preemption, A's max_concurrent)
+    configs = [(False, False, None), (True, False, None), (True, True, None), (False, False, cap), (True, True, cap)]
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
         for round_ in range(args.rounds):
-            for fair, cap in configs:
-                keys = keys_file(Path(tmp) / f"keys-{cap}.json", cap)
-                env = {"LORAPLEX_API_KEYS": str(keys), "LORAPLEX_FAIR_SCHEDULING": str(fair).lower()}
+            for fair, preempt, heavy_cap in configs:
+                keys = keys_file(Path(tmp) / f"keys-{heavy_cap}.json", heavy_cap)
+                env = {"LORAPLEX_API_KEYS": str(keys), "LORAPLEX_FAIR_SCHEDULING": str(fair).lower(),
+                       "LORAPLEX_PREEMPTION": str(preempt).lower()}
                 with spawn(cfg, Path(tmp) / "store", Path(tmp) / "server.log", max_batch=args.max_batch,
                            resident=args.max_batch, env=env) as server:
                     result = asyncio.run(run_flood(server.base_url, flood))
-                print(json.dumps({"round": round_, "fair_scheduling": fair, "heavy_max_concurrent": cap,
-                                  **result.row()}), flush=True)
+                    preempted = preemptions(server.base_url)
+                print(json.dumps({"round": round_, "fair_scheduling": fair, "preemption": preempt,
+                                  "heavy_max_concurrent": heavy_cap, **result.row(),
+                                  "heavy_preempted": preempted}), flush=True)
     return 0
+
+
+def preemptions(base_url: str) -> int:
+    """How many of A's running sequences the server preempted (an admin's metrics view: tenants do not see it)."""
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).text
+    found = re.search(r'^loraplex_tenant_preemptions_total\{tenant="heavy"\} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from server.api.prompts import PromptEncoder
 from server.api.routes import adapters, generate, health, me, merge, openai, training, ui
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
+from server.engine.prefix_cache import pool_bytes
 from server.engine.waiting import WaitingQueue
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
@@ -166,11 +167,17 @@ def slot_plan(settings: Settings, base: BaseModel) -> SlotPlan:
     loaded and the KV cache (sized here on the meta device: nothing allocated) is taken."""
     slot_dtype = base.dtype if settings.slot_dtype == "auto" else settings.slot_torch_dtype
     free = torch.cuda.mem_get_info(base.device)[0] if base.device.type == "cuda" else None
-    kv = KVCache.for_model(base.model.config, settings.max_batch, base.max_context, torch.device("meta"),
-                           base.dtype).nbytes()
     return plan_slots(settings.max_adapters_resident, max_batch=settings.max_batch, max_rank=settings.max_rank,
                       bytes_per_rank=bytes_per_slot_rank(base.model, slot_dtype.itemsize),
-                      free_device_bytes=free, reserved_bytes=kv, fraction=settings.slot_memory_fraction)
+                      free_device_bytes=free, reserved_bytes=kv_reserve(settings, base),
+                      fraction=settings.slot_memory_fraction)
+
+
+def kv_reserve(settings: Settings, base: BaseModel) -> int:
+    """Device bytes the engine takes for KV: its rows and the prefix-cache pool (sized on the meta device)."""
+    kv = KVCache.for_model(base.model.config, settings.max_batch, base.max_context, torch.device("meta"),
+                           base.dtype)
+    return kv.nbytes() + pool_bytes(kv, settings.prefix_cache_tokens)
 
 
 async def drain(services: Services, timeout: float) -> bool:

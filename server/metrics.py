@@ -11,7 +11,9 @@ scrape time by `LiveCollector` instead of being mirrored into gauges.
 Who sees what: an admin (or dev mode, one tenant) scrapes everything; any other
 tenant gets `render(tenant=...)`, only the series labelled with its own tenant
 plus the gauges in `PUBLIC_GAUGES`, which say nothing about other tenants (not
-even how busy the server is): adapter ids and traffic are tenants' secrets.
+even how busy the server is): adapter ids and traffic are tenants' secrets. So
+`ADMIN_ONLY` series, labelled by tenant but counting what others' traffic did to
+it, stay out of a tenant's view.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ OTHER_LABEL = "_other"  # pairs past the cardinality cap
 DEFAULT_MAX_ADAPTER_SERIES = 256
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 PUBLIC_GAUGES = frozenset({"loraplex_engine_alive", "loraplex_accepting"})  # tenant-free, load-free
+# Tenant-labelled, yet caused by other tenants (a preemption says another tenant below its share was busy).
+ADMIN_ONLY = frozenset({"loraplex_tenant_preemptions"})
 
 
 class AdapterLabels:
@@ -124,9 +128,16 @@ class Metrics:
                                              "Tokens served per tenant as fair admission counts them "
                                              "(prompt at admission, generated per decode step)",
                                              ["tenant", "phase"], registry=r)
+        self.tenant_preemptions = Counter("loraplex_tenant_preemptions",
+                                          "Running sequences of the tenant preempted for a tenant below its "
+                                          "share (recomputed later)", ["tenant"], registry=r)
         self.tenant_virtual_tokens = Gauge("loraplex_tenant_virtual_tokens",
                                            "Fair-admission counter: weighted service received (least goes first)",
                                            ["tenant"], registry=r)
+
+    def observe_preemption(self, tenant: str) -> None:
+        """One of the tenant's running sequences was preempted for a tenant below its share (engine thread)."""
+        self.tenant_preemptions.labels(tenant).inc()
 
     def observe_service(self, tenant: str, prompt_tokens: int, generated_tokens: int, counter: float) -> None:
         """Service charged to a tenant by fair admission (engine thread)."""
@@ -195,6 +206,8 @@ class TenantView:
         for family in self.registry.collect():
             if family.name in PUBLIC_GAUGES:
                 yield family
+                continue
+            if family.name in ADMIN_ONLY:
                 continue
             own = [s for s in family.samples if s.labels.get("tenant") == self.tenant]
             if own:

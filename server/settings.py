@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="Waiting requests before 429")
     fair_scheduling: bool = Field(True, description="Admit waiting requests by tenant, in proportion to their "
                                   "weights (virtual token counter); false = arrival order")
+    preemption: bool = Field(True, description="With fair_scheduling: a tenant below its share of the batch may "
+                             "preempt the youngest sequence of the tenant furthest above it (recomputed later)")
     max_tokens_per_step: int = Field(512, ge=16, description="Token budget of one step (prefill chunks + decode)")
     max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (clipped to the model context)")
     prefix_cache_tokens: int = Field(8192, ge=0, description="Prompt tokens of KV kept for reuse by later "

@@ -62,6 +62,7 @@ class Choice:
 class Result:
     choices: list[Choice]
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those whose KV came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -80,15 +81,18 @@ async def collect(services: Services, job: Request, http: HttpRequest) -> Result
         elif isinstance(event, FinishEvent) and choice is not None:
             choice.finish_reason, choice.completion_tokens = event.finish_reason, event.completion_tokens
             result.prompt_tokens = event.prompt_tokens
+            result.cached_tokens = max(result.cached_tokens, event.cached_tokens)  # n > 1: the first one reused
             finished += 1
     if finished < job.params.n:
         raise Unavailable("the generation ended without a result")
     return result
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache (not computed)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class TokenText:

@@ -28,6 +28,7 @@ def normalize_stop(stop: Stop) -> tuple[str, ...]:
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those served from the prefix cache (not computed)
 
 
 class MixMemberField(BaseModel):

@@ -32,6 +32,11 @@ class StepSampler:
         if seq.request.params.penalized:
             self.penalties.start(seq.row, seq.request.prompt_ids)
 
+    def resume(self, seq: Sequence) -> None:
+        """A preempted sequence took a new KV row: rebuild that row's penalty state from its output so far."""
+        if seq.request.params.penalized:
+            self.penalties.start(seq.row, seq.request.prompt_ids, seq.output)
+
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), vocab] (modified in place) → a token per row, and its logprobs where asked."""
         params = [s.request.params for s in seqs]

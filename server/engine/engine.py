@@ -28,10 +28,12 @@ from server.engine.detokenizer import Detokenizer
 from server.engine.fairness import FairShare, TenantShares
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
+from server.engine.preemption import Preemption
 from server.engine.prefix_cache import PrefixCache
 from server.engine.decoding import StepSampler
 from server.engine.grammar import GrammarMasks
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent, TokenLogprob
+from server.engine.row_prefix import RowPrefix
 from server.engine.runner import Runner, RunnerOptions
 from server.engine.scheduler import AdapterPlacement, Removals, Scheduler, StepPlan
 from server.engine.sequence import Sequence
@@ -77,12 +79,18 @@ class Engine:
             log.info("prefix cache: %d blocks of %d tokens, %.1f MiB of KV reserved",
                      self.prefix_cache.num_blocks, self.prefix_cache.block_tokens,
                      self.prefix_cache.reserved_bytes() / 2**20)
+        self.rows = RowPrefix(self.prefix_cache)
         self.runner = Runner(base, self.cache, runner_options or RunnerOptions(
             cuda_graphs=settings.cuda_graphs, sdpa_backends=settings.sdpa_backends))
         self.waiting = waiting if waiting is not None else WaitingQueue(settings.max_queue)
+        share = FairShare(shares, settings.fair_scheduling, self.metrics)
+        preemption = None
+        if settings.fair_scheduling and settings.preemption:
+            preemption = Preemption(share.shares, min(settings.max_batch, self.cache.max_batch),
+                                    self._suspend, self._resume)
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
-                                   settings.max_tokens_per_step, self._new_sequence, placement,
-                                   FairShare(shares, settings.fair_scheduling, self.metrics))
+                                   settings.max_tokens_per_step, self._new_sequence, placement, share, preemption,
+                                   self.prefix_cache if self.prefix_cache.enabled else None)
         self.eos_ids = _eos_ids(base)
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
@@ -104,8 +112,10 @@ class Engine:
         self.adapter_tokens_by_key: Counter[Any] = Counter()
         self.merged_tokens_by_key: Counter[Any] = Counter()
         # Prefix cache, per adapter key (None = base): prompt tokens looked up, and reused from the cache.
-        self.prefix_lookup_tokens: Counter[Any] = Counter()
-        self.prefix_hit_tokens: Counter[Any] = Counter()
+        self.prefix_lookup_tokens = self.rows.lookup_tokens
+        self.prefix_hit_tokens = self.rows.hit_tokens
+        self.preemptions: Counter[str] = Counter()  # per tenant: its running sequences preempted
+        self.recomputed_tokens = 0  # tokens preempted sequences prefilled again (prefix-cache hits excluded)
 
     # --- lifecycle (any thread) -----------------------------------------------
     def start(self) -> None:
@@ -142,13 +152,16 @@ class Engine:
         self.loop.wake()
 
     def idle(self) -> bool:
-        return not self.scheduler.running and len(self.waiting) == 0
+        return not self.scheduler.running and not self.scheduler.preempted and len(self.waiting) == 0
 
     def stats(self) -> dict[str, Any]:
         return {
             "alive": self.alive,
             "running": len(self.scheduler.running),
             "waiting": len(self.waiting),
+            "preempted": len(self.scheduler.preempted),
+            "preemptions": sum(self.preemptions.values()),
+            "recomputed_tokens": self.recomputed_tokens,
             "free_kv_rows": self.cache.free_rows,
             "max_batch": self.scheduler.max_batch,
             "steps": self.steps,
@@ -168,7 +181,7 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self.loop.woken.clear()
-                self.loop.run_hooks(s.lane for s in self.scheduler.running)
+                self.loop.run_hooks(self.scheduler.lanes_in_use())
                 served = self._serve_step()
                 trained = self._background_step(busy=served)
                 if not served and not trained:
@@ -211,9 +224,14 @@ class Engine:
         prefilled = 0
         for s, n in plan.prefill:
             s.prefilled += n
+            if s in plan.refill:  # a resumed sequence recomputing: no new prompt, nothing new to cache
+                self.recomputed_tokens += n
+                if not s.prefilling:
+                    s.resume_ids = None  # decoding goes on from last_token
+                continue
             prefilled += n
             if not s.prefilling:  # before any finish frees the row
-                self._store_prefix(s)
+                self.rows.prefilled(s)
         self.prompt_tokens += prefilled
         self.metrics.prompt_tokens.inc(prefilled)  # before any finish event goes out
         self.metrics.generated_tokens.inc(len(tokens))
@@ -256,6 +274,7 @@ class Engine:
     def _on_token(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         s.generated += 1
         s.last_token = token
+        s.output.append(token)
         s.unsent.append(token)
         if logprob is not None:
             s.unsent_logprobs.append(logprob)
@@ -306,7 +325,7 @@ class Engine:
             s.request.stream.put(ErrorEvent(error))
 
     def _fail_everything(self, error: Exception) -> None:
-        for s in list(self.scheduler.running):
+        for s in [*self.scheduler.running, *self.scheduler.preempted.values()]:
             self.scheduler.finish(s)
             s.request.stream.put(ErrorEvent(error))
         for request in self.waiting.drain():
@@ -343,27 +362,21 @@ class Engine:
         matcher = params.grammar.matcher() if params.grammar is not None else None
         seq = Sequence(request=request, row=row, detok=detok, generator=generator, slot=slot, lane=lane,
                        index=index, matcher=matcher)
-        if index == 0 and self.prefix_cache.enabled:  # the other n - 1 take a copy of this row (_fork)
-            self._load_prefix(seq)
+        if index == 0 and self.rows.enabled:  # the other n - 1 take a copy of this row (_fork)
+            self.rows.admit(seq)
         self.sampler.start(seq)
         return seq
 
-    def _load_prefix(self, seq: Sequence) -> None:
-        """Start the new sequence's prefill after its longest cached prefix (a cache failure: from 0)."""
-        try:
-            seq.prefilled = seq.cached = self.prefix_cache.load(_namespace(seq), seq.request.prompt_ids, seq.row)
-        except Exception:  # noqa: BLE001 - the cache only saves work: prefill the whole prompt instead
-            log.exception("prefix cache lookup failed; prefilling the whole prompt")
-            seq.prefilled = seq.cached = 0
-        self.prefix_lookup_tokens[seq.request.adapter_key] += seq.prompt_len
-        self.prefix_hit_tokens[seq.request.adapter_key] += seq.cached
+    def _suspend(self, seq: Sequence) -> None:
+        """A preemption victim's row is about to be freed (server/engine/preemption.py)."""
+        self.preemptions[seq.request.tenant] += 1
+        self.metrics.observe_preemption(seq.request.tenant)
+        self.rows.suspend(seq)
 
-    def _store_prefix(self, seq: Sequence) -> None:
-        """Offer a sequence's freshly prefilled prompt to the cache; a failure there fails no request."""
-        try:
-            self.prefix_cache.store(_namespace(seq), seq.request.prompt_ids, seq.row)
-        except Exception:  # noqa: BLE001 - the cache only saves work
-            log.exception("prefix cache store failed")
+    def _resume(self, seq: Sequence) -> None:
+        """A preempted sequence got a new row: its cached prefix copied in, the row's penalty state rebuilt."""
+        self.rows.resume(seq)
+        self.sampler.resume(seq)
 
     def _observe(self, plan: StepPlan, seconds: float) -> None:
         m = self.metrics
@@ -374,12 +387,6 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.scheduler.running))
-
-
-def _namespace(s: Sequence) -> tuple[Any, bool]:
-    """Whose KV a prompt's blocks are: the adapter key (its version included; None = base), and whether a
-    merged copy of the base computed it (other numerics than adapter math)."""
-    return s.request.adapter_key, s.lane is not None
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:

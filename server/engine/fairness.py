@@ -24,7 +24,7 @@ from typing import Protocol
 from server.engine.request import Request
 from server.engine.sequence import Sequence
 
-PROMPT_COST = 1.0  # per prompt token, charged when the request is admitted (prefilled once for all n)
+PROMPT_COST = 1.0  # per computed prompt token, charged at admission (prefilled once for all n; cache hits free)
 OUTPUT_COST = 2.0  # per generated token: each costs a step (the VTC paper's w_q = 2 w_p)
 
 
@@ -74,9 +74,14 @@ class FairShare:
         for tenant, n in tokens.items():
             self._charge(tenant, 0, n)
 
-    def charge_admission(self, request: Request) -> None:
-        """Charge an admitted request's prompt to its tenant."""
-        self._charge(request.tenant, len(request.prompt_ids), 0)
+    def charge_admission(self, request: Request, computed: int) -> None:
+        """Charge an admitted request's computed prompt tokens to its tenant (prefix-cache hits cost nothing)."""
+        self._charge(request.tenant, computed, 0)
+
+    @property
+    def active(self) -> frozenset[str]:
+        """Tenants with running or waiting work at the last admission pass."""
+        return self._active
 
     def _charge(self, tenant: str, prompt: int, generated: int) -> None:
         cost = prompt * PROMPT_COST + generated * OUTPUT_COST
@@ -127,9 +132,19 @@ class AdmissionPass:
             return request
         return None
 
-    def admitted(self, request: Request) -> None:
-        self.running[request.tenant] += request.params.n
-        self.share.charge_admission(request)
+    def admitted(self, request: Request, computed: int | None = None, rows: int | None = None) -> None:
+        """`request` took `rows` rows (default its n) and will compute `computed` of its prompt tokens
+        (default all: a resumed sequence passes 0, its recompute was the scheduler's choice)."""
+        self.running[request.tenant] += request.params.n if rows is None else rows
+        self.share.charge_admission(request, len(request.prompt_ids) if computed is None else computed)
+
+    def skip(self, tenant: str) -> None:
+        """None of `tenant`'s requests can run in this pass (no room, nothing fair to preempt)."""
+        self.queues.pop(tenant, None)
+
+    def preempted(self, seq: Sequence) -> None:
+        """`seq` left the batch to make room; its tenant holds one row less."""
+        self.running[seq.request.tenant] -= 1
 
     def _pick(self) -> str:
         if not self.share.fair:

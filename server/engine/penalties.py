@@ -38,11 +38,15 @@ class PenaltyState:
             self.counts = torch.zeros(self.rows, self.vocab, dtype=torch.int32, device=self.device)
             self.seen_prompt = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
 
-    def start(self, row: int, prompt_ids: Seq[int]) -> None:
-        """A penalized sequence takes KV row `row`: reset its counts, mark its prompt tokens."""
+    def start(self, row: int, prompt_ids: Seq[int], output: Seq[int] = ()) -> None:
+        """A penalized sequence takes KV row `row`: mark its prompt tokens, count its `output` so far (a
+        preempted sequence resuming on a new row; none for a new one)."""
         self._allocate()
         assert self.counts is not None and self.seen_prompt is not None
         self.counts[row].zero_()
+        if output:
+            ids = torch.tensor(list(output), dtype=torch.long, device=self.device)
+            self.counts[row] += torch.bincount(ids, minlength=self.vocab).to(torch.int32)
         self.seen_prompt[row].zero_()
         self.seen_prompt[row, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
 

@@ -48,6 +48,20 @@ class _Entry:
     block: int  # index into the pool tensors
 
 
+def namespace(adapter_key: Hashable | None, merged: bool) -> tuple[Hashable | None, bool]:
+    """Whose KV a prompt's blocks are: the adapter key (its version included; None = base), and whether a
+    merged copy of the base computed it (other numerics than adapter math)."""
+    return adapter_key, merged
+
+
+def pool_bytes(cache: KVCache, capacity_tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """Device bytes a pool of `capacity_tokens` (whole blocks) beside `cache` takes: the serving reserve counts
+    it before sizing adapter slots."""
+    k = cache.k[0]  # [rows, kv_heads, max_seq_len, head_dim]
+    per_token = 2 * len(cache.k) * k.shape[1] * k.shape[3] * k.element_size()
+    return capacity_tokens // block_tokens * block_tokens * per_token
+
+
 class PrefixCache:
     def __init__(self, cache: KVCache, capacity_tokens: int, block_tokens: int = BLOCK_TOKENS) -> None:
         self.cache = cache
@@ -71,9 +85,18 @@ class PrefixCache:
 
     def reserved_bytes(self) -> int:
         """What the pool will hold once allocated."""
-        k = self.cache.k[0]
-        per_token = 2 * len(self.cache.k) * k.shape[1] * k.shape[3] * k.element_size()
-        return self.num_blocks * self.block_tokens * per_token
+        return pool_bytes(self.cache, self.num_blocks * self.block_tokens)
+
+    def cached_tokens(self, namespace: Hashable, prompt: list[int]) -> int:
+        """How many tokens of `prompt` `load` would copy now (no LRU change, nothing copied)."""
+        parent: Hashable = ("root", namespace)
+        b = self.block_tokens
+        for i in range((len(prompt) - 1) // b):
+            entry = self._entries.get((parent, tuple(prompt[i * b:(i + 1) * b])))
+            if entry is None:
+                return i * b
+            parent = entry.uid
+        return (len(prompt) - 1) // b * b
 
     def load(self, namespace: Hashable, prompt: list[int], row: int) -> int:
         """Copy the longest cached full-block prefix of `prompt` into KV row `row`; its length in tokens.

@@ -4,6 +4,12 @@ Only the engine thread touches a Sequence. Positions: the prompt occupies cache
 positions [0, prompt_len); the i-th generated token (0-based) is fed back at
 position prompt_len + i, so a decode step's input position is
 prompt_len + generated - 1.
+
+Preemption (server/engine/preemption.py) frees a running sequence's KV row but
+keeps this object, with everything sampling depends on (generator, detokenizer,
+grammar matcher, output so far); when it gets a row again it first recomputes
+`resume_ids` = prompt + output[:-1] (a prefill that samples nothing), then
+decodes on from `last_token` as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from server.engine.request import Request
 @dataclass(eq=False)
 class Sequence:
     request: Request
-    row: int  # KV-cache row owned for the sequence's life
+    row: int  # KV-cache row owned while running (a preempted sequence gets another one back)
     detok: Detokenizer
     generator: torch.Generator | None  # per-request RNG (CPU); None for greedy
     slot: int = BASE_SLOT  # adapter device slot of every token of this sequence
@@ -29,6 +35,9 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     cached: int = 0  # of those, tokens copied from the prefix cache at admission
     generated: int = 0  # tokens sampled so far
+    output: list[int] = field(default_factory=list)  # every sampled id (what a resumed row recomputes)
+    resume_ids: list[int] | None = None  # after a preemption: the tokens to recompute before decoding on
+    preemptions: int = 0  # times this sequence was preempted (bounded: no livelock)
     last_token: int = -1  # the token the next decode step feeds in
     unsent: list[int] = field(default_factory=list)  # sampled ids not yet reported in an event
     unsent_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per unsent id (when asked)
@@ -51,8 +60,19 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     @property
+    def fill_len(self) -> int:
+        """Tokens to get into the KV row before decoding: the prompt, or what a resumed row recomputes."""
+        return self.prompt_len if self.resume_ids is None else len(self.resume_ids)
+
+    @property
     def prefilling(self) -> bool:
-        return self.prefilled < self.prompt_len
+        return self.prefilled < self.fill_len
+
+    def suspend(self) -> None:
+        """Preempted: the row is gone; what it held is recomputed when the sequence runs again."""
+        self.resume_ids = [*self.request.prompt_ids, *self.output[:-1]] if self.generated else None
+        self.prefilled = 0
+        self.preemptions += 1
 
     @property
     def position(self) -> int:

@@ -90,12 +90,12 @@ class StepLayout:
         out.num_sampling = d
         for s, n in plan.prefill:
             start = len(out.ids)
-            out.ids.extend(s.request.prompt_ids[s.prefilled:s.prefilled + n])
+            out.ids.extend(plan.chunk(s, n))
             out.positions.extend(range(s.prefilled, s.prefilled + n))
             out.rows.extend([s.row] * n)
             out.slots.extend([s.slot] * n)
             out.prefills.append(SpanLayout(s.row, start, n, s.prefilled))
-            if s.prefilled + n == s.prompt_len:
+            if plan.samples(s, n):
                 out.keep.append(len(out.ids) - 1)
                 out.num_sampling += 1
         if d:

@@ -107,3 +107,35 @@ def test_unknown_model_is_404(client):
 def test_empty_messages_is_400(client, model_id):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model_id, messages=[])
+
+
+CACHED_PROMPT = "Cached preamble: " + " ".join(f"rule {i} says be brief." for i in range(30))  # > 2 cache blocks
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server, model_id):
+    """prompt_tokens_details.cached_tokens: 0 on a miss; whole 32-token blocks when the prompt was seen."""
+    def completion():
+        return client.completions.create(model=model_id, prompt=CACHED_PROMPT + " Q1", max_tokens=2, temperature=0)
+
+    miss, hit = completion(), completion()
+    assert miss.usage.prompt_tokens_details.cached_tokens == 0
+    cached = hit.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 32 == 0 and cached < hit.usage.prompt_tokens == miss.usage.prompt_tokens
+    stream = client.completions.create(model=model_id, prompt=CACHED_PROMPT + " Q2", max_tokens=2, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    (final,) = [c for c in stream if c.usage is not None]
+    assert final.usage.prompt_tokens_details.cached_tokens == cached  # same preamble, another question
+
+    messages = [{"role": "system", "content": CACHED_PROMPT}, {"role": "user", "content": "Hi"}]
+    chat = [client.chat.completions.create(model=model_id, messages=messages, max_tokens=2, temperature=0)
+            for _ in range(2)]
+    assert chat[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert chat[1].usage.prompt_tokens_details.cached_tokens >= 64
+    stream = client.chat.completions.create(model=model_id, messages=messages, max_tokens=2, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    (final,) = [c for c in stream if c.usage is not None]
+    assert final.usage.prompt_tokens_details.cached_tokens == chat[1].usage.prompt_tokens_details.cached_tokens
+
+    native = httpx.post(f"{server}/generate", json={"prompt": CACHED_PROMPT + " Q3", "max_new_tokens": 2},
+                        timeout=60).json()
+    assert native["usage"]["cached_tokens"] == cached

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import cpu_settings, running_server
+from tests.harness import app_of, cpu_settings, running_server
 
 KEYS = {
     "keys": {
@@ -126,3 +126,13 @@ def _openai(body: dict) -> dict:
 
 def _base_model(c: httpx.Client) -> str:
     return c.get("/v1/models", headers=auth("bob-key-000001")).json()["data"][0]["id"]
+
+
+def test_preemptions_are_counted_for_admins_only(url: str) -> None:
+    """A tenant's preemption count measures other tenants' demand: not in its own view."""
+    app_of(url).state.services.metrics.observe_preemption("bob")
+    with httpx.Client(base_url=url, timeout=60) as c:
+        bob = c.get("/metrics", headers=auth("bob-key-000001")).text
+        admin = c.get("/metrics", headers=auth("root-key-00001")).text
+    assert 'loraplex_tenant_preemptions_total{tenant="bob"} 1.0' in admin
+    assert "preemptions" not in bob and 'tenant="bob"' in bob

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.fairness import OUTPUT_COST, FairShare
+from server.engine.fairness import OUTPUT_COST, PROMPT_COST, FairShare
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request, RequestStream, SamplingParams
 from server.engine.scheduler import Removals, Scheduler
@@ -139,3 +139,20 @@ def test_full_batch_frees_rows_to_the_least_served_tenant(loop, fair: bool, expe
         sched.schedule(Removals())
         admitted.append(sched.running[-1].request.tenant)
     assert admitted == expected
+
+
+def test_admission_charges_only_the_prompt_tokens_it_computes(loop) -> None:
+    """Prompt tokens copied from the prefix cache cost the server nothing: the tenant is not charged for them."""
+    cache = KVCache(1, 4, 1, 64, 2, torch.device("cpu"), torch.float32)
+
+    def new_sequence(req: Request, row: int, slot: int, lane: int | None, index: int) -> Sequence:
+        seq = Sequence(req, row=row, detok=None, generator=None, slot=slot, lane=lane, index=index)
+        seq.prefilled = seq.cached = 32 if req.tenant == "hit" else 0
+        return seq
+
+    share = FairShare()
+    sched = Scheduler(cache, 4, WaitingQueue(10), 512, new_sequence, share=share)
+    sched.waiting.push(request(loop, "hit", prompt_len=40))
+    sched.waiting.push(request(loop, "miss", prompt_len=40))
+    sched.schedule(Removals())
+    assert share.counters == {"hit": 8 * PROMPT_COST, "miss": 40 * PROMPT_COST}

@@ -52,3 +52,18 @@ def test_batched_penalties_equal_their_definitions():
     want[11] -= 2.0
     want[2] = want[12] = float("-inf")  # min_tokens: EOS and the stop token id are blocked
     torch.testing.assert_close(got[3], want)
+
+
+def test_a_resumed_row_gets_the_state_its_old_row_had():
+    """Preemption moves a sequence to another KV row: its counts are rebuilt from its output, whatever the new
+    row held before."""
+    state = PenaltyState(rows=3, vocab=VOCAB, device=torch.device("cpu"), eos_ids={2})
+    prompt, output = [5, 6, 7], [20, 21, 20, 33]
+    old = _seq(0, prompt, frequency_penalty=0.5)
+    state.start(0, prompt)
+    for token in output:
+        state.record([old], [token])
+    state.start(2, [9, 9])
+    state.record([_seq(2, [9, 9], frequency_penalty=0.5)], [40])  # another sequence used row 2 before
+    state.start(2, prompt, output)
+    assert torch.equal(state.counts[2], state.counts[0]) and torch.equal(state.seen_prompt[2], state.seen_prompt[0])

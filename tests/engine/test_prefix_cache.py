@@ -182,3 +182,52 @@ def test_a_failing_cache_costs_work_not_requests(make_engine, monkeypatch) -> No
     monkeypatch.setattr(warm.prefix_cache, "store", broken)
     assert run_all(warm, [(prompt, None)]) == expected
     assert warm.alive and warm.stats()["prefix_hit_tokens"] == 0 and warm.stats()["step_errors"] == 0
+
+
+def test_identical_prompts_queued_together_reuse_the_first_ones_blocks(varied_base) -> None:
+    """Admitted in one pass, every copy would prefill the system prompt (nothing is cached until a prefill
+    ends): the others wait for the first one's prefill, then copy its blocks."""
+    from server.engine.engine import Engine
+    from server.engine.request import FinishEvent, Request, RequestStream, TokenEvent
+    from server.settings import Settings
+
+    engine = Engine(varied_base, Settings(model="unused", device="cpu", dtype="float32", max_batch=4))
+    prompts = [SYSTEM + [2000, 2001], SYSTEM + [2000, 2001], SYSTEM + [3000], SYSTEM[:40]]
+
+    async def go():
+        requests = [Request(list(p), SamplingParams(max_new_tokens=4), RequestStream()) for p in prompts]
+        for r in requests:
+            engine.waiting.push(r)  # all queued before the engine's first pass
+        engine.start()
+        out = []
+        for r in requests:
+            tokens, done = [], None
+            while done is None:
+                event = await asyncio.wait_for(r.stream.get(), 60)
+                tokens += event.token_ids if isinstance(event, TokenEvent) else []
+                done = event if isinstance(event, FinishEvent) else None
+            out.append((tokens, done.cached_tokens))
+        return out
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert [cached for _, cached in got] == [0, 5 * BLOCK_TOKENS, 5 * BLOCK_TOKENS, BLOCK_TOKENS]
+    assert got[0][0] == got[1][0]
+
+
+def test_the_slot_plan_reserve_counts_the_prefix_pool(varied_base) -> None:
+    from server.app import kv_reserve
+    from server.engine.prefix_cache import pool_bytes
+    from server.settings import Settings
+
+    def reserve(tokens: int) -> int:
+        return kv_reserve(Settings(model="unused", device="cpu", max_batch=4, prefix_cache_tokens=tokens), varied_base)
+
+    cache = KVCache.for_model(varied_base.model.config, 4, varied_base.max_context, torch.device("meta"),
+                              varied_base.dtype)
+    assert reserve(4096) - reserve(0) == pool_bytes(cache, 4096) > 0
+    engine_pool = PrefixCache(KVCache.for_model(varied_base.model.config, 4, 64, torch.device("meta"),
+                                                varied_base.dtype), 4096)
+    assert engine_pool.reserved_bytes() == pool_bytes(cache, 4096)  # the pool's size does not depend on rows

@@ -44,7 +44,8 @@ async def generate(body: GenerateRequest, request: Request,
     first = done.choices[0]
     out: dict[str, Any] = {"id": job.request_id, "adapter_id": body.adapter_id, "text": first.text,
                            "finish_reason": first.finish_reason,
-                           "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}}
+                           "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                                     "cached_tokens": done.cached_tokens}}
     if body.logprobs is not None:
         out["logprobs"] = dec.native_logprobs(first.logprobs, text)
     if body.n > 1:
@@ -76,7 +77,7 @@ def sse(data: object) -> str:
 
 async def _sse(services: Services, job: EngineRequest, request: Request, adapter_id: str | None,
                text: dec.TokenText) -> AsyncIterator[str]:
-    n, completion = job.params.n, 0
+    n, completion, cached = job.params.n, 0, 0
     try:
         async with contextlib.aclosing(gen.events(services, job, request)) as events:
             async for event in events:
@@ -85,10 +86,11 @@ async def _sse(services: Services, job: EngineRequest, request: Request, adapter
                         yield sse(_delta(event, n, text))
                 elif isinstance(event, FinishEvent):
                     completion += event.completion_tokens
+                    cached = max(cached, event.cached_tokens)
                     final: dict[str, Any] = {"id": job.request_id, "adapter_id": adapter_id,
                                              "finish_reason": event.finish_reason,
                                              "usage": {"prompt_tokens": event.prompt_tokens,
-                                                       "completion_tokens": completion}}
+                                                       "completion_tokens": completion, "cached_tokens": cached}}
                     if n > 1:
                         final["index"] = event.index
                     yield sse(final)

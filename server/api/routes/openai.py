@@ -88,7 +88,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     out = chunk(0, None, None, [])
     out["choices"] = [chunk(c.index, echo + c.text, FINISH[c.finish_reason], c.logprobs)["choices"][0]
                       for c in done.choices]
-    out["usage"] = dec.usage(done.prompt_tokens, done.completion_tokens)
+    out["usage"] = dec.usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
     return out
 
 
@@ -118,7 +118,7 @@ async def chat_completions(body: ChatRequest, request: Request, principal: Princ
                 "logprobs": dec.chat_logprobs(c.logprobs, text) if logprobs is not None else None,
                 "finish_reason": FINISH[c.finish_reason]} for c in done.choices]
     return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
-            "usage": dec.usage(done.prompt_tokens, done.completion_tokens)}
+            "usage": dec.usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)}
 
 
 def _stream(services: Services, job: EngineRequest, request: Request, chunk: ChunkBuilder, body: OpenAIFields,
@@ -135,7 +135,7 @@ async def _chunks(services: Services, job: EngineRequest, request: Request, chun
     if prefix:
         for i in range(job.params.n):
             yield sse(chunk(i, prefix, None, []))
-    completion = finished = 0
+    completion = finished = cached = 0
     try:
         async with contextlib.aclosing(gen.events(services, job, request)) as events:
             async for event in events:
@@ -144,12 +144,13 @@ async def _chunks(services: Services, job: EngineRequest, request: Request, chun
                         yield sse(chunk(event.index, event.text, None, list(event.logprobs)))
                 elif isinstance(event, FinishEvent):
                     completion += event.completion_tokens
+                    cached = max(cached, event.cached_tokens)  # n > 1: the first sequence reused the cache
                     finished += 1
                     yield sse(chunk(event.index, None, FINISH[event.finish_reason], []))
                     if include_usage and finished == job.params.n:  # the prompt once, completions summed
                         final = chunk(0, None, None, [])
                         final["choices"] = []
-                        final["usage"] = dec.usage(event.prompt_tokens, completion)
+                        final["usage"] = dec.usage(event.prompt_tokens, completion, cached)
                         yield sse(final)
     except ApiError as exc:
         yield sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.type}})
