@@ -100,7 +100,8 @@ def build_services(settings: Settings, base: BaseModel | None = None, quotas: Te
     slots = slot_plan(settings, base)
     log.info(slots.describe())
     limits = AdapterLimits.from_settings(settings, resident=slots.slots)
-    store = open_store(settings.store, base, limits)  # StoreInUse: another server has it
+    grace = settings.shared_gc_grace_s if settings.clustered else None  # replicas share the directory
+    store = open_store(settings.store, base, limits, shared_grace_s=grace)  # StoreInUse: another server has it
     try:
         return _build_on(store, settings, base, limits, quotas or TenantQuotas())
     except BaseException:

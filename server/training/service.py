@@ -19,6 +19,7 @@ from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
 from server.training.jobs import JobStore, NewJob
+from server.training.leases import WorkerLease
 from server.training.modules import plan_targets
 from server.training.spec import TrainingJobSpec, check_spec
 from server.training.worker import TrainingWorker
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_DIR = ".training"
 DB_NAME = "jobs.sqlite3"
+WORKERS_DIR = "workers"
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -44,10 +46,11 @@ class TrainingService:
         self.base = base
         root = Path(settings.store) / TRAINING_DIR
         self.jobs = JobStore(root / DB_NAME)
-        recovered = self.jobs.recover(settings.train_max_attempts)
+        self.lease = WorkerLease(root / WORKERS_DIR)  # before recovering: a replica starting later sees us live
+        recovered = self.jobs.recover(settings.train_max_attempts, self.lease.owner_alive)
         if recovered:
             log.info("training jobs interrupted by the last shutdown: %s", recovered)
-        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints")
+        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints", self.lease.owner)
         self.loop = loop
 
     # ------------------------------------------------------------- routes
@@ -92,4 +95,5 @@ class TrainingService:
             self.worker.shutdown()
         finally:
             self.jobs.close()
+            self.lease.close()
 
