@@ -13,10 +13,12 @@ never a hang; Serve restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
+from ray import serve
 from ray.exceptions import RayError
 
 from server.api.keys import ApiKeys, authenticate
@@ -28,6 +30,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 BODY_SLACK = 64 * 1024  # multipart framing around an upload's files
+REPLICA_DEPLOYMENT = "Replica"
 LOST = "the replica serving this request stopped (Ray restarts it); retry the request"
 
 
@@ -40,6 +43,7 @@ class Ingress:
         self.max_body = max(settings.max_body_bytes, settings.max_adapter_bytes,
                             settings.max_train_upload_bytes) + BODY_SLACK
         self._base_model_id: str | None = None
+        self.app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> Any:
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # a plain function: ASGI 3
@@ -94,6 +98,9 @@ class Ingress:
         headers = [(k, v) for k, v in start.headers if k.lower() != b"content-length"]
         if head.path == "/ready":
             ok, reason = readiness(posts, self.wanted)
+            running = await asyncio.to_thread(_running_replicas, self.app_name)
+            if ok and running < self.wanted:  # a replica died within its last post's freshness
+                ok, reason = False, f"{running} of {self.wanted} replicas running"
             if ok:
                 body = json.dumps({"ready": True, "model": await self._base_model(), "replicas": len(posts)})
                 return ResponseStart(200, headers), body.encode()
@@ -108,6 +115,15 @@ class Ingress:
         if self._base_model_id is None:
             self._base_model_id = await self.replicas.model_id.remote()
         return self._base_model_id
+
+
+def _running_replicas(app_name: str) -> int:
+    """Replicas Serve reports RUNNING (a dead one is gone from this count before its posts go stale)."""
+    app = serve.status().applications.get(app_name)
+    deployment = app.deployments.get(REPLICA_DEPLOYMENT) if app is not None else None
+    if deployment is None:
+        return 0
+    return sum(n for state, n in deployment.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:

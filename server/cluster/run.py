@@ -24,7 +24,7 @@ from server.adapters.store.store import AdapterStore
 from server.adapters.store.store_lock import acquire_store_lock
 from server.api.keys import ApiKeys
 from server.cluster.board import Board
-from server.cluster.ingress import Ingress
+from server.cluster.ingress import REPLICA_DEPLOYMENT, Ingress
 from server.cluster.replica import replica_class
 from server.settings import Settings
 
@@ -39,7 +39,7 @@ def build_application(settings: Settings, keys: ApiKeys | None) -> Any:
     cpu = settings.torch_device.type != "cuda"
     board = serve.deployment(Board, name="Board", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind()
     replica = serve.deployment(
-        replica_class(settings.max_adapters_host), name="Replica", num_replicas=settings.replicas,
+        replica_class(settings.max_adapters_host), name=REPLICA_DEPLOYMENT, num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cpu else 1},
         max_ongoing_requests=settings.max_batch + settings.max_queue,  # past this our own 429 answers
         graceful_shutdown_timeout_s=settings.drain_timeout_s + DRAIN_SLACK_S, graceful_shutdown_wait_loop_s=0.2,
