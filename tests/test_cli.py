@@ -133,3 +133,22 @@ def test_a_second_server_on_one_store_is_refused_and_kill_9_leaves_no_stale_lock
     with spawn_server(args) as (third, url):
         assert httpx.get(f"{url}/ready").status_code == 200
         assert (store / ".lock").read_text().strip() == str(third.pid)
+
+
+def test_replicas_flag_and_env_twin_choose_the_cluster_and_one_process_never_imports_ray(monkeypatch):
+    from server.cli import build_parser
+    from server.settings import Settings
+
+    args = vars(build_parser().parse_args(["serve", "--replicas", "3", "--ray-address", "10.0.0.1:6379"]))
+    assert (args["replicas"], args["ray_address"]) == (3, "10.0.0.1:6379")
+    monkeypatch.setenv("LORAPLEX_REPLICAS", "2")
+    assert Settings().replicas == 2 and Settings().clustered
+    monkeypatch.delenv("LORAPLEX_REPLICAS")
+    assert not Settings().clustered and Settings(ray_address="auto").clustered
+    done = subprocess.run([sys.executable, "-c", "import sys, server.cli, server.app; "
+                           "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('server.cluster')))"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    done = subprocess.run(serve_command(["--replicas", "0"]), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "replicas" in done.stderr and "Traceback" not in done.stderr

@@ -24,14 +24,17 @@ class MergeFollower:
     def __init__(self, merge: MergeRegistry) -> None:
         self.merge = merge
         self._seen: set[Pair] = set()
+        self._refused: set[Pair] = set()  # asked again only once its marker goes and comes back
 
     async def sync(self) -> None:
         marked = await asyncio.to_thread(self.merge.marked)
         dedicated = self.merge.dedicated()
-        for tenant, adapter_id in sorted(marked - dedicated):
+        self._refused &= marked
+        for tenant, adapter_id in sorted(marked - dedicated - self._refused):
             try:
                 await self.merge.dedicate(tenant, adapter_id, mark=False)
             except ApiError as e:  # e.g. max_merged reached here: served unmerged, within float tolerance
+                self._refused.add((tenant, adapter_id))
                 log.warning("not following the merge of %s/%s: %s", tenant, adapter_id, e.message)
         for tenant, adapter_id in sorted((self._seen - marked) & dedicated):
             await self.merge.undedicate(tenant, adapter_id, mark=False)
