@@ -35,8 +35,11 @@ LOST = "the replica serving this request stopped (Ray restarts it); retry the re
 
 
 class Ingress:
-    def __init__(self, replicas: Any, board: Any, settings: Settings, keys: ApiKeys | None) -> None:
+    def __init__(self, replicas: Any, board: Any, settings: Settings, keys: ApiKeys | None,
+                 affinity: bool = True) -> None:
+        """`affinity=False`: no multiplexed id, Serve's plain load balancing (the bench's baseline)."""
         self.replicas = replicas
+        self.affinity = affinity
         self.board = board
         self.wanted = settings.replicas
         self.keys = keys
@@ -66,7 +69,7 @@ class Ingress:
             await _send_error(send, 503, "unavailable", LOST)
 
     async def _relay(self, head: RequestHead, body: bytes, send: Any) -> None:
-        model_id = affinity_id(head, body, self.keys, await self._base_model())
+        model_id = affinity_id(head, body, self.keys, await self._base_model()) if self.affinity else ""
         stream = self.replicas.options(multiplexed_model_id=model_id, stream=True).handle.remote(head, body)
         start: ResponseStart = await stream.__anext__()
         start = await self._span_cluster(head, start, stream)

@@ -34,8 +34,9 @@ APP_NAME = "loraplex"
 DRAIN_SLACK_S = 5.0
 
 
-def build_application(settings: Settings, keys: ApiKeys | None) -> Any:
-    """The bound Serve application: Board ← Replicas ← Ingress (handles passed at bind)."""
+def build_application(settings: Settings, keys: ApiKeys | None, affinity: bool = True) -> Any:
+    """The bound Serve application: Board ← Replicas ← Ingress (handles passed at bind). `affinity=False`
+    is the bench's baseline: Serve's plain load balancing, adapters ignored."""
     cpu = settings.torch_device.type != "cuda"
     board = serve.deployment(Board, name="Board", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind()
     replica = serve.deployment(
@@ -48,7 +49,7 @@ def build_application(settings: Settings, keys: ApiKeys | None) -> Any:
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4 * (settings.max_batch + settings.max_queue) * settings.replicas)
-    return ingress.bind(replica, board, settings, keys)
+    return ingress.bind(replica, board, settings, keys, affinity)
 
 
 def sweep_store(settings: Settings) -> None:
