@@ -27,6 +27,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-loraplex-replica"  # which replica answered: for operators and the cluster tests
+BOARD_TIMEOUT_S = 2.0
 
 
 def replica_class(capacity: int) -> type:
@@ -74,7 +75,9 @@ def replica_class(capacity: int) -> type:
             while True:
                 with contextlib.suppress(Exception):  # a board restart must not stop the reports
                     ready, reason = self._ready()
-                    await self.board.post.remote(self.id, ready, reason, self._metrics_text())
+                    # A handle call waits for a board replica to exist: bounded, so a missing board never parks us.
+                    await asyncio.wait_for(self.board.post.remote(self.id, ready, reason, self._metrics_text()),
+                                           BOARD_TIMEOUT_S)
                 await asyncio.sleep(REPORT_EVERY_S)
 
         def _ready(self) -> tuple[bool, str]:
@@ -101,8 +104,8 @@ def replica_class(capacity: int) -> type:
             finished or timed out; drain, stop the engine and run the shutdown hooks as one server does."""
             for task in getattr(self, "_tasks", []):
                 task.cancel()
-            with contextlib.suppress(Exception):
-                await self.board.leave.remote(self.id)
+            with contextlib.suppress(Exception):  # at a full stop the board may be gone already
+                await asyncio.wait_for(self.board.leave.remote(self.id), BOARD_TIMEOUT_S)
             if hasattr(self, "_life"):
                 await self._life.__aexit__(None, None, None)
 

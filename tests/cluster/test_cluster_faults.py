@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from server.training.jobs import JobStore
 from tests.api.adapter_http import ALICE, adapter_files, auth, build_adapter, load_tiny, write_keys
 from tests.cluster.cluster_harness import REPLICA_HEADER, wait_ready
 from tests.harness import TRAIN_DATA, read_log, spawn_server, wait_job
@@ -80,5 +81,13 @@ def test_killed_replica_loses_no_accepted_upload_or_job(ray_address, tiny_model_
                           headers=auth(ALICE), timeout=120)
         assert record["status"] == "cancelled" and record["attempts"] == 2  # requeued once, never run twice at once
 
+        # SIGTERM mid-job: every replica runs its shutdown (the running job goes back to the queue), exit 0.
+        r = httpx.post(f"{url}/v1/training/jobs", json={**job, "adapter_id": "later"}, headers=auth(ALICE), timeout=60)
+        wait_job(url, r.json()["id"], lambda j: j["status"] == "running", headers=auth(ALICE), timeout=60)
+        began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, read_log(proc)[-3000:]
+        assert time.monotonic() - began < 30  # drained, not force-killed after the grace period
+    jobs = JobStore(tmp_path / "s" / ".training" / "jobs.sqlite3")
+    assert jobs.get(r.json()["id"], None)["status"] == "queued"
+    jobs.close()
