@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BODY_SLACK = 64 * 1024  # multipart framing around an upload's files
 REPLICA_DEPLOYMENT = "Replica"
+REQUEST_ID = b"x-request-id"
 LOST = "the replica serving this request stopped (Ray restarts it); retry the request"
 
 
@@ -78,7 +79,7 @@ class Ingress:
             await send({"type": "http.response.start", "status": start.status, "headers": start.headers})
             await send({"type": "http.response.body", "body": whole})
             return
-        await send({"type": "http.response.start", "status": start.status, "headers": start.headers})
+        await send({"type": "http.response.start", "status": start.status, "headers": _own_headers(head, start)})
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.headers)
         try:
             async for chunk in stream:
@@ -98,7 +99,7 @@ class Ingress:
         async for _ in stream:  # the replica's own body: replaced
             pass
         posts = await self.board.fresh.remote()
-        headers = [(k, v) for k, v in start.headers if k.lower() != b"content-length"]
+        headers = [(k, v) for k, v in _own_headers(head, start) if k.lower() != b"content-length"]
         if head.path == "/ready":
             ok, reason = readiness(posts, self.wanted)
             running = await asyncio.to_thread(_running_replicas, self.app_name)
@@ -118,6 +119,13 @@ class Ingress:
         if self._base_model_id is None:
             self._base_model_id = await self.replicas.model_id.remote()
         return self._base_model_id
+
+
+def _own_headers(head: RequestHead, start: ResponseStart) -> list[tuple[bytes, bytes]]:
+    """The replica's headers less the X-Request-ID Serve's proxy appends itself (it gave the request that
+    id, or passed the client's on, and the app echoed it): one header, as from one server."""
+    asked = head.header(REQUEST_ID)
+    return [(k, v) for k, v in start.headers if not (k.lower() == REQUEST_ID and v == asked)]
 
 
 def _running_replicas(app_name: str) -> int:

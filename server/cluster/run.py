@@ -13,6 +13,7 @@ closed), exits 0.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from typing import Any
@@ -52,6 +53,12 @@ def build_application(settings: Settings, keys: ApiKeys | None, affinity: bool =
     return ingress.bind(replica, board, settings, keys, affinity)
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's proxy on our host/port, closing idle keep-alive connections when one server would."""
+    return {"host": settings.host, "port": settings.port,
+            "keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout_s))}
+
+
 def sweep_store(settings: Settings) -> None:
     """The start-up sweep a single server does, done once here while no replica runs."""
     release = acquire_store_lock(settings.store)  # StoreInUse: a server or another cluster holds it
@@ -78,7 +85,7 @@ def _run(settings: Settings, keys: ApiKeys | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options=http_options(settings))
     serve.run(build_application(settings, keys), name=APP_NAME, route_prefix="/")
     log.info("cluster serving on %s:%d with %d replicas", settings.host, settings.port, settings.replicas)
     stop.wait()

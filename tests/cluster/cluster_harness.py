@@ -25,13 +25,13 @@ def running_cluster(settings: Settings, startup_timeout: float = 240.0) -> Itera
     import ray
     from ray import serve
 
-    from server.cluster.run import APP_NAME, build_application, sweep_store
+    from server.cluster.run import APP_NAME, build_application, http_options, sweep_store
 
     sweep_store(settings)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=http_options(settings.model_copy(update={"host": "127.0.0.1", "port": port})))
         serve.run(build_application(settings, load_keys(settings.api_keys)), name=APP_NAME, route_prefix="/",
                   blocking=False)
         url = f"http://127.0.0.1:{port}"

@@ -99,6 +99,13 @@ def test_errors_pass_through_unchanged(cluster, single):
         assert r.json()["error"]["message"] == r1.json()["error"]["message"]
 
 
+def test_request_ids_come_back_once(cluster, single):
+    for url in (cluster, single):
+        r = httpx.get(f"{url}/health", headers={"X-Request-ID": "trace-123"}, timeout=30)
+        assert r.headers.get_list("x-request-id") == ["trace-123"]
+        assert len(httpx.get(f"{url}/health", timeout=30).headers.get_list("x-request-id")) == 1
+
+
 def test_tenant_isolation(cluster, single, adapters):
     for url in (cluster, single):
         with httpx.Client(base_url=url, timeout=60) as client:
