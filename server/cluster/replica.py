@@ -46,7 +46,7 @@ def replica_class(capacity: int) -> type:
             self.id = serve.get_replica_context().replica_id.unique_id
             self.board = board
             self.merges = MergeFollower(self.services.merge)
-            self._tasks = [asyncio.create_task(self._report()), asyncio.create_task(self._follow_merges())]
+            self._tasks = [asyncio.create_task(self._report()), asyncio.create_task(self._follow_shared())]
 
         @serve.multiplexed(max_num_models_per_replica=capacity)
         async def _adapter(self, model_id: str) -> str:
@@ -93,10 +93,12 @@ def replica_class(capacity: int) -> type:
             services.metrics.running.set(len(services.engine.scheduler.running))
             return services.metrics.render(services, None).decode()
 
-        async def _follow_merges(self) -> None:
+        async def _follow_shared(self) -> None:
+            """Also the job queue: another replica's queued job is claimed here when this trainer is idle."""
             while True:
                 with contextlib.suppress(Exception):
                     await self.merges.sync()
+                    await asyncio.to_thread(self.services.jobs.poll)
                 await asyncio.sleep(REPORT_EVERY_S)
 
         async def __del__(self) -> None:

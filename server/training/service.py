@@ -71,6 +71,14 @@ class TrainingService:
                 self.loop.wake()
         return record, created
 
+    def poll(self) -> None:
+        """Another process sharing the queue (a cluster replica) may have queued a job: look again,
+        so an idle trainer here claims it instead of it waiting for the busy one it was posted to."""
+        if self.jobs.count("queued"):
+            self.worker.notify()
+            if self.loop is not None:
+                self.loop.wake()
+
     def validate(self, spec: TrainingJobSpec) -> None:
         check_spec(spec, self.settings)
         plan_targets(self.base.model, spec)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.training.jobs import JobStore
-from tests.api.adapter_http import ALICE, adapter_files, auth, build_adapter, load_tiny, write_keys
+from tests.api.adapter_http import ADMIN, ALICE, adapter_files, auth, build_adapter, load_tiny, write_keys
 from tests.cluster.cluster_harness import REPLICA_HEADER, wait_ready
 from tests.harness import TRAIN_DATA, read_log, spawn_server, wait_job
 
@@ -37,6 +37,35 @@ def _kill_replica(replica_id: str) -> None:
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
+def _runner_of(url: str, steps: int, timeout: float = 30) -> str:
+    """The replica whose /metrics series show the running job (replicas post every second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", headers=auth(ADMIN), timeout=30).text
+        for line in text.splitlines():
+            if line.startswith("loraplex_training_active_steps{") and float(line.rsplit(" ", 1)[1]) == steps:
+                return line.split('replica="', 1)[1].split('"', 1)[0]
+        time.sleep(0.3)
+    raise AssertionError("no replica reports the running job")
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(ray_address, tiny_model_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--store", str(tmp_path / "s"),
+            "--replicas", "2", "--ray-address", ray_address, "--max-batch", "4"]
+    with spawn_server(args, startup_timeout=240) as (proc, url):
+        body = {"prompt": "Once upon a time", "max_new_tokens": 480, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            _kill_replica(r.headers[REPLICA_HEADER])
+            rest = [line for line in lines if line.startswith("data:")]
+        assert '"type": "unavailable"' in rest[-1], rest[-3:]
+        r = httpx.post(f"{url}/generate", json={**body, "stream": False}, timeout=120)  # others still serve
+        assert r.status_code in (200, 503) and (r.status_code == 200 or r.json()["error"]["type"] == "unavailable")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+
+
 def test_killed_replica_loses_no_accepted_upload_or_job(ray_address, tiny_model_dir, tmp_path):
     keys = write_keys(tmp_path / "keys.json")
     files = adapter_files(build_adapter(load_tiny(tiny_model_dir), "lora_qv", tmp_path / "a", seed=4, scale=0.5))
@@ -48,9 +77,10 @@ def test_killed_replica_loses_no_accepted_upload_or_job(ray_address, tiny_model_
                "steps": 400, "learning_rate": 1e-3, "batch_size": 2, "seed": 0}
         r = httpx.post(f"{url}/v1/training/jobs", json=job, headers=auth(ALICE), timeout=60)
         assert r.status_code == 202
-        job_id, trainer = r.json()["id"], r.headers[REPLICA_HEADER]  # the replica it was posted to runs it
+        job_id = r.json()["id"]
         wait_job(url, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0,
                  headers=auth(ALICE), timeout=60)
+        trainer = _runner_of(url, job["steps"])
 
         outcomes: dict[str, int] = {}
 
