@@ -20,6 +20,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
 from server.api.keys import ApiKeys, authenticate
 from server.cluster.affinity import affinity_id
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 BODY_SLACK = 64 * 1024  # multipart framing around an upload's files
 REPLICA_DEPLOYMENT = "Replica"
 REQUEST_ID = b"x-request-id"
+FULL = "the server is at capacity (every replica busy, the queue full); retry later"
 LOST = "the replica serving this request stopped (Ray restarts it); retry the request"
 
 
@@ -65,7 +67,9 @@ class Ingress:
         body = await _read_body(receive, self.max_body)
         try:
             await self._relay(head, body, send)
-        except RayError:
+        except BackPressureError:  # every replica is busy and the router's queue is full: one server's 429
+            await _send_error(send, 429, "rate_limit_exceeded", FULL)
+        except (RayError, RayServeException):  # raised before the answer started (after it, _relay ends it)
             log.exception("relaying %s %s failed", head.method, head.path)
             await _send_error(send, 503, "unavailable", LOST)
 
@@ -84,7 +88,7 @@ class Ingress:
         try:
             async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except RayError:
+        except (RayError, RayServeException):
             log.exception("replica lost mid-answer: %s %s", head.method, head.path)
             if sse:
                 error = {"error": {"message": LOST, "type": "unavailable", "param": None, "code": "unavailable"}}

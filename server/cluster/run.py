@@ -43,13 +43,15 @@ def build_application(settings: Settings, keys: ApiKeys | None, affinity: bool =
     replica = serve.deployment(
         replica_class(settings.max_adapters_host), name=REPLICA_DEPLOYMENT, num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cpu else 1},
-        max_ongoing_requests=settings.max_batch + settings.max_queue,  # past this our own 429 answers
+        # A replica takes what it can batch plus as much again waiting (where fair scheduling orders
+        # tenants); past that the router tries another replica, else queues up to `max_queue` (then 429).
+        max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.max_queue,
         graceful_shutdown_timeout_s=settings.drain_timeout_s + DRAIN_SLACK_S, graceful_shutdown_wait_loop_s=0.2,
         health_check_period_s=2.0, health_check_timeout_s=30.0,
     ).bind(settings, keys, board)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=4 * (settings.max_batch + settings.max_queue) * settings.replicas)
+                               max_ongoing_requests=(2 * settings.max_batch + settings.max_queue) * settings.replicas)
     return ingress.bind(replica, board, settings, keys, affinity)
 
 
