@@ -65,6 +65,8 @@ class Ingress:
             return
         head = RequestHead.from_scope(scope)
         body = await _read_body(receive, self.max_body)
+        if body is None:  # the client left mid-body: nothing to relay (a single server would drop it too)
+            return
         try:
             await self._relay(head, body, send)
         except BackPressureError:  # every replica is busy and the router's queue is full: one server's 429
@@ -141,13 +143,14 @@ def _running_replicas(app_name: str) -> int:
     return sum(n for state, n in deployment.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
-    """The whole body, cut at `limit` bytes (the replica's size check then answers 413 as one server would)."""
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole body, cut at `limit` bytes (the replica's size check then answers 413 as one server
+    would); None when the client disconnects first."""
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return None
         chunk = message.get("body", b"")
         if size < limit:
             chunks.append(chunk[: limit - size])

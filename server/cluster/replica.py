@@ -40,6 +40,7 @@ def replica_class(capacity: int) -> type:
 
             configure_logging(settings.log_level, settings.log_format)
             self.app = create_app(settings, keys=keys)
+            self.app.state.freeze_gc = True  # this process is a server: its start-up objects never die
             self._life = self.app.router.lifespan_context(self.app)
             await self._life.__aenter__()  # builds the services, starts the engine
             self.services = self.app.state.services
