@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +23,6 @@ from server.cluster.bridge import RequestHead, ResponseStart, call_app
 from server.cluster.merges import MergeFollower
 from server.settings import Settings
 
-log = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-loraplex-replica"  # which replica answered: for operators and the cluster tests
 BOARD_TIMEOUT_S = 2.0
