@@ -185,3 +185,22 @@ def test_training_runs_once_and_serves_everywhere(cluster, single):
     assert done[cluster]["status"] == "succeeded" and done[cluster]["attempts"] == 1
     r, r1 = both(cluster, single, lambda u: generate(u, adapter_id="trained"))
     assert r.status_code == 200 and r.json()["text"] == r1.json()["text"]
+
+
+def test_a_client_that_leaves_mid_stream_cancels_on_the_replica(cluster):
+    """The disconnect crosses proxy → ingress → replica: the engine finishes the request as cancelled."""
+    def cancelled() -> float:
+        text = httpx.get(f"{cluster}/metrics", headers=auth(ADMIN), timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("loraplex_requests_total{") and 'finish_reason="cancelled"' in line)
+
+    time.sleep(1.5)  # the replicas' last posts include everything before this test
+    before = cancelled()
+    body = {"prompt": "Once upon a time", "max_new_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{cluster}/generate", json=body, headers=auth(ALICE), timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 30
+    while cancelled() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert cancelled() == before + 1
