@@ -117,7 +117,8 @@ def open_adapter_store(settings: Settings, base: BaseModel, limits: AdapterLimit
     """The local directory (StoreInUse: another server has it), or the shared bucket (StoreUnavailable:
     it does not answer), whose downloads this server caches under `settings.store`."""
     if settings.s3_store is None:
-        return open_store(settings.store, base, limits)
+        grace = settings.shared_gc_grace_s if settings.clustered else None  # replicas share the directory
+        return open_store(settings.store, base, limits, shared_grace_s=grace)
     from server.adapters.store.s3_store import open_s3_store  # boto3: the optional `s3` extra
 
     return open_s3_store(s3_options(settings), settings.store, settings.s3_cache_bytes)

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
                        help="allow a non-loopback host without --api-keys")
     serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish in-flight work")
+    serve.add_argument("--replicas", type=int, help="engine replicas (default 1: this process; more: a Ray "
+                       "Serve application, needs the `cluster` extra)")
+    serve.add_argument("--ray-address", dest="ray_address", help="Ray cluster to join (default RAY_ADDRESS, "
+                       "else a local one is started)")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", dest="log_format", choices=["json", "text"])
     for name in CLIENT_COMMANDS:
@@ -128,14 +132,16 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings, keys: ApiKeys | None = None) -> int:
     from server.adapters.store.store_lock import StoreInUse, acquire_store_lock
 
+    if settings.s3_store is not None and not _bucket_answers(settings):  # before the model (or Ray) loads
+        return 1
+    if settings.clustered:
+        return _serve_cluster(settings, keys)
     try:  # before the model loads: a second server on this store is refused at once, in one line
         release_store = acquire_store_lock(settings.store)
     except StoreInUse as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 1
     try:
-        if settings.s3_store is not None and not _bucket_answers(settings):
-            return 1
         return _serve_locked(settings, keys)
     finally:
         release_store()
@@ -157,6 +163,25 @@ def _bucket_answers(settings: Settings) -> bool:
         print(f"loraplex serve: {exc.message}", file=sys.stderr)
         return False
     return True
+
+
+def _serve_cluster(settings: Settings, keys: ApiKeys | None) -> int:
+    """`--replicas N` > 1 or `--ray-address`: the same app as Ray Serve replicas (server/cluster/)."""
+    from server.adapters.store.store_lock import StoreInUse
+    from server.logging import configure_logging
+
+    try:
+        from server.cluster.run import serve_cluster
+    except ImportError as exc:
+        print(f"loraplex serve: --replicas/--ray-address need Ray Serve: pip install 'loraplex[cluster]' ({exc})",
+              file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return serve_cluster(settings, keys)
+    except StoreInUse as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:

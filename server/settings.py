@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="`serve` log lines: one JSON object each, or text")
     metrics_max_adapter_series: int = Field(256, ge=1, description="Distinct (tenant, adapter) metric label pairs")
 
+    # --- cluster -----------------------------------------------------------
+    replicas: int = Field(1, ge=1, le=256, description="Engine replicas; 1 = this one process, more = a Ray "
+                          "Serve application (the `cluster` extra) with adapter-affinity routing behind the "
+                          "same host/port, sharing the store directory")
+    ray_address: str | None = Field(None, description="Ray cluster to join when replicas > 1 (else RAY_ADDRESS, "
+                                    "else a local Ray instance is started)")
+    shared_gc_grace_s: float = Field(60.0, ge=0, description="Replicas sharing a store: a superseded or deleted "
+                                     "version's files outlive its replacement by at least this, so another "
+                                     "replica that resolved it just before can still load it")
+
     # --- engine ------------------------------------------------------------
     max_batch: int = Field(32, ge=1, le=4096, description="Sequences decoded together")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 429")
@@ -184,6 +194,11 @@ class Settings(BaseSettings):
                 "(pass --insecure-no-auth to override)"
             )
         return self
+
+    @property
+    def clustered(self) -> bool:
+        """Served by Ray Serve replicas sharing the store (server/cluster/), not by this one process."""
+        return self.replicas > 1 or self.ray_address is not None
 
     @property
     def sdpa_backends(self) -> tuple[str, ...] | None:

@@ -144,3 +144,22 @@ def test_quantize_flag_refusals_are_one_line_errors(capsys) -> None:
     assert main(["serve", "--quantize", "int4", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "quantize=int4 runs on CUDA only" in err and "Traceback" not in err
+
+
+def test_replicas_flag_and_env_twin_choose_the_cluster_and_one_process_never_imports_ray(monkeypatch):
+    from server.cli import build_parser
+    from server.settings import Settings
+
+    args = vars(build_parser().parse_args(["serve", "--replicas", "3", "--ray-address", "10.0.0.1:6379"]))
+    assert (args["replicas"], args["ray_address"]) == (3, "10.0.0.1:6379")
+    monkeypatch.setenv("LORAPLEX_REPLICAS", "2")
+    assert Settings().replicas == 2 and Settings().clustered
+    monkeypatch.delenv("LORAPLEX_REPLICAS")
+    assert not Settings().clustered and Settings(ray_address="auto").clustered
+    done = subprocess.run([sys.executable, "-c", "import sys, server.cli, server.app; "
+                           "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('server.cluster')))"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    done = subprocess.run(serve_command(["--replicas", "0"]), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "replicas" in done.stderr and "Traceback" not in done.stderr

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     adapter_record TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -93,6 +94,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a queue written before jobs named their trainer
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -189,15 +193,16 @@ class JobStore:
         return record
 
     # ------------------------------------------------------------ lifecycle
-    def claim_next(self) -> tuple[str, str, str, int] | None:
-        """Oldest queued job → running, attempts + 1: (id, tenant, adapter_id, attempts)."""
+    def claim_next(self, owner: str | None = None) -> tuple[str, str, str, int] | None:
+        """Oldest queued job → running under `owner` (server/training/leases.py), attempts + 1:
+        (id, tenant, adapter_id, attempts). One transaction: two processes never claim one job."""
         with self._tx() as db:
             row = db.execute("SELECT id, tenant, adapter_id, attempts FROM jobs WHERE status='queued'"
                              " ORDER BY rowid LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET status='running', attempts=attempts+1, started_at=COALESCE(started_at, ?)"
-                       " WHERE id=?", (time.time(), row["id"]))
+            db.execute("UPDATE jobs SET status='running', attempts=attempts+1, started_at=COALESCE(started_at, ?),"
+                       " owner=? WHERE id=?", (time.time(), owner, row["id"]))
             return row["id"], row["tenant"], row["adapter_id"], row["attempts"] + 1
 
     def record_step(self, job_id: str, step: int, loss: float, lr: float) -> None:
@@ -242,14 +247,16 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             return self._record(db, row, history=True)
 
-    def recover(self, max_attempts: int) -> list[str]:
-        """Start-up: jobs left `running` by a dead process are requeued, or failed when out of attempts.
+    def recover(self, max_attempts: int, owner_alive: Callable[[str | None], bool] = lambda owner: False) -> list[str]:
+        """Start-up: jobs left `running` by a dead process are requeued, or failed when out of attempts;
+        jobs whose owner still lives (another replica on this queue) are left alone.
 
         A cancel requested before the crash wins: such a job ends cancelled.
         """
         now = time.time()
         with self._tx() as db:
-            rows = db.execute("SELECT id, attempts, cancel_requested FROM jobs WHERE status='running'").fetchall()
+            rows = db.execute("SELECT id, attempts, cancel_requested, owner FROM jobs WHERE status='running'").fetchall()
+            rows = [row for row in rows if not owner_alive(row["owner"])]
             for row in rows:
                 if row["cancel_requested"]:
                     db.execute("UPDATE jobs SET status='cancelled', finished_at=? WHERE id=?", (now, row["id"]))

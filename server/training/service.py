@@ -19,6 +19,7 @@ from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
 from server.training.jobs import JobStore, NewJob
+from server.training.leases import WorkerLease
 from server.training.modules import plan_targets
 from server.training.spec import TrainingJobSpec, check_spec
 from server.training.worker import TrainingWorker
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_DIR = ".training"
 DB_NAME = "jobs.sqlite3"
+WORKERS_DIR = "workers"
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -44,10 +46,11 @@ class TrainingService:
         self.base = base
         root = Path(settings.store) / TRAINING_DIR
         self.jobs = JobStore(root / DB_NAME)
-        recovered = self.jobs.recover(settings.train_max_attempts)
+        self.lease = WorkerLease(root / WORKERS_DIR)  # before recovering: a replica starting later sees us live
+        recovered = self.jobs.recover(settings.train_max_attempts, self.lease.owner_alive)
         if recovered:
             log.info("training jobs interrupted by the last shutdown: %s", recovered)
-        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints")
+        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints", self.lease.owner)
         self.loop = loop
 
     # ------------------------------------------------------------- routes
@@ -67,6 +70,14 @@ class TrainingService:
             if self.loop is not None:
                 self.loop.wake()
         return record, created
+
+    def poll(self) -> None:
+        """Another process sharing the queue (a cluster replica) may have queued a job: look again,
+        so an idle trainer here claims it instead of it waiting for the busy one it was posted to."""
+        if self.jobs.count("queued"):
+            self.worker.notify()
+            if self.loop is not None:
+                self.loop.wake()
 
     def validate(self, spec: TrainingJobSpec) -> None:
         check_spec(spec, self.settings)
@@ -92,4 +103,5 @@ class TrainingService:
             self.worker.shutdown()
         finally:
             self.jobs.close()
+            self.lease.close()
 

@@ -46,8 +46,10 @@ class ActiveJob:
 
 class TrainingWorker:
     def __init__(self, jobs: JobStore, base: BaseModel, adapters: AdapterService, settings: Settings,
-                 checkpoint_root: Path) -> None:
-        """`adapters` publishes the output as an upload is published (validated, old files collected)."""
+                 checkpoint_root: Path, owner: str | None = None) -> None:
+        """`adapters` publishes the output as an upload is published (validated, old files collected);
+        `owner`: the lease id claimed jobs are recorded under (server/training/leases.py)."""
+        self.owner = owner
         self.jobs = jobs
         self.base = base
         self.adapters = adapters
@@ -103,7 +105,7 @@ class TrainingWorker:
 
     def _start_next(self) -> None:
         self._pending.clear()  # cleared before the query: a submit racing with it sets it again
-        claimed = self.jobs.claim_next()
+        claimed = self.jobs.claim_next(self.owner)
         if claimed is None:
             return
         self._pending.set()  # there may be more behind this one

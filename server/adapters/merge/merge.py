@@ -96,10 +96,11 @@ class MergeRegistry:
             loop.add_step_hook(self.between_steps)
 
     # -- event loop side -------------------------------------------------------
-    async def dedicate(self, tenant: str, adapter_id: str) -> bool:
+    async def dedicate(self, tenant: str, adapter_id: str, mark: bool = True) -> bool:
         """Serve the adapter's newest version from a merged copy; True if a new copy was built.
 
         Conflict beyond `max_merged` or on a quantized base; AdapterError (422) when the merge is refused.
+        `mark=False`: follow a marker another process wrote (a cluster replica), never write it back.
         """
         ref: AdapterRef = await asyncio.to_thread(self.store.resolve, tenant, adapter_id)
         self._check_base(adapter_id)
@@ -118,11 +119,11 @@ class MergeRegistry:
         await self._settle(pair, build)
         with self._lock:
             still = pair in self._wanted
-        if still:  # not un-dedicated meanwhile
+        if still and mark:  # not un-dedicated meanwhile
             await asyncio.to_thread(self._mark, pair, True)
         return created
 
-    async def undedicate(self, tenant: str, adapter_id: str) -> None:
+    async def undedicate(self, tenant: str, adapter_id: str, mark: bool = True) -> None:
         """Back to unmerged: returns once new requests no longer enter the lane."""
         pair = (tenant, adapter_id)
         done: Future = Future()
@@ -131,7 +132,8 @@ class MergeRegistry:
             self._events.append(("unpublish", pair, done))
         self._kick()
         await _wait(done)
-        await asyncio.to_thread(self._mark, pair, False)
+        if mark:
+            await asyncio.to_thread(self._mark, pair, False)
 
     async def refresh(self, tenant: str, adapter_id: str) -> None:
         """After a re-upload: a dedicated adapter gets its new version's copy before the upload answers."""
@@ -168,25 +170,32 @@ class MergeRegistry:
                     "bytes": sum(c.nbytes for c in self._copies.values()), "draining": len(self._draining),
                     "pending": len(self._events)}
 
+    def dedicated(self) -> set[Pair]:
+        """The adapters this process serves (or is building) merged copies of."""
+        with self._lock:
+            return set(self._wanted)
+
+    def marked(self) -> set[Pair]:
+        """The adapters whose dedication the store records (any process sharing it may have written it)."""
+        return {(tenant, adapter_id) for tenant in self.store.tenants() for adapter_id in self.store.adapter_ids(tenant)
+                if self.store.has_marker(tenant, adapter_id, MARKER)}
+
     def restore(self) -> None:
         """Start-up: rebuild the copies of adapters dedicated before the restart (in the background).
 
         On a quantized base none is rebuilt and the markers stay: a restart on the plain base restores them."""
-        for tenant in self.store.tenants():
-            for adapter_id in self.store.adapter_ids(tenant):
-                if not self.store.has_marker(tenant, adapter_id, MARKER):
+        for tenant, adapter_id in sorted(self.marked()):
+            if self.base.quantize != "none":
+                log.warning("not re-merging %s/%s: the base is quantized (%s), adapters are served unmerged",
+                            tenant, adapter_id, self.base.quantize)
+                continue
+            with self._lock:
+                if len(self._wanted) >= self.limits.max_merged:
+                    log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
                     continue
-                if self.base.quantize != "none":
-                    log.warning("not re-merging %s/%s: the base is quantized (%s), adapters are served unmerged",
-                                tenant, adapter_id, self.base.quantize)
-                    continue
-                with self._lock:
-                    if len(self._wanted) >= self.limits.max_merged:
-                        log.warning("not re-merging %s/%s: max_merged reached", tenant, adapter_id)
-                        continue
-                    with contextlib.suppress(ApiError):
-                        ref = self.store.resolve(tenant, adapter_id)
-                        self._start((tenant, adapter_id), ref.key, ref)
+                with contextlib.suppress(ApiError):
+                    ref = self.store.resolve(tenant, adapter_id)
+                    self._start((tenant, adapter_id), ref.key, ref)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

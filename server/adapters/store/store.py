@@ -43,7 +43,7 @@ from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, wri
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import summary_from_config
 from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from server.adapters.store.store_lock import acquire_store_lock
+from server.adapters.store.store_lock import acquire_store_lock, adapter_lock
 from server.adapters.ids import TENANT_RE, InvalidName, check_adapter_id, check_tenant, is_valid_name
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
@@ -57,7 +57,6 @@ TRASH_DIR = ".trash"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 MARKER_RE = re.compile(r"^\.[a-z]{1,32}$")
 
-_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 # Summarises one adapter directory as {type, variant, rank, target_modules};
@@ -95,9 +94,13 @@ class StoredVersion:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, describe: Describer | None = None) -> None:
+    def __init__(self, root: Path, describe: Describer | None = None, shared_grace_s: float | None = None) -> None:
+        """`shared_grace_s`: set when other processes (cluster replicas) serve this store too; no
+        replica sees the others' pins, so files of a superseded or deleted version stay at least
+        this long after it stopped being the newest (see `_settled`)."""
         self.root = Path(root)
         self.describe = describe
+        self.shared_grace_s = shared_grace_s
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / TMP_DIR).mkdir(exist_ok=True)
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
@@ -114,11 +117,10 @@ class AdapterStore:
         with names_as_422():
             return self.root / check_tenant(tenant) / check_adapter_id(adapter_id)
 
-    def lock(self, tenant: str, adapter_id: str) -> threading.Lock:
-        """One lock per (store root, tenant, id), shared by every AdapterStore object in the process:
+    def lock(self, tenant: str, adapter_id: str) -> contextlib.AbstractContextManager[None]:
+        """One lock per (store root, tenant, id), across threads and processes (cluster replicas):
         publishes and deletes of one adapter are serialised."""
-        with _LOCKS_GUARD:
-            return _LOCKS.setdefault((str(self.root.resolve()), tenant, adapter_id), threading.Lock())
+        return adapter_lock(self.root, tenant, adapter_id)
 
     # --------------------------------------------------------------- reading
     def _deleted_through(self, adir: Path) -> int:
@@ -294,7 +296,9 @@ class AdapterStore:
 
     def _to_trash(self, path: Path, key: AdapterKey) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.rename(path, self._trash_name(key))
+            dest = self._trash_name(key)
+            os.rename(path, dest)
+            os.utime(dest)  # its age in the trash counts from now (`_settled`)
 
     def _trash_loose(self, adir: Path, key: AdapterKey) -> None:
         dest = self._trash_name(key)
@@ -303,6 +307,12 @@ class AdapterStore:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(adir / name, dest / name)
         fsync_dir(adir)
+        os.utime(dest)
+
+    def _settled(self, path: Path) -> bool:
+        """Shared store: `path` (the newest version, or a trash entry) is older than the grace period.
+        Within it, another replica may have resolved the version it replaced and not yet read its files."""
+        return self.shared_grace_s is None or time.time() - _mtime(path) >= self.shared_grace_s
 
     # --------------------------------------------------- garbage collection
     def collect_garbage(self, is_pinned: Callable[[AdapterKey], bool] | None = None,
@@ -321,7 +331,7 @@ class AdapterStore:
             pending += self._drop_superseded(tenant, adapter_id, is_pinned)
         for entry in list((self.root / TRASH_DIR).iterdir()):
             key = _trash_key(entry.name)
-            if key is not None and is_pinned(key):
+            if (key is not None and is_pinned(key)) or not self._settled(entry):
                 pending += 1
             else:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -346,11 +356,12 @@ class AdapterStore:
         with self.lock(tenant, adapter_id):
             versions = self._versions(adir)
             newest = max(versions, default=0)
+            settled = newest == 0 or self._settled(versions[newest])
             for version, path in versions.items():
                 key = AdapterKey(tenant, adapter_id, version)
                 if version == newest:
                     continue
-                if is_pinned(key):
+                if is_pinned(key) or not settled:
                     pending += 1
                 elif path == adir:
                     self._trash_loose(adir, key)
@@ -399,22 +410,27 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def open_store(root: Path, base: Any = None, limits: AdapterLimits | None = None) -> AdapterStore:
+def open_store(root: Path, base: Any = None, limits: AdapterLimits | None = None,
+               shared_grace_s: float | None = None) -> AdapterStore:
     """The store as the server opens it at start-up: described by the engine's validator, then swept.
 
     Sweeping is safe only here, before any request runs: staging dirs of
     uploads cut by a crash, trashed and superseded versions all go. It is safe
     only for the one server on this store, so the store's lock comes first
-    (StoreInUse while another process holds it).
+    (StoreInUse while another process holds it). `shared_grace_s` set: one
+    replica of a cluster (shared lock, no sweep: the cluster swept before its
+    replicas started, and others may be running now).
     """
-    release = acquire_store_lock(root)
+    shared = shared_grace_s is not None
+    release = acquire_store_lock(root, shared=shared)
     describe: Describer | None = None
     if base is not None and limits is not None:
         def describe(path: Path) -> dict[str, Any]:
             return read_adapter(path, base, limits).summary()
     try:
-        store = AdapterStore(root, describe=describe)
-        store.sweep()
+        store = AdapterStore(root, describe=describe, shared_grace_s=shared_grace_s)
+        if not shared:
+            store.sweep()
     except BaseException:
         release()
         raise

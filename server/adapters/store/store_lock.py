@@ -1,12 +1,15 @@
-"""One server per store: an exclusive `flock` on `ROOT/.lock`, which holds the owner's pid.
+"""One server (or one cluster) per store: an `flock` on `ROOT/.lock`.
 
-Why: two servers on one store sweep each other's in-flight uploads at start-up
-and re-claim each other's training jobs. Sharing a store is not a supported
-mode, so the second server refuses to start, naming the holder. The kernel
-drops an flock when its process dies (kill -9 included), so a lock is never
-stale: the pid in the file is only what the message shows.
+Why: two independent servers on one store sweep each other's in-flight uploads
+at start-up and re-claim each other's training jobs, so a single server takes
+the lock exclusively (writing its pid, which the refusal names). The replicas
+of one cluster take it shared: they never sweep (the cluster's driver swept
+once, alone, before starting them), publish under a per-adapter file lock
+(`adapter_lock`) and claim jobs under leases (server/training/leases.py). An
+exclusive and a shared holder exclude each other. The kernel drops an flock
+when its process dies (kill -9 included), so a lock is never stale.
 
-Within one process the lock is shared and counted: the CLI takes it before the
+Within one process the lock is counted per mode: the CLI takes it before the
 model loads (to refuse fast, with one line) and the app's store takes it again.
 """
 
@@ -16,28 +19,31 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+ADAPTER_LOCKS_DIR = ".locks"
 
-_held: dict[str, list[int]] = {}  # resolved root -> [fd, holders in this process]
+_held: dict[tuple[str, bool], list[int]] = {}  # (resolved root, shared) -> [fd, holders in this process]
 _guard = threading.Lock()
+_thread_locks: dict[Path, threading.Lock] = {}
 
 
 class StoreInUse(RuntimeError):
     """Another process serves this store; the message names it."""
 
 
-def acquire_store_lock(root: Path) -> Callable[[], None]:
-    """Hold the store's lock (StoreInUse if another process does); returns the idempotent release."""
+def acquire_store_lock(root: Path, shared: bool = False) -> Callable[[], None]:
+    """Hold the store's lock (StoreInUse if another process holds it in the other mode, or exclusively);
+    returns the idempotent release. `shared`: one replica of a cluster."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    key = str(root.resolve())
+    key = (str(root.resolve()), shared)
     with _guard:
         held = _held.get(key)
         if held is None:
-            held = _held[key] = [_lock_file(root / LOCK_NAME), 0]
+            held = _held[key] = [_lock_file(root / LOCK_NAME, shared), 0]
         held[1] += 1
     released = False
 
@@ -55,18 +61,36 @@ def acquire_store_lock(root: Path) -> Callable[[], None]:
     return release
 
 
-def _lock_file(path: Path) -> int:
+def _lock_file(path: Path, shared: bool) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_pid(fd)
         os.close(fd)
-        raise StoreInUse(f"the store {path.parent} is in use by another loraplex server (pid {holder}); "
-                         "stop it or pass another --store") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise StoreInUse(f"the store {path.parent} is in use by another loraplex server or cluster "
+                         f"(pid {holder}); stop it or pass another --store") from None
+    if not shared:  # shared holders leave the file alone: the exclusive holder's pid is what refusals name
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+@contextlib.contextmanager
+def adapter_lock(root: Path, tenant: str, adapter_id: str) -> Iterator[None]:
+    """Serialise publishes and deletes of one adapter across the threads *and* processes on a store
+    (`ROOT/.locks/<tenant>+<id>`), so two replicas never number two uploads the same version."""
+    path = Path(root).resolve() / ADAPTER_LOCKS_DIR / f"{tenant}+{adapter_id}"
+    with _guard:
+        thread_lock = _thread_locks.setdefault(path, threading.Lock())
+    with thread_lock:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another replica's publish takes milliseconds: wait for it
+            yield
+        finally:
+            os.close(fd)  # drops the flock
 
 
 def _read_pid(fd: int) -> str:
