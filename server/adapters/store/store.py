@@ -43,7 +43,7 @@ from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, wri
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import summary_from_config
 from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from server.adapters.store.store_lock import acquire_store_lock, adapter_lock
+from server.adapters.store.store_lock import acquire_store_lock, adapter_lock, create_adapter_lock_stripes
 from server.adapters.ids import TENANT_RE, InvalidName, check_adapter_id, check_tenant, is_valid_name
 from server.adapters.types import AdapterKey, AdapterRef
 from server.errors import ClientGone, InvalidRequest, NotFound
@@ -104,6 +104,7 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / TMP_DIR).mkdir(exist_ok=True)
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
+        create_adapter_lock_stripes(self.root)
         self._described: dict[tuple[str, int, int], dict[str, Any]] = {}
         self._gc_timer: threading.Timer | None = None
         self._release_lock: Callable[[], None] = lambda: None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -24,10 +25,12 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 ADAPTER_LOCKS_DIR = ".locks"
+ADAPTER_LOCK_STRIPES = 64
 
 _held: dict[tuple[str, bool], list[int]] = {}  # (resolved root, shared) -> [fd, holders in this process]
 _guard = threading.Lock()
 _thread_locks: dict[Path, threading.Lock] = {}
+_stripes_held = threading.local()  # .paths: the stripes this thread holds
 
 
 class StoreInUse(RuntimeError):
@@ -78,19 +81,36 @@ def _lock_file(path: Path, shared: bool) -> int:
 
 @contextlib.contextmanager
 def adapter_lock(root: Path, tenant: str, adapter_id: str) -> Iterator[None]:
-    """Serialise publishes and deletes of one adapter across the threads *and* processes on a store
-    (`ROOT/.locks/<tenant>+<id>`), so two replicas never number two uploads the same version."""
-    path = Path(root).resolve() / ADAPTER_LOCKS_DIR / f"{tenant}+{adapter_id}"
+    """Serialise publishes and deletes of one adapter across the threads *and* processes on a store, so
+    two replicas never number two uploads the same version. The lock files are a fixed set of stripes
+    (`ROOT/.locks/00..3f`, by a hash of tenant and id): no file names a tenant or an adapter, none is
+    left behind by a delete, and their count is bounded. Re-entrant per thread (two ids may share a stripe)."""
+    digest = hashlib.sha256(f"{tenant}\0{adapter_id}".encode()).digest()
+    path = Path(root).resolve() / ADAPTER_LOCKS_DIR / f"{digest[0] % ADAPTER_LOCK_STRIPES:02x}"
+    held = _stripes_held.__dict__.setdefault("paths", set())
+    if path in held:  # this thread holds the stripe already (another id on it): the flock is ours
+        yield
+        return
     with _guard:
         thread_lock = _thread_locks.setdefault(path, threading.Lock())
     with thread_lock:
         path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        held.add(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # another replica's publish takes milliseconds: wait for it
             yield
         finally:
+            held.discard(path)
             os.close(fd)  # drops the flock
+
+
+def create_adapter_lock_stripes(root: Path) -> None:
+    """All stripes at once when a store opens, so a store's files do not change as adapters come and go."""
+    locks = Path(root) / ADAPTER_LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    for i in range(ADAPTER_LOCK_STRIPES):
+        (locks / f"{i:02x}").touch(exist_ok=True)
 
 
 def _read_pid(fd: int) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from server.adapters.ids import InvalidName, check_tenant
 from server.adapters.store.store import CONFIG_NAME, DELETED_NAME, TMP_DIR, TRASH_DIR, WEIGHTS_NAME, AdapterStore
+from server.adapters.store.store_lock import ADAPTER_LOCKS_DIR
 from server.adapters.types import AdapterKey
 from server.errors import InvalidRequest, NotFound
 
@@ -30,7 +31,9 @@ def upload(store: AdapterStore, tenant: str, adapter_id: str, payload: bytes) ->
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Files under `root` but the fixed adapter-lock stripes (created when the store opens, never per adapter)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.parent.name != ADAPTER_LOCKS_DIR)
 
 
 @pytest.fixture
@@ -168,3 +171,15 @@ def test_deleted_files_go_once_the_last_request_lets_go(store: AdapterStore) -> 
     while files_under(store.root / TRASH_DIR) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert files_under(store.root / TRASH_DIR) == []
+
+
+def test_adapter_locks_are_fixed_stripes_that_name_no_adapter(tmp_path: Path) -> None:
+    """Per-adapter lock files would outlive deletes and name tenants on disk; stripes are made at open."""
+    store = AdapterStore(tmp_path)
+    stripes = sorted(p.name for p in (tmp_path / ADAPTER_LOCKS_DIR).iterdir())
+    with store.lock("acme", "a"), store.lock("acme", "a"):  # re-entrant for the thread that holds it
+        pass
+    for n in range(200):  # two ids on one stripe, nested, in one thread: no self-deadlock
+        with store.lock("acme", "a"), store.lock("acme", f"b{n}"):
+            pass
+    assert sorted(p.name for p in (tmp_path / ADAPTER_LOCKS_DIR).iterdir()) == stripes and len(stripes) == 64
