@@ -174,7 +174,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"cuda_sdpa={self.cuda_sdpa!r} applies to CUDA only; this server runs on the CPU")
         if self.quantize == "int4" and self.torch_device.type != "cuda":
             raise ValueError("quantize=int4 runs on CUDA only (torchao 0.18 has no int4 weight-only layout for "
-                             "this CPU build of torch); use quantize=int8 on the CPU")
+                             "this CPU build of torch); use quantize=int8 or nf4 on the CPU")
         if self.quantize == "int4" and self.torch_dtype != torch.bfloat16:
             raise ValueError("quantize=int4 needs dtype bfloat16 (torchao's tinygemm int4 kernel)")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):

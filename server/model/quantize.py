@@ -141,7 +141,8 @@ def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> None:
         return
     if device.type != "cuda":
         raise QuantizeError("--quantize int4 runs on CUDA only: torchao 0.18's int4 weight-only layouts need a "
-                            "CUDA device (tinygemm) or the CUDA-only mslk package; on this CPU use --quantize int8")
+                            "CUDA device (tinygemm) or the CUDA-only mslk package; on this CPU use --quantize int8 "
+                            "or nf4")
     if dtype != torch.bfloat16:
         raise QuantizeError(f"--quantize int4 needs --dtype bfloat16 (torchao's tinygemm int4 kernel), not "
                             f"{str(dtype).removeprefix('torch.')}")

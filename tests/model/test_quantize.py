@@ -66,7 +66,7 @@ def test_a_torchao_checkpoint_loads_pre_quantized(tiny_model_dir, tmp_path, base
 
 
 def test_int4_is_refused_on_the_cpu_with_the_reason():
-    with pytest.raises(QuantizeError, match="int4 runs on CUDA only.*use --quantize int8"):
+    with pytest.raises(QuantizeError, match="int4 runs on CUDA only.*use --quantize int8 or nf4"):
         check_mode("int4", torch.device("cpu"), torch.float32)
     with pytest.raises(QuantizeError, match="int4 needs --dtype bfloat16"):
         check_mode("int4", torch.device("cuda"), torch.float32)
