@@ -50,11 +50,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal["none", "int8", "int4", "nf4"] = Field(
+    quantize: Literal["none", "int8", "int4", "nf4", "fp4"] = Field(
         "none", description="Weight-only quantization of the base's Linear layers, adapters on top in "
         "the compute dtype: int8 = one int8 per weight, a scale per output row (torchao; CPU and CUDA); int4 = "
         "tinygemm int4 in groups (torchao; CUDA, bfloat16 only); nf4 = QLoRA's 4-bit NormalFloat, an absmax "
-        "per 64 weights (bitsandbytes; CPU and CUDA). lm_head stays unquantized")
+        "per 64 weights (bitsandbytes; CPU and CUDA); fp4 = the same with a 4-bit float code book. lm_head stays "
+        "unquantized")
     api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}, or {keys: that, tenants: "
                                   "{tenant: limits}}; None = single-tenant dev mode")
     insecure_no_auth: bool = False

@@ -42,15 +42,14 @@ def ours(path: Path, mode: str = "int8") -> BaseModel:
 
 def reference(path: Path, mode: str = "int8") -> BaseModel:
     """The same checkpoint quantized by transformers (TorchAoConfig int8 weight-only, or BitsAndBytesConfig
-    nf4 computing in float32): PEFT's route."""
+    nf4/fp4 computing in float32): PEFT's route."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
-    if mode == "nf4":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.float32)
+    if mode in ("nf4", "fp4"):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
         no_cpu_repack(model)
-        return _base(model, "nf4")
+        return _base(model, mode)
 
     import_torchao()
     from torchao.quantization import Int8WeightOnlyConfig

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from server.model.families import check_model
-from server.model.quantize import (QuantizeError, import_bitsandbytes, import_torchao, is_quantized,
+from server.model.quantize import (BNB_MODES, QuantizeError, import_bitsandbytes, import_torchao, is_quantized,
                                    keep_dense_compute, model_bytes, quantize_base, quantized_mode)
 from server.settings import Settings
 
@@ -44,7 +44,7 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     max_context: int  # tokens: prompt + generated never exceed this
-    quantize: str = "none"  # none | int8 | int4 | nf4: the Linear weights' weight-only quantization (quantize.py)
+    quantize: str = "none"  # none | int8 | int4 | nf4 | fp4: the Linear weights' weight-only quantization (quantize.py)
 
 
 def embedded_gguf_path() -> Path:
@@ -175,12 +175,12 @@ def _quantize(model: PreTrainedModel, mode: str, prequantized: bool, device: tor
         done = quantize_base(model, mode, device, dtype)
         if done.modules:
             log.info("quantized %d linear layers to %s weight-only (%s%s)", done.modules, mode,
-                     "bitsandbytes" if mode == "nf4" else "torchao",
+                     "bitsandbytes" if mode in BNB_MODES else "torchao",
                      f", group size {done.group_size}" if done.group_size else "")
         return mode
     found = quantized_mode(model)
     if found != mode:
-        library = "bitsandbytes" if found == "nf4" else "torchao"
+        library = "bitsandbytes" if found in BNB_MODES else "torchao"
         raise QuantizeError(f"the checkpoint is pre-quantized ({found} weight-only, {library}): start with "
                             f"--quantize {found}, not {mode}")
     keep_dense_compute(model, dtype)  # the served dtype, whatever compute dtype the checkpoint's config names

@@ -20,6 +20,7 @@ Modes (torchao 0.18, per output row or group of the weight `[out, in]`):
         float32 outputs, a `dequantize_4bit` that no longer reads it, no backward); that repack is turned off
         on every layer here (`support_avx512bf16_for_cpu`), so the layer dequantizes and multiplies in the
         compute dtype.
+  fp4   the same with bitsandbytes' 4-bit float code book (BitsAndBytesConfig bnb_4bit_quant_type="fp4").
 The output embedding (lm_head) stays in the compute dtype: it is usually tied to the input embedding,
 which an adapter row gathers from, and PEFT's modules_to_save copies it.
 """
@@ -34,8 +35,9 @@ from torch import nn
 
 from server.model.torchao_noise import silence_torchao_noise
 
-MODES = ("none", "int8", "int4", "nf4")
-NF4_BLOCK_SIZE = 64  # bitsandbytes' and transformers' default for 4-bit weights
+MODES = ("none", "int8", "int4", "nf4", "fp4")
+BNB_MODES = ("nf4", "fp4")  # bitsandbytes' 4-bit code books; the rest are torchao's
+BNB_BLOCK_SIZE = 64  # bitsandbytes' and transformers' default for 4-bit weights
 INT4_GROUP_SIZES = (128, 64, 32)  # tinygemm's; the largest that divides every in_features is used
 
 
@@ -45,9 +47,9 @@ class QuantizeError(RuntimeError):
 
 @dataclass(frozen=True)
 class Quantized:
-    mode: str  # none | int8 | int4 | nf4
+    mode: str  # none | int8 | int4 | nf4 | fp4
     modules: int  # Linear layers whose weight is quantized
-    group_size: int | None  # int4: the weight's group size along in_features; nf4: weights per absmax
+    group_size: int | None  # int4: the weight's group size along in_features; nf4/fp4: weights per absmax
 
 
 def import_torchao() -> ModuleType:
@@ -68,7 +70,7 @@ def import_bitsandbytes() -> ModuleType:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
     except ImportError as e:
-        raise QuantizeError(f"--quantize nf4 needs bitsandbytes (pip install 'loraplex[quant]'): {e}") from None
+        raise QuantizeError(f"--quantize nf4|fp4 needs bitsandbytes (pip install 'loraplex[quant]'): {e}") from None
     return bitsandbytes
 
 
@@ -103,7 +105,7 @@ def weight_shape(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def quantized_mode(model: nn.Module) -> str:
-    """The mode a model's Linear weights are in (a pre-quantized checkpoint's, say): none, int8, int4 or nf4."""
+    """The mode a model's Linear weights are in (a pre-quantized checkpoint's, say): none, int8, int4, nf4 or fp4."""
     names = {type(m.weight).__name__ for m in model.modules() if isinstance(m, nn.Linear)
              and is_quantized(m.weight)}
     if not names:
@@ -111,16 +113,16 @@ def quantized_mode(model: nn.Module) -> str:
     if names == {"Params4bit"}:
         kinds = {m.weight.quant_state.quant_type for m in model.modules() if isinstance(m, nn.Linear)
                  and is_bnb_4bit(m.weight)}
-        if kinds == {"nf4"}:
-            return "nf4"
+        if len(kinds) == 1 and kinds <= set(BNB_MODES):
+            return kinds.pop()
         raise QuantizeError(f"the checkpoint's weights are bitsandbytes 4-bit {sorted(kinds)}, which this server "
-                            "does not serve (nf4 only)")
+                            "does not serve (nf4 or fp4 in every layer only)")
     if names == {"Int8Tensor"}:
         return "int8"
     if all(n.startswith("Int4") for n in names):
         return "int4"
     raise QuantizeError(f"the checkpoint's weights are quantized as {sorted(names)}, which this server does "
-                        "not serve (int8 or int4 weight-only torchao tensors, or bitsandbytes nf4, only)")
+                        "not serve (int8 or int4 weight-only torchao tensors, or bitsandbytes nf4/fp4, only)")
 
 
 def targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -135,7 +137,7 @@ def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse what cannot run on this device and dtype, before any weight is read."""
     if mode not in MODES:
         raise QuantizeError(f"unknown quantize mode {mode!r}; one of {list(MODES)}")
-    if mode == "nf4":
+    if mode in BNB_MODES:
         import_bitsandbytes()
     if mode != "int4":
         return
@@ -163,8 +165,8 @@ def quantize_base(model: nn.Module, mode: str, device: torch.device, dtype: torc
     check_mode(mode, device, dtype)
     if mode == "none":
         return Quantized("none", 0, None)
-    if mode == "nf4":
-        return Quantized("nf4", quantize_nf4(model, targets(model), device, dtype), NF4_BLOCK_SIZE)
+    if mode in BNB_MODES:
+        return Quantized(mode, quantize_bnb_4bit(model, targets(model), mode, device, dtype), BNB_BLOCK_SIZE)
     torchao = import_torchao()
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
@@ -182,13 +184,14 @@ def quantize_base(model: nn.Module, mode: str, device: torch.device, dtype: torc
     return Quantized(mode, len(layers), group_size)
 
 
-def quantize_nf4(model: nn.Module, layers: dict[str, nn.Linear], device: torch.device, dtype: torch.dtype) -> int:
-    """Swap each Linear for a bitsandbytes nf4 Linear4bit built as transformers' replace_with_bnb_linear does
+def quantize_bnb_4bit(model: nn.Module, layers: dict[str, nn.Linear], quant_type: str, device: torch.device,
+                      dtype: torch.dtype) -> int:
+    """Swap each Linear for a bitsandbytes 4-bit Linear4bit built as transformers' replace_with_bnb_linear does
     (then Params4bit(weight, **defaults).to(device), its loader's quantization); returns how many."""
     bnb = import_bitsandbytes()
     for name, old in layers.items():
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, old.bias is not None, dtype,
-                                compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+                                compress_statistics=False, quant_type=quant_type, quant_storage=torch.uint8,
                                 device="meta")
         new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, **new.weight.__dict__).to(device)
         if old.bias is not None:

@@ -1,4 +1,4 @@
-"""nf4 (bitsandbytes) quantization of the base: the same layers and bytes as transformers' BitsAndBytesConfig,
+"""nf4 and fp4 (bitsandbytes) quantization of the base: the same layers and bytes as transformers' BitsAndBytesConfig,
 the bytes it saves, pre-quantized checkpoints, float32 compute on the CPU, and the refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from server.model.load import load_base
-from server.model.quantize import QuantizeError, dense_weight, import_bitsandbytes, is_quantized, model_bytes
+from server.model.quantize import (QuantizeError, dense_weight, import_bitsandbytes, is_quantized, model_bytes,
+                                   quantized_mode)
 from tests.harness import cpu_settings
 from tests.quantized_base import reference, same_quantization
 
@@ -18,21 +19,23 @@ from tests.quantized_base import reference, same_quantization
 @pytest.fixture(scope="module")
 def bases(tiny_model_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    return {mode: load_base(cpu_settings(tiny_model_dir, store, quantize=mode)) for mode in ("none", "nf4")}
+    return {mode: load_base(cpu_settings(tiny_model_dir, store, quantize=mode)) for mode in ("none", "nf4", "fp4")}
 
 
-def test_nf4_is_transformers_bitsandbytes_nf4_byte_for_byte(bases, tiny_model_dir):
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_4bit_is_transformers_bitsandbytes_4bit_byte_for_byte(bases, tiny_model_dir, mode):
     """Same Linear4bit layers (all but the tied lm_head), same packed codes, absmax, block size 64, no double
     quantization: the base QLoRA adapters were trained on."""
-    model = bases["nf4"].model
-    assert bases["nf4"].quantize == "nf4"
+    model = bases[mode].model
+    assert bases[mode].quantize == mode
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {n for n, m in linears.items() if not is_quantized(m.weight)} == {"lm_head"}
     state = linears["model.layers.0.mlp.down_proj"].weight.quant_state
-    assert (state.quant_type, state.blocksize, state.nested, state.dtype) == ("nf4", 64, False, torch.float32)
-    ref = reference(tiny_model_dir, "nf4").model
+    assert (state.quant_type, state.blocksize, state.nested, state.dtype) == (mode, 64, False, torch.float32)
+    ref = reference(tiny_model_dir, mode).model
     assert {type(m).__name__ for m in ref.modules()} == {type(m).__name__ for m in model.modules()}
     assert not same_quantization(ref, model) and not same_quantization(model, ref)
+    assert quantized_mode(ref) == mode  # what a pre-quantized checkpoint of it is served as
 
 
 def test_bytes_of_the_nf4_base(bases):
@@ -82,7 +85,8 @@ def test_a_bitsandbytes_nf4_checkpoint_loads_pre_quantized(tiny_model_dir, tmp_p
 
 def test_without_bitsandbytes_nf4_is_refused_naming_the_extra(monkeypatch, tiny_model_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when not installed
-    with pytest.raises(QuantizeError, match=r"--quantize nf4 needs bitsandbytes \(pip install 'loraplex\[quant\]'\)"):
+    with pytest.raises(QuantizeError, match=r"--quantize nf4\|fp4 needs bitsandbytes "
+                                            r"\(pip install 'loraplex\[quant\]'\)"):
         import_bitsandbytes()
     with pytest.raises(QuantizeError, match="needs bitsandbytes"):
         load_base(cpu_settings(tiny_model_dir, tmp_path / "store", quantize="nf4"))
@@ -93,7 +97,8 @@ def test_unknown_modes_are_refused(tiny_model_dir):
 
     from server.model.quantize import quantize_base
 
-    with pytest.raises(QuantizeError, match=r"unknown quantize mode 'fp4'; one of \['none', 'int8', 'int4', 'nf4'\]"):
-        quantize_base(torch.nn.Linear(4, 4), "fp4", torch.device("cpu"), torch.float32)
+    with pytest.raises(QuantizeError, match=r"unknown quantize mode 'int2'; one of \['none', 'int8', 'int4', 'nf4', "
+                                            r"'fp4'\]"):
+        quantize_base(torch.nn.Linear(4, 4), "int2", torch.device("cpu"), torch.float32)
     with pytest.raises(ValidationError, match="quantize"):
-        cpu_settings(tiny_model_dir, quantize="fp4")
+        cpu_settings(tiny_model_dir, quantize="int2")

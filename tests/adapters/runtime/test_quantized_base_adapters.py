@@ -1,9 +1,9 @@
-"""Adapters served on an int8 weight-only base (torchao) and an nf4 one (bitsandbytes), against PEFT on the
+"""Adapters served on an int8 weight-only base (torchao) and nf4 / fp4 ones (bitsandbytes), against PEFT on the
 same quantized model.
 
 PEFT wraps each quantized Linear (TorchaoLoraLinear or its bitsandbytes Linear4bit LoRA layer, MiSS, DoRA
 through the dequantized weight) of a model transformers quantized with TorchAoConfig or BitsAndBytesConfig
-(nf4, float32 compute); ours is the same checkpoint through quantize_base. Every
+(nf4 or fp4, float32 compute); ours is the same checkpoint through quantize_base. Every
 row of a mixed batch (LoRA, all-linear LoRA, MiSS, DoRA, base) must give PEFT's logits for that row alone
 and PEFT's greedy tokens: the wrappers call the quantized layer as-is and add the same adapter math.
 """
@@ -28,7 +28,7 @@ ROWS = [0, BASE, 1, 2, 3, 0, 2]
 
 
 @pytest.fixture(scope="module", params=[("int8", "cpu-kernel"), ("int8", "torch-bias"), ("nf4", "cpu-kernel"),
-                                        ("nf4", "torch-bias")], ids="-".join)
+                                        ("nf4", "torch-bias"), ("fp4", "cpu-kernel")], ids="-".join)
 def served(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quantized")
     mode, kernel = request.param[0], request.param[1] == "cpu-kernel"
