@@ -102,3 +102,19 @@ def test_unknown_modes_are_refused(tiny_model_dir):
         quantize_base(torch.nn.Linear(4, 4), "int2", torch.device("cpu"), torch.float32)
     with pytest.raises(ValidationError, match="quantize"):
         cpu_settings(tiny_model_dir, quantize="int2")
+
+
+def test_only_bitsandbytes_missing_kernels_line_is_dropped(caplog):
+    """The optional `kernels` package's absence is dropped; any other failure of that loader still shows."""
+    import logging
+
+    from server.model.torchao_noise import silence_torchao_noise
+
+    silence_torchao_noise()
+    missing = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
+               "sure you already `pip install kernels` and the kernels >= 0.11.1")
+    other = "Failed to load CPU gemm_4bit_forward from kernels-community: kernel ABI mismatch. Please make sure ..."
+    with caplog.at_level(logging.WARNING):
+        for line in (missing, other):
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning(line)
+    assert [r.getMessage() for r in caplog.records] == [other]
