@@ -4,7 +4,8 @@ Why: weight-only quantization is a memory trade; the README states what it saves
 speed here. One Engine per mode (the real scheduler, runner and sampler; no HTTP) serves the same greedy
 requests with EOS ignored, at batch 1 (one stream) and at batch 8; rounds alternate which mode goes first
 and the table reports the median over rounds and each mode's ratio to `none` within a round. int4 runs on
-CUDA only (server/model/quantize.py): on a CPU its row says so and nothing is measured.
+CUDA only (server/model/quantize.py): on a CPU its row says so and nothing is measured. nf4 is bitsandbytes'
+Linear4bit computing in float32 (its AVX512-BF16 repack off, as the server runs it).
 
     python -m bench.quantize [--quick] [--rounds N] [--threads T]
 """
@@ -27,7 +28,7 @@ from server.model.load import load_base
 from server.model.quantize import model_bytes
 from server.settings import Settings
 
-MODES = ("none", "int8")
+MODES = ("none", "int8", "nf4")
 BATCHES = (1, 8)
 
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--quantize", choices=["none", "int8", "int4"],
+    serve.add_argument("--quantize", choices=["none", "int8", "int4", "nf4", "fp4"],
                        help="weight-only quantization of the base's Linear layers (default none; int4: CUDA)")
     serve.add_argument("--max-batch", type=int, dest="max_batch", help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, dest="max_queue", help="waiting requests before 429")

@@ -50,10 +50,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal["none", "int8", "int4"] = Field(
-        "none", description="Weight-only quantization of the base's Linear layers (torchao), adapters on top in "
-        "the compute dtype: int8 = one int8 per weight, a scale per output row (CPU and CUDA); int4 = tinygemm "
-        "int4 in groups (CUDA, bfloat16 only). lm_head stays unquantized")
+    quantize: Literal["none", "int8", "int4", "nf4", "fp4"] = Field(
+        "none", description="Weight-only quantization of the base's Linear layers, adapters on top in "
+        "the compute dtype: int8 = one int8 per weight, a scale per output row (torchao; CPU and CUDA); int4 = "
+        "tinygemm int4 in groups (torchao; CUDA, bfloat16 only); nf4 = QLoRA's 4-bit NormalFloat, an absmax "
+        "per 64 weights (bitsandbytes; CPU and CUDA); fp4 = the same with a 4-bit float code book. lm_head stays "
+        "unquantized")
     api_keys: Path | None = Field(None, description="JSON file {key: {tenant, admin}}, or {keys: that, tenants: "
                                   "{tenant: limits}}; None = single-tenant dev mode")
     insecure_no_auth: bool = False
@@ -185,7 +187,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"cuda_sdpa={self.cuda_sdpa!r} applies to CUDA only; this server runs on the CPU")
         if self.quantize == "int4" and self.torch_device.type != "cuda":
             raise ValueError("quantize=int4 runs on CUDA only (torchao 0.18 has no int4 weight-only layout for "
-                             "this CPU build of torch); use quantize=int8 on the CPU")
+                             "this CPU build of torch); use quantize=int8 or nf4 on the CPU")
         if self.quantize == "int4" and self.torch_dtype != torch.bfloat16:
             raise ValueError("quantize=int4 needs dtype bfloat16 (torchao's tinygemm int4 kernel)")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):

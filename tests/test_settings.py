@@ -28,7 +28,8 @@ def test_quantize_has_an_env_twin_and_refuses_unknown_modes_and_int4_on_the_cpu(
     assert Settings().quantize == "none"
     monkeypatch.setenv("LORAPLEX_QUANTIZE", "int8")
     assert Settings().quantize == "int8"
-    with pytest.raises(ValidationError, match="quantize\n  Input should be 'none', 'int8' or 'int4'"):
-        Settings(quantize="nf4")
-    with pytest.raises(ValidationError, match="quantize=int4 runs on CUDA only .* use quantize=int8 on the CPU"):
+    assert Settings(quantize="nf4", device="cpu").quantize == "nf4"  # bitsandbytes: CPU and CUDA
+    with pytest.raises(ValidationError, match="quantize\n  Input should be 'none', 'int8', 'int4', 'nf4' or 'fp4'"):
+        Settings(quantize="int2")
+    with pytest.raises(ValidationError, match="quantize=int4 runs on CUDA only .* use quantize=int8 or nf4 on the CPU"):
         Settings(quantize="int4", device="cpu")

@@ -23,8 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from server.model.families import check_model
-from server.model.quantize import (QuantizeError, import_torchao, is_quantized, model_bytes,
-                                   quantize_base, quantized_mode)
+from server.model.quantize import (BNB_MODES, QuantizeError, import_bitsandbytes, import_torchao, is_quantized,
+                                   keep_dense_compute, model_bytes, quantize_base, quantized_mode)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     max_context: int  # tokens: prompt + generated never exceed this
-    quantize: str = "none"  # none | int8 | int4: the Linear weights' weight-only quantization (quantize.py)
+    quantize: str = "none"  # none | int8 | int4 | nf4 | fp4: the Linear weights' weight-only quantization (quantize.py)
 
 
 def embedded_gguf_path() -> Path:
@@ -150,15 +150,22 @@ def load_base(settings: Settings) -> BaseModel:
 
 
 def _prequantized(config: object) -> bool:
-    """A checkpoint saved quantized by transformers' TorchAoConfig: torchao must import (quietly) to load it."""
+    """A checkpoint saved quantized by transformers (TorchAoConfig, or BitsAndBytesConfig in 4 bits): its library
+    must import (quietly) to load it."""
     quant = getattr(config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if quant is not None and str(getattr(method, "value", method)) != "torchao":
-        raise QuantizeError(f"the checkpoint is quantized with {method!r}; this server loads torchao "
-                            "checkpoints (TorchAoConfig) or plain ones it quantizes itself (--quantize)")
-    if quant is not None:
+    if quant is None:
+        return False
+    get = quant.get if isinstance(quant, dict) else lambda key: getattr(quant, key, None)
+    method = str(getattr(get("quant_method"), "value", get("quant_method")))
+    if method == "torchao":
         import_torchao()
-    return quant is not None
+    elif method == "bitsandbytes" and get("load_in_4bit"):
+        import_bitsandbytes()
+    else:
+        raise QuantizeError(f"the checkpoint is quantized with {method!r}; this server loads torchao "
+                            "checkpoints (TorchAoConfig), bitsandbytes 4-bit ones (BitsAndBytesConfig) or plain "
+                            "ones it quantizes itself (--quantize)")
+    return True
 
 
 def _quantize(model: PreTrainedModel, mode: str, prequantized: bool, device: torch.device,
@@ -167,11 +174,14 @@ def _quantize(model: PreTrainedModel, mode: str, prequantized: bool, device: tor
     if not prequantized:
         done = quantize_base(model, mode, device, dtype)
         if done.modules:
-            log.info("quantized %d linear layers to %s weight-only (torchao%s)", done.modules, mode,
+            log.info("quantized %d linear layers to %s weight-only (%s%s)", done.modules, mode,
+                     "bitsandbytes" if mode in BNB_MODES else "torchao",
                      f", group size {done.group_size}" if done.group_size else "")
         return mode
     found = quantized_mode(model)
     if found != mode:
-        raise QuantizeError(f"the checkpoint is pre-quantized ({found} weight-only, torchao): start with "
+        library = "bitsandbytes" if found in BNB_MODES else "torchao"
+        raise QuantizeError(f"the checkpoint is pre-quantized ({found} weight-only, {library}): start with "
                             f"--quantize {found}, not {mode}")
+    keep_dense_compute(model, dtype)  # the served dtype, whatever compute dtype the checkpoint's config names
     return found

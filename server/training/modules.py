@@ -20,7 +20,7 @@ from torch import nn
 
 from server.adapters.weights.miss import bat_delta
 from server.errors import InvalidRequest
-from server.model.quantize import dense_weight
+from server.model.quantize import dense_weight, weight_shape
 from server.training.spec import TrainingJobSpec
 
 PARAM_DTYPE = torch.float32
@@ -88,7 +88,7 @@ class DoraLinear(LoraLinear):
 
     def __init__(self, base_weight: torch.Tensor, r: int, scaling: float, dropout: float,
                  device: torch.device, init_gen: torch.Generator) -> None:
-        out_features, in_features = base_weight.shape
+        out_features, in_features = weight_shape(base_weight)
         super().__init__(in_features, out_features, r, scaling, dropout, device, init_gen)
         self._base = (base_weight,)  # a tuple: not registered, not in state_dict
         self.lora_magnitude_vector = nn.Parameter(self._norm().to(device))  # [out]
@@ -142,7 +142,7 @@ class MissBat(TrainableAdapter):
 
     def __init__(self, base_weight: torch.Tensor, r: int) -> None:
         super().__init__()
-        out_features, in_features = base_weight.shape
+        out_features, in_features = weight_shape(base_weight)
         self.miss_block = nn.Parameter(
             torch.zeros(out_features // r, r, r, device=base_weight.device, dtype=PARAM_DTYPE))
         self.r = r

@@ -1,5 +1,6 @@
-"""A server started with `quantize=int8`, over real HTTP: an adapter's greedy text is PEFT's on the same
-torchao-quantized model, and a merge is refused with 409 and its reason."""
+"""A server started with `quantize=int8` (torchao) or `quantize=nf4` (bitsandbytes), over real HTTP: an adapter's
+greedy text is PEFT's on the same model quantized by transformers, a merge is refused with 409 and its reason,
+and a QLoRA job trains through the quantized base."""
 
 from __future__ import annotations
 
@@ -16,21 +17,23 @@ from tests.harness import cpu_settings, running_server
 from tests.quantized_base import reference
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+@pytest.fixture(scope="module", params=["int8", "nf4"])
+def served(request: pytest.FixtureRequest, tiny_model_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     tmp = tmp_path_factory.mktemp("quantized-server")
     settings = cpu_settings(tiny_model_dir, tmp / "store", api_keys=write_keys(tmp / "keys.json"),
-                            max_adapters_resident=2, max_batch=4, quantize="int8")
+                            max_adapters_resident=2, max_batch=4, quantize=request.param)
     app = create_app(settings)
     with running_server(app) as url:
         yield url, app.state.services
 
 
-def test_adapter_on_the_int8_base_generates_peft_text_and_merge_is_refused(served, tiny_model_dir, tmp_path):
+def test_adapter_on_the_quantized_base_generates_peft_text_and_merge_is_refused(served, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
     url, services = served
-    assert services.base.quantize == "int8"
+    mode = services.base.quantize
+    assert mode in ("int8", "nf4")
     adapter = build_adapter(load_tiny(tiny_model_dir), "lora_all", tmp_path / "a", seed=5, scale=0.5)
     prompt = "The quick brown fox jumps over"
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -44,11 +47,11 @@ def test_adapter_on_the_int8_base_generates_peft_text_and_merge_is_refused(serve
         merged = client.post("/v1/adapters/qa/merge", headers=auth(ALICE))
     assert merged.status_code == 409
     error = merged.json()["error"]
-    assert error["type"] and "base model is quantized (int8 weight-only)" in error["message"]
+    assert error["type"] and f"base model is quantized ({mode} weight-only)" in error["message"]
 
     tokenizer = services.base.tokenizer
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    peft_model = PeftModel.from_pretrained(reference(tiny_model_dir).model, str(adapter)).eval()
+    peft_model = PeftModel.from_pretrained(reference(tiny_model_dir, mode).model, str(adapter)).eval()
     with torch.no_grad():
         out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                   do_sample=False, pad_token_id=tokenizer.eos_token_id,
@@ -56,7 +59,7 @@ def test_adapter_on_the_int8_base_generates_peft_text_and_merge_is_refused(serve
     assert r.json()["text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_a_qlora_job_over_http_trains_through_the_int8_base_and_serves_at_once(served):
+def test_a_qlora_job_over_http_trains_through_the_quantized_base_and_serves_at_once(served):
     """The job API on a quantized server: the base stays quantized and the adapter serves what it learned."""
     from server.model.quantize import is_quantized
     from tests.harness import TRAIN_DATA, wait_job

@@ -1,9 +1,10 @@
-"""QLoRA: jobs trained through the int8 weight-only base (torchao) the server serves.
+"""QLoRA: jobs trained through the quantized base the server serves: int8 weight-only (torchao) and nf4
+(bitsandbytes, the classic QLoRA base).
 
-The base is loaded as the server loads it with `quantize=int8`; the trainer's backward runs through the
+The base is loaded as the server loads it with `quantize=int8|nf4`; the trainer's backward runs through the
 quantized Linear (gradients w.r.t. its input only: the base stays frozen and quantized). The exported
-adapter must load in PEFT on the same checkpoint quantized by transformers' TorchAoConfig (identical int8
-codes) and generate the tokens our server generates from it.
+adapter must load in PEFT on the same checkpoint quantized by transformers (TorchAoConfig, or
+BitsAndBytesConfig nf4: identical codes) and generate the tokens our server generates from it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tests.quantized_base import reference, same_quantization
 from tests.training.conftest import greedy, make_spec, make_trainer, settings_for
 
 
-@pytest.fixture(scope="module")
-def q_settings(tiny_model_dir, tmp_path_factory):
-    return settings_for(tiny_model_dir, tmp_path_factory.mktemp("qstore"), quantize="int8")
+@pytest.fixture(scope="module", params=["int8", "nf4"])
+def q_settings(request, tiny_model_dir, tmp_path_factory):
+    return settings_for(tiny_model_dir, tmp_path_factory.mktemp("qstore"), quantize=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +34,26 @@ def q_served(q_settings) -> BaseModel:
 
 
 @pytest.fixture(scope="module")
-def peft_quantized(tiny_model_dir):
-    return reference(tiny_model_dir).model
+def peft_quantized(tiny_model_dir, q_settings):
+    return reference(tiny_model_dir, q_settings.quantize).model
 
 
-def test_backward_through_the_int8_linear_matches_the_dequantized_one():
-    from server.model.quantize import quantize_base
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_backward_through_the_quantized_linear_matches_the_dequantized_one(mode):
+    """Also after a no-grad forward (serving), which bitsandbytes would otherwise repack for the CPU."""
+    from server.model.quantize import dense_weight, quantize_base
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
-    quantize_base(model, "int8", torch.device("cpu"), torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    quantize_base(model, mode, torch.device("cpu"), torch.float32)
     weight = model[0].weight
     assert is_quantized(weight) and not weight.requires_grad
+    with torch.no_grad():
+        model(torch.randn(2, 64))
     x = torch.randn(5, 64, requires_grad=True)
     model(x).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
-    torch.nn.functional.linear(x2, weight.dequantize(), model[0].bias).square().sum().backward()
+    torch.nn.functional.linear(x2, dense_weight(model[0].weight), model[0].bias).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
 
 

@@ -23,6 +23,7 @@ from server.adapters.runtime.slots import SlotBank
 from server.adapters.runtime.transfer import Fence, InlineCopier, SlotCopier, copier_for
 from server.adapters.limits import AdapterLimits
 from server.kernels.cpu import load_kernel
+from server.model.quantize import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def _wrap(model: nn.Module, name: str, mod: nn.Module, slots: int, max_rank: int
                         embedding=True, slot_dtype=slot_dtype)
         wrapper: AdaptedModule = AdaptedEmbedding(mod, name, bank, backend)
     else:
-        bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight.dtype,
+        bank = SlotBank(slots, mod.in_features, mod.out_features, max_rank, weight.device, weight_dtype(weight),
                         slot_dtype=slot_dtype)
         wrapper = AdaptedLinear(mod, name, bank, backend)
     parent_name, _, child = name.rpartition(".")

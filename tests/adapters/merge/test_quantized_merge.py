@@ -13,12 +13,12 @@ from server.adapters.store.store import AdapterStore
 from server.errors import Conflict, NotFound
 
 
-@pytest.fixture
-def quantized_registry(tmp_path):
+@pytest.fixture(params=["int8", "nf4"])
+def quantized_registry(request, tmp_path):
     path = save_tiny(tmp_path / "model")
     plain_base = af.tiny_base(0)
     af.make_peft(plain_base, "lora_qv", tmp_path / "qv", seed=1)
-    base = ours(path, "int8")
+    base = ours(path, request.param)
     settings = af.adapter_settings(tmp_path, max_merged=2)
     limits = AdapterLimits.from_settings(settings)
     layers = inject_adapter_layers(base.model, limits)
@@ -31,7 +31,8 @@ def quantized_registry(tmp_path):
 
 async def test_dedicate_on_a_quantized_base_is_a_conflict_naming_why(quantized_registry):
     reg, store, layers, _, _ = quantized_registry
-    with pytest.raises(Conflict, match=r"base model is quantized \(int8 weight-only\).*served unmerged") as e:
+    mode = reg.base.quantize
+    with pytest.raises(Conflict, match=rf"base model is quantized \({mode} weight-only\).*served unmerged") as e:
         await reg.dedicate("acme", "qv")
     assert e.value.status == 409
     assert reg.stats() == {"dedicated": 0, "copies": 0, "bytes": 0, "draining": 0, "pending": 0}

@@ -1,7 +1,9 @@
-"""Adapters served on an int8 weight-only base (torchao), against PEFT on the same quantized model.
+"""Adapters served on an int8 weight-only base (torchao) and nf4 / fp4 ones (bitsandbytes), against PEFT on the
+same quantized model.
 
-PEFT wraps each quantized Linear (TorchaoLoraLinear, MiSS, DoRA through the dequantized weight) of a
-model transformers quantized with TorchAoConfig; ours is the same checkpoint through quantize_base. Every
+PEFT wraps each quantized Linear (TorchaoLoraLinear or its bitsandbytes Linear4bit LoRA layer, MiSS, DoRA
+through the dequantized weight) of a model transformers quantized with TorchAoConfig or BitsAndBytesConfig
+(nf4 or fp4, float32 compute); ours is the same checkpoint through quantize_base. Every
 row of a mixed batch (LoRA, all-linear LoRA, MiSS, DoRA, base) must give PEFT's logits for that row alone
 and PEFT's greedy tokens: the wrappers call the quantized layer as-is and add the same adapter math.
 """
@@ -25,13 +27,14 @@ BASE = -1
 ROWS = [0, BASE, 1, 2, 3, 0, 2]
 
 
-@pytest.fixture(scope="module", params=["cpu-kernel", "torch-bias"])
+@pytest.fixture(scope="module", params=[("int8", "cpu-kernel"), ("int8", "torch-bias"), ("nf4", "cpu-kernel"),
+                                        ("nf4", "torch-bias"), ("fp4", "cpu-kernel")], ids="-".join)
 def served(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quantized")
-    kernel = request.param == "cpu-kernel"
+    mode, kernel = request.param[0], request.param[1] == "cpu-kernel"
     config = {} if kernel else {"attention_bias": True, "mlp_bias": True}
     path = save_tiny(tmp / "model", **config)
-    ref, base = reference(path), ours(path)
+    ref, base = reference(path, mode), ours(path, mode)
     settings = af.adapter_settings(tmp, max_adapters_resident=len(KINDS), cpu_kernels=kernel)
     limits = AdapterLimits.from_settings(settings)
     layers = inject_adapter_layers(base.model, limits)
@@ -93,10 +96,11 @@ def test_greedy_mixed_decode_matches_peft_generate(served):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_cuda_bfloat16_quantized_base_lora_matches_peft(mode, tmp_path):
-    """On CUDA in bfloat16: int8, and int4 (tinygemm, group size 64 for the tiny model's in_features)."""
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+    """On CUDA in bfloat16: int8, int4 (tinygemm, group size 64 for the tiny model's in_features), and nf4
+    (bitsandbytes' CUDA kernels, bfloat16 compute)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
     from server.model.load import BaseModel
     from server.model.quantize import import_torchao, quantize_base
@@ -106,12 +110,15 @@ def test_cuda_bfloat16_quantized_base_lora_matches_peft(mode, tmp_path):
 
     path = save_tiny(tmp_path / "model")
     cuda = torch.device("cuda")
-    config = (Int8WeightOnlyConfig() if mode == "int8" else
-              Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d"))
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+              if mode == "nf4" else TorchAoConfig(Int8WeightOnlyConfig() if mode == "int8" else
+                                                  Int4WeightOnlyConfig(group_size=64,
+                                                                       int4_packing_format="tile_packed_to_4d")))
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
-                                                     quantization_config=TorchAoConfig(config)).eval()
+                                                     quantization_config=config).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(cuda).eval().requires_grad_(False)
     assert quantize_base(model, mode, cuda, torch.bfloat16).modules == 14
+    assert mode != "nf4" or not same_quantization(ref_model, model)
     base = BaseModel(model=model, tokenizer=None, model_id="tiny", device=cuda, dtype=torch.bfloat16,
                      max_context=512, quantize=mode)
     ref = BaseModel(model=ref_model, tokenizer=None, model_id="tiny", device=cuda, dtype=torch.bfloat16,
