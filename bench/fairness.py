@@ -22,11 +22,13 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import re
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -84,22 +86,63 @@ def keys_file(path: Path, heavy_cap: int | None = None) -> Path:
 
 
 async def run_flood(base_url: str, flood: Flood = Flood()) -> FloodResult:
-    """Idle probes, A's burst with B's probes inside it, idle probes again; bounded by `flood.timeout_s`."""
+    """Idle probes, A's burst with B's probes inside it, idle probes again; bounded by `flood.timeout_s`.
+
+    A's burst runs in a process of its own: receiving and parsing forty answers in the probing process
+    would delay B's reads and be measured as the server's latency."""
     async with asyncio.timeout(flood.timeout_s):
         light = _client(base_url, LIGHT_KEY, flood.light_requests, flood.timeout_s)
-        heavy = _client(base_url, HEAVY_KEY, flood.heavy_requests, flood.timeout_s)
-        async with light, heavy:
+        async with light:
             probe = GenRequest(flood.light_prompt, None, flood.light_tokens)
             await stream_one(light, probe)  # warm-up: first-request costs are not the idle value
             idle = await _probes(light, probe, flood.light_requests)
-            started = time.perf_counter()
-            burst = [asyncio.create_task(_heavy_one(heavy, flood.heavy_tokens)) for _ in range(flood.heavy_requests)]
-            loaded = await _spaced_probes(light, probe, flood)
-            answers = await asyncio.gather(*burst)
-            heavy_s = time.perf_counter() - started
+            with HeavyBurst(base_url, flood) as burst:
+                await asyncio.to_thread(burst.wait_sent)
+                loaded = await _spaced_probes(light, probe, flood)
+                answers, heavy_s = await asyncio.to_thread(burst.result)
             idle += await _probes(light, probe, flood.light_requests)  # idle on both sides of the flood: drift
             texts = {text for status, text in answers if status == 200}
             return FloodResult(idle, loaded, sum(s == 200 for s, _ in answers), heavy_s, len(texts))
+
+
+class HeavyBurst:
+    """Tenant A's burst in a child process: `wait_sent` once every request is on the wire, then `result`."""
+
+    def __init__(self, base_url: str, flood: Flood) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._timeout_s = flood.timeout_s
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_heavy_main, args=(base_url, flood, child), daemon=True)
+
+    def __enter__(self) -> HeavyBurst:
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(timeout=10)
+
+    def wait_sent(self) -> None:
+        if not self._conn.poll(self._timeout_s) or self._conn.recv() != "sent":
+            raise RuntimeError("the heavy tenant's burst did not start")
+
+    def result(self) -> tuple[list[tuple[int, str]], float]:
+        if not self._conn.poll(self._timeout_s):
+            raise RuntimeError("the heavy tenant's burst did not finish in time")
+        return self._conn.recv()
+
+
+def _heavy_main(base_url: str, flood: Flood, conn: Connection) -> None:
+    async def burst() -> tuple[list[tuple[int, str]], float]:
+        async with _client(base_url, HEAVY_KEY, flood.heavy_requests, flood.timeout_s) as heavy:
+            started = time.perf_counter()
+            tasks = [asyncio.create_task(_heavy_one(heavy, flood.heavy_tokens)) for _ in range(flood.heavy_requests)]
+            await asyncio.sleep(0)  # every task has sent (or queued) its request
+            conn.send("sent")
+            answers = await asyncio.gather(*tasks)
+            return answers, time.perf_counter() - started
+    conn.send(asyncio.run(burst()))
 
 
 async def _spaced_probes(client: httpx.AsyncClient, probe: GenRequest, flood: Flood) -> list[float]:
