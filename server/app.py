@@ -170,8 +170,14 @@ def slot_plan(settings: Settings, base: BaseModel) -> SlotPlan:
     free = torch.cuda.mem_get_info(base.device)[0] if base.device.type == "cuda" else None
     return plan_slots(settings.max_adapters_resident, max_batch=settings.max_batch, max_rank=settings.max_rank,
                       bytes_per_rank=bytes_per_slot_rank(base.model, slot_dtype.itemsize),
-                      free_device_bytes=free, reserved_bytes=kv_reserve(settings, base),
+                      free_device_bytes=free, reserved_bytes=device_reserve(settings, base),
                       fraction=settings.slot_memory_fraction)
+
+
+def device_reserve(settings: Settings, base: BaseModel) -> int:
+    """Device bytes taken before adapter slots: the KV rows, the prefix-cache pool, and the budget of the
+    whole-module copy pool (modules_to_save; allocated at the first such adapter, up to this budget)."""
+    return kv_reserve(settings, base) + settings.module_copy_budget_mb * 2**20
 
 
 def kv_reserve(settings: Settings, base: BaseModel) -> int:

@@ -231,3 +231,11 @@ def test_the_slot_plan_reserve_counts_the_prefix_pool(varied_base) -> None:
     engine_pool = PrefixCache(KVCache.for_model(varied_base.model.config, 4, 64, torch.device("meta"),
                                                 varied_base.dtype), 4096)
     assert engine_pool.reserved_bytes() == pool_bytes(cache, 4096)  # the pool's size does not depend on rows
+
+
+def test_the_slot_plan_reserve_counts_the_module_copy_budget(varied_base) -> None:
+    from server.app import device_reserve, kv_reserve
+    from server.settings import Settings
+
+    settings = Settings(model="unused", device="cpu", max_batch=4, module_copy_budget_mb=100)
+    assert device_reserve(settings, varied_base) - kv_reserve(settings, varied_base) == 100 * 2**20
