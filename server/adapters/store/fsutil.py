@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import uuid
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path) -> Iterator[Path]:
+    """A fresh dir under `parent` (same filesystem as its destination: installing it is one rename);
+    gone on exit unless the caller moved it away."""
+    path = parent / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

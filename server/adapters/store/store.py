@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, write_json_atomic
+from server.adapters.store.fsutil import file_digest, fsync_dir, fsync_tree, scratch_dir, write_json_atomic
 from server.adapters.limits import AdapterLimits
 from server.adapters.peft.peft_config import summary_from_config
 from server.adapters.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
@@ -233,12 +233,8 @@ class AdapterStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh dir inside the store (same filesystem: publish is one rename); gone on exit unless published."""
-        path = self.root / TMP_DIR / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        try:
+        with scratch_dir(self.root / TMP_DIR) as path:
             yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def publish(self, tenant: str, adapter_id: str, staged: Path, summary: dict[str, Any],
                 abandoned: Callable[[], bool] = lambda: False) -> StoredVersion:

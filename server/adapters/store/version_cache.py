@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.adapters.store.fsutil import fsync_dir, fsync_tree
+from server.adapters.store.fsutil import fsync_dir, fsync_tree, scratch_dir
 from server.adapters.types import AdapterKey
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,8 @@ class VersionCache:
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """A fresh dir on the cache's filesystem (installing is one rename); gone on exit unless installed."""
-        path = self.root / TMP_DIR / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        try:
+        with scratch_dir(self.root / TMP_DIR) as path:
             yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def install(self, scratch: Path, path: Path) -> None:
         """Move a complete, verified dir into place (another process may have won: its copy is the same bytes)."""
