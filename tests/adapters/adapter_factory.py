@@ -148,3 +148,29 @@ def greedy_under(model, ids: torch.Tensor, slot: int, steps: int, lane: int | No
         if bool(done.all()):
             break
     return ids
+
+
+def greedy_mixed_decode(model, ids: torch.Tensor, rows: list[int], steps: int = 6) -> torch.Tensor:
+    """Prefill then one-token steps of one mixed batch (row i on adapter slot rows[i]), as the engine runs
+    them with a KV cache; returns the prompts with `steps` greedy tokens appended."""
+    from transformers import DynamicCache
+
+    from server.adapters.runtime.mapping import AdapterMapping
+    from server.adapters.runtime.step import adapter_step
+
+    cache, out = DynamicCache(), ids
+    with torch.no_grad():
+        with adapter_step(AdapterMapping.from_row_slots(rows, ids.shape[1])):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(steps):
+            nxt = logits.argmax(-1, keepdim=True)  # [rows, 1]
+            out = torch.cat([out, nxt], dim=1)
+            with adapter_step(AdapterMapping.from_row_slots(rows, 1)):
+                logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
+
+
+def peft_greedy(peft_model, ids: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """PEFT's generate on one row, `steps` tokens exactly (EOS does not stop it)."""
+    return peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                               min_new_tokens=steps, do_sample=False, pad_token_id=EOS, eos_token_id=None)

@@ -80,20 +80,10 @@ def test_mixed_batch_matches_peft_row_by_row(served, length):
 
 def test_greedy_mixed_decode_matches_peft_generate(served):
     """Prefill then one-token steps of a mixed batch, as the engine runs them (a KV cache)."""
-    from transformers import DynamicCache
-
     _, ours, peft_models, _ = served
     rows = [0, 1, BASE, 4, 2]
     ids = torch.randint(3, af.VOCAB, (len(rows), 6), generator=torch.Generator().manual_seed(9))
-    cache, out = DynamicCache(), ids
-    with torch.no_grad():
-        with adapter_step(AdapterMapping.from_row_slots(rows, ids.shape[1])):
-            logits = ours.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(6):
-            nxt = logits.argmax(-1, keepdim=True)  # [rows, 1]
-            out = torch.cat([out, nxt], dim=1)
-            with adapter_step(AdapterMapping.from_row_slots(rows, 1)):
-                logits = ours.model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = af.greedy_mixed_decode(ours.model, ids, rows)
     changed = 0
     for i, slot in enumerate(rows):
         if slot == BASE:

@@ -71,26 +71,14 @@ def test_mixed_batch_matches_peft_on_the_quantized_model(served, length):
 
 
 def test_greedy_mixed_decode_matches_peft_generate(served):
-    from transformers import DynamicCache
-
     _, base, peft_models, _ = served
     rows = [0, 2, BASE, 1, 3]
     ids = torch.randint(3, af.VOCAB, (len(rows), 6), generator=torch.Generator().manual_seed(9))
-    cache, out = DynamicCache(), ids
-    with torch.no_grad():
-        with adapter_step(AdapterMapping.from_row_slots(rows, ids.shape[1])):
-            logits = base.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(6):
-            nxt = logits.argmax(-1, keepdim=True)  # [rows, 1]
-            out = torch.cat([out, nxt], dim=1)
-            with adapter_step(AdapterMapping.from_row_slots(rows, 1)):
-                logits = base.model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = af.greedy_mixed_decode(base.model, ids, rows)
     for i, slot in enumerate(rows):
         if slot == BASE:
             continue
-        expected = peft_models[slot].generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]),
-                                              max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                              pad_token_id=af.EOS, eos_token_id=None)
+        expected = af.peft_greedy(peft_models[slot], ids[i:i + 1])
         assert torch.equal(out[i:i + 1], expected), f"row {i} (slot {slot})"
 
 
