@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS job_losses (
 """
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_utc(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
@@ -208,8 +208,8 @@ class JobStore:
             "num_examples": row["num_examples"], "params": json.loads(row["params"]),
             "adapter_version": row["adapter_version"],
             "adapter": json.loads(row["adapter_record"]) if row["adapter_record"] else None,
-            "created_at": _iso(row["created_at"]), "started_at": _iso(row["started_at"]),
-            "finished_at": _iso(row["finished_at"]),
+            "created_at": iso_utc(row["created_at"]), "started_at": iso_utc(row["started_at"]),
+            "finished_at": iso_utc(row["finished_at"]),
         }
         if history:
             record["loss_history"] = [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in losses]

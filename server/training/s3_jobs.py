@@ -30,7 +30,7 @@ from typing import Any
 
 from server.adapters.store.object_store import ObjectStore, PreconditionFailed
 from server.errors import Conflict, StoreUnavailable
-from server.training.jobs import TERMINAL, NewJob, _iso, job_not_found
+from server.training.jobs import TERMINAL, NewJob, iso_utc, job_not_found
 from server.training.s3_leases import LeaseBook
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ class S3JobQueue:
 
     def _public(self, raw: dict[str, Any], history: bool) -> dict[str, Any]:
         record = {k: v for k, v in raw.items() if k not in PRIVATE}
-        record.update(loss=raw.get("loss"), created_at=_iso(raw["created_ts"]), started_at=_iso(raw["started_ts"]),
-                      finished_at=_iso(raw["finished_ts"]))
+        record.update(loss=raw.get("loss"), created_at=iso_utc(raw["created_ts"]), started_at=iso_utc(raw["started_ts"]),
+                      finished_at=iso_utc(raw["finished_ts"]))
         if history:
             record["loss_history"] = [{"step": int(s), "loss": loss, "lr": lr}
                                       for s, loss, lr in self._losses(raw["id"])]
