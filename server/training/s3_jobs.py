@@ -112,8 +112,8 @@ class S3JobQueue:
 
     def _public(self, raw: dict[str, Any], history: bool) -> dict[str, Any]:
         record = {k: v for k, v in raw.items() if k not in PRIVATE}
-        record.update(loss=raw.get("loss"), created_at=iso_utc(raw["created_ts"]), started_at=iso_utc(raw["started_ts"]),
-                      finished_at=iso_utc(raw["finished_ts"]))
+        record.update(loss=raw.get("loss"), created_at=iso_utc(raw["created_ts"]),
+                      started_at=iso_utc(raw["started_ts"]), finished_at=iso_utc(raw["finished_ts"]))
         if history:
             record["loss_history"] = [{"step": int(s), "loss": loss, "lr": lr}
                                       for s, loss, lr in self._losses(raw["id"])]
