@@ -13,10 +13,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from pydantic import ValidationError
 
 from server.adapters.store.object_store import ObjectStore, S3Options
 from server.errors import Conflict, NotFound, StoreUnavailable
 from server.training.jobs import NewJob
+from server.settings import Settings
 from server.training.s3_jobs import S3JobQueue
 from tests.adapters.store.s3_moto import MotoS3, moto_s3
 
@@ -172,3 +174,10 @@ def test_an_unreachable_bucket_is_store_unavailable() -> None:
         jobs.heartbeat()  # holds nothing: nothing to do, no error
         server.start()
         assert jobs.get(record["id"], "acme")["status"] == "queued"
+
+
+def test_the_clock_skew_must_stay_well_under_the_lease() -> None:
+    """A lease renewed every third of its time must still be valid on its owner's clock minus the skew."""
+    with pytest.raises(ValidationError, match="train_clock_skew_s"):
+        Settings(train_lease_s=3.0, train_clock_skew_s=1.0)
+    assert Settings(train_lease_s=3.0, train_clock_skew_s=0.5).train_lease_s == 3.0

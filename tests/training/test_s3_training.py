@@ -27,7 +27,7 @@ from server.errors import NotFound
 from server.training.s3_jobs import S3JobQueue
 from server.training.service import TrainingService
 from server.training.worker import LeaseLost
-from tests.adapters.store.s3_moto import MotoS3
+from tests.adapters.store.s3_moto import MotoS3, moto_s3
 from tests.api.adapter_http import ALICE, auth, write_keys
 from tests.harness import TRAIN_DATA, app_of, cpu_settings, gate_engine, running_server, wait_job, wait_until
 from tests.training.conftest import make_spec, settings_for
@@ -39,12 +39,13 @@ S3 = {"train_lease_s": LEASE_S, "train_clock_skew_s": SKEW_S, "s3_region": "us-e
 
 
 # ------------------------------------------------------------- two services, stepped by hand
-def s3_service(model_dir: Path, store: Path, base: Any, options: S3Options) -> TrainingService:
+def s3_service(model_dir: Path, store: Path, base: Any, options: S3Options,
+               lease_s: float = LEASE_S) -> TrainingService:
     settings = settings_for(model_dir, store, s3_store=str(options.location), s3_endpoint_url=options.endpoint_url,
-                            **S3)
+                            **{**S3, "train_lease_s": lease_s})
     limits = AdapterLimits.from_settings(settings)
     adapters = AdapterService(base, open_s3_store(options, store, settings.s3_cache_bytes), limits)
-    queue = S3JobQueue(ObjectStore(options), uuid.uuid4().hex, LEASE_S, SKEW_S, settings.train_max_attempts)
+    queue = S3JobQueue(ObjectStore(options), uuid.uuid4().hex, lease_s, SKEW_S, settings.train_max_attempts)
     return TrainingService(settings, base, adapters, queue=queue)
 
 
@@ -88,6 +89,31 @@ def test_a_stale_owner_never_publishes(tiny_model_dir, tiny_served, tmp_path, mo
     finally:
         a.close()
         b.close()
+
+
+def test_a_running_job_pauses_while_the_bucket_is_away(tiny_model_dir, tiny_served, tmp_path) -> None:
+    """A bucket outage shorter than the lease: the job neither fails nor moves; it goes on once it is back."""
+    with moto_s3() as server:
+        options = server.new_bucket()
+        svc = s3_service(tiny_model_dir, tmp_path / "a", tiny_served, options, lease_s=20.0)
+        try:
+            record, _ = svc.submit(make_spec(adapter_id="t", steps=3), "acme", None)
+            svc.worker.run_one_step()  # claim
+            svc.worker.run_one_step()  # step 1
+            server.stop()
+            svc.worker.run_one_step()
+            assert svc.worker.active_job_id == record["id"], "paused, not failed"
+            assert not svc.worker.has_work(), "and not retried at once (the engine would spin on timeouts)"
+            server.start()
+            assert wait_until(svc.worker.has_work, timeout=10)
+            for _ in range(20):
+                if svc.worker.active_job_id is None:
+                    break
+                svc.worker.run_one_step()
+            got = svc.get(record["id"], "acme")
+            assert got["status"] == "succeeded" and got["attempts"] == 1 and got["adapter_version"] == 1
+        finally:
+            svc.close()
 
 
 # --------------------------------------------------------------------------- two real servers
@@ -165,7 +191,7 @@ def test_a_silent_owners_job_is_taken_over_and_finished_by_the_other(servers) ->
     other server requeues the job, runs it from the start and publishes it once; the owner, thawed,
     drops it and publishes nothing."""
     a, b = servers
-    steps = 40
+    steps = 100
     job_id = submit(a, spec("takeover", steps=steps))
     owner = running_on(servers, job_id)
     other = b if owner == a else a
