@@ -4,7 +4,8 @@ Submission does every check that can fail *before* the row is written
 (settings limits, target modules against the served model, each example's
 token count), so a 422 never leaves a job behind. Files: the queue database
 and checkpoints live under `<store>/.training/` (a dot name: never mistaken
-for a tenant by the adapter store).
+for a tenant by the adapter store); with `--s3-store` the queue is in the
+bucket instead (s3_jobs.py), and a heartbeat thread here renews its leases.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ checkpoint every `train_checkpoint_every` steps (and once more before
 publishing). A job killed mid-run resumes from its checkpoint on the next
 start; one killed between publishing and its final row update is recognised
 by the `training_job` field of the newest version and not published twice.
+
+Ownership: each step first checks the job is still ours (with the queue in a
+bucket, another server takes a job whose lease ran out), and publishing asks
+the store itself; a worker that lost its job drops it, writing nothing. A job
+store that does not answer pauses training (STORE_RETRY_S) instead of failing
+the job.
 """
 
 from __future__ import annotations
