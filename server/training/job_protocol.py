@@ -54,6 +54,10 @@ class JobQueue(Protocol):
         """Whether this process still owns `job_id`; `fresh` asks the store itself (before publishing)."""
         ...
 
+    def abandon(self, job_id: str) -> None:
+        """Stop owning `job_id` without writing its record (`holds` said no): its lease runs out."""
+        ...
+
     def heartbeat(self) -> None:
         """Renew the leases of the jobs this process runs (every `tick_s`)."""
         ...

@@ -192,6 +192,9 @@ class JobStore:
             row = self._db.execute("SELECT status, owner FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row is not None and row["status"] == "running" and row["owner"] == self.owner
 
+    def abandon(self, job_id: str) -> None:
+        """Nothing to let go of: an owner's row is only ever taken from a dead process."""
+
     def heartbeat(self) -> None:
         """Nothing to renew: the kernel holds the owner's flock for as long as the process lives."""
 

@@ -253,6 +253,12 @@ class S3JobQueue:
     def holds(self, job_id: str, fresh: bool = False) -> bool:
         return self.leases.holds(job_id, fresh)
 
+    def abandon(self, job_id: str) -> None:
+        """The worker dropped the job (its lease was lost, or looked so): stop renewing and writing."""
+        with self._guard:
+            self._chunks.pop(job_id, None)
+        self.leases.forget(job_id)
+
     def heartbeat(self) -> None:
         self.leases.renew()
 

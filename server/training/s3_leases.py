@@ -47,7 +47,8 @@ class LeaseBook:
         self.lease_s = lease_s
         self.skew_s = skew_s
         self._held: dict[str, Held] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the dict
+        self._renewing = threading.Lock()  # one conditional renewal at a time
 
     def _key(self, job_id: str) -> str:
         return f"{self.root}/{job_id}/{LEASE_NAME}"
@@ -84,42 +85,39 @@ class LeaseBook:
         return True
 
     def holds(self, job_id: str, fresh: bool = False) -> bool:
-        """Ours, not lost, and valid on our clock; `fresh` reads the lease object too and wants half the
-        lease time left (room for the publish that follows)."""
+        """Ours, not lost, and valid on our clock. `fresh` (before publishing) renews it now: the
+        conditional write proves no one took it, and the publish that follows gets a whole lease."""
         with self._lock:
             held = self._held.get(job_id)
-        if held is None or held.lost:
+        if held is None or held.lost or time.time() >= held.expires_at - self.skew_s:
             return False
-        now = time.time()
-        if now >= held.expires_at - self.skew_s:
-            return False
-        if not fresh:
-            return True
-        got = self.objects.get(self._key(job_id))
-        current = _parse(got[0]) if got is not None else None
-        return (current is not None and current[0] == self.owner
-                and current[1] - self.skew_s - now > self.lease_s / 2)
+        return self._renew(job_id, held) if fresh else True
 
     def renew(self) -> None:
         """One heartbeat: extend every lease held; one another server has taken is marked lost."""
         with self._lock:
             held = dict(self._held)
         for job_id, lease in held.items():
+            try:
+                self._renew(job_id, lease)
+            except StoreUnavailable:
+                log.warning("training job %s: lease not renewed (store unreachable)", job_id)
+
+    def _renew(self, job_id: str, lease: Held) -> bool:
+        """If-Match on our last ETag; one at a time, so the heartbeat and a publish's check never
+        race each other's ETag. StoreUnavailable: the caller's."""
+        with self._renewing:
             if lease.lost:
-                continue
+                return False
             body, expires_at = self._body()
             try:
                 etag = self.objects.put(self._key(job_id), body, if_match=lease.etag)
             except PreconditionFailed:
                 log.warning("training job %s: lease lost to another server; this server stops it", job_id)
                 lease.lost = True
-                continue
-            except StoreUnavailable:
-                log.warning("training job %s: lease not renewed (store unreachable)", job_id)
-                continue
-            with self._lock:
-                if self._held.get(job_id) is lease:
-                    lease.etag, lease.expires_at = etag, expires_at
+                return False
+            lease.etag, lease.expires_at = etag, expires_at
+            return True
 
     def release(self, job_id: str) -> None:
         """Drop our lease (after the job's record says where it stands); a lost one is not ours to delete."""
@@ -133,7 +131,7 @@ class LeaseBook:
             self.objects.delete([self._key(job_id)])
 
     def forget(self, job_id: str) -> None:
-        """Stop renewing without touching the object (a lost lease, or a crash simulated in tests)."""
+        """Stop renewing without touching the object: it expires, and the job is taken over (counted)."""
         with self._lock:
             self._held.pop(job_id, None)
 

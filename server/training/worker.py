@@ -121,6 +121,7 @@ class TrainingWorker:
             except LeaseLost:
                 assert job is not None
                 log.warning("training job %s: stopped here, another server owns it now", job.id)
+                self.jobs.abandon(job.id)
                 self._job = None
                 shutil.rmtree(job.checkpoints, ignore_errors=True)
 

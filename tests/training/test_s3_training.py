@@ -78,6 +78,7 @@ def test_a_stale_owner_never_publishes(tiny_model_dir, tiny_served, tmp_path, mo
             a.worker.adapters.store.get("acme", "t")
         a.worker.run_one_step()
         assert a.worker.active_job_id is None, "a stale owner drops the job at its next step"
+        assert a.jobs.leases.held_ids() == set(), "... and stops renewing its lease"
         for _ in range(20):
             if b.worker.active_job_id is None:
                 break
