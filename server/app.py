@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from server.metrics import Metrics
 from server.model.load import BaseModel, load_base
 from server.api.services import Services
 from server.settings import Settings
+from server.training.job_protocol import JobQueue
 from server.training.service import TrainingService
 
 if TYPE_CHECKING:
@@ -132,6 +134,16 @@ def s3_options(settings: Settings) -> S3Options:
                      settings.s3_timeout_s, settings.s3_max_attempts)
 
 
+def open_job_queue(settings: Settings) -> JobQueue:
+    """With --s3-store the job queue lives in the bucket too: servers on other machines share it
+    (server/training/s3_jobs.py). Without, TrainingService opens the SQLite one in `settings.store`."""
+    from server.adapters.store.object_store import ObjectStore
+    from server.training.s3_jobs import S3JobQueue
+
+    return S3JobQueue(ObjectStore(s3_options(settings)), uuid.uuid4().hex, settings.train_lease_s,
+                      settings.train_clock_skew_s, settings.train_max_attempts)
+
+
 def _build_on(store: AdapterStorage, settings: Settings, base: BaseModel, limits: AdapterLimits,
               quotas: TenantQuotas) -> Services:
     metrics = Metrics(settings.metrics_max_adapter_series)
@@ -145,7 +157,8 @@ def _build_on(store: AdapterStorage, settings: Settings, base: BaseModel, limits
     waiting = WaitingQueue(settings.max_queue)
     adapter_service = AdapterService(base, store, limits, adapters, merge, queue=waiting,
                                      keep_uploads=settings.prefetch_adapters)
-    training = TrainingService(settings, base, adapter_service, loop)  # trains through the adapter layers
+    training = TrainingService(settings, base, adapter_service, loop,  # trains through the adapter layers
+                               queue=open_job_queue(settings) if settings.s3_store is not None else None)
     engine = Engine(base, settings, metrics, placement=adapters, loop=loop, waiting=waiting,
                     background=training.worker, shares=quotas)
     prompts = PromptEncoder(base.tokenizer, base.max_context, settings.tokenize_workers)

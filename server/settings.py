@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     train_max_attempts: int = Field(3, ge=1)
     train_checkpoint_every: int = Field(10, ge=1, description="Optimizer steps between job checkpoints")
     max_train_upload_bytes: int = Field(64 * MiB, ge=1024, description="JSONL upload to /v1/training/jobs/upload")
+    train_lease_s: float = Field(30.0, gt=0, description="With --s3-store: a claimed job's lease in the bucket, "
+                                 "renewed every third of this; a server silent this long loses its job to another")
+    train_clock_skew_s: float = Field(2.0, ge=0, description="With --s3-store: the most two servers' clocks may "
+                                      "differ; a lease counts as expired only this long after its expiry time")
 
     @field_validator("max_adapters_resident", mode="before")
     @classmethod
@@ -190,6 +194,9 @@ class Settings(BaseSettings):
                              "this CPU build of torch); use quantize=int8 or nf4 on the CPU")
         if self.quantize == "int4" and self.torch_dtype != torch.bfloat16:
             raise ValueError("quantize=int4 needs dtype bfloat16 (torchao's tinygemm int4 kernel)")
+        if self.train_clock_skew_s * 3 >= self.train_lease_s:
+            raise ValueError("train_clock_skew_s must be under a third of train_lease_s (a lease renewed every "
+                             "third of its time must stay valid on the owner's clock)")
         if self.api_keys is None and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind non-loopback host {self.host!r} without --api-keys "

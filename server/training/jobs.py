@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import Conflict, NotFound
+from server.training.leases import WorkerLease
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -64,7 +65,7 @@ CREATE TABLE IF NOT EXISTS job_losses (
 """
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_utc(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
@@ -85,9 +86,13 @@ class NewJob:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    tick_s: float | None = None  # ownership is the owner's flock (leases.py): nothing to renew
+
+    def __init__(self, path: Path, lease: WorkerLease | None = None) -> None:
+        """`lease`: this process's owner id (closed with the store); None: claims name no owner (tests)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.lease = lease
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -98,9 +103,15 @@ class JobStore:
         if "owner" not in columns:  # a queue written before jobs named their trainer
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
+    @property
+    def owner(self) -> str | None:
+        return self.lease.owner if self.lease is not None else None
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self.lease is not None:
+            self.lease.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -172,6 +183,21 @@ class JobStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (status,)).fetchone()[0])
 
+    def pending(self) -> bool:
+        return self.count("queued") > 0
+
+    def holds(self, job_id: str, fresh: bool = False) -> bool:
+        """The row still runs under our owner id (the flock cannot expire while we live)."""
+        with self._lock:
+            row = self._db.execute("SELECT status, owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row is not None and row["status"] == "running" and row["owner"] == self.owner
+
+    def abandon(self, job_id: str) -> None:
+        """Nothing to let go of: an owner's row is only ever taken from a dead process."""
+
+    def heartbeat(self) -> None:
+        """Nothing to renew: the kernel holds the owner's flock for as long as the process lives."""
+
     def _record(self, db: sqlite3.Connection, row: sqlite3.Row, history: bool) -> dict[str, Any]:
         losses = db.execute("SELECT step, loss, lr FROM job_losses WHERE job_id=? ORDER BY step",
                             (row["id"],)).fetchall() if history else []
@@ -185,8 +211,8 @@ class JobStore:
             "num_examples": row["num_examples"], "params": json.loads(row["params"]),
             "adapter_version": row["adapter_version"],
             "adapter": json.loads(row["adapter_record"]) if row["adapter_record"] else None,
-            "created_at": _iso(row["created_at"]), "started_at": _iso(row["started_at"]),
-            "finished_at": _iso(row["finished_at"]),
+            "created_at": iso_utc(row["created_at"]), "started_at": iso_utc(row["started_at"]),
+            "finished_at": iso_utc(row["finished_at"]),
         }
         if history:
             record["loss_history"] = [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in losses]

@@ -4,20 +4,23 @@ Submission does every check that can fail *before* the row is written
 (settings limits, target modules against the served model, each example's
 token count), so a 422 never leaves a job behind. Files: the queue database
 and checkpoints live under `<store>/.training/` (a dot name: never mistaken
-for a tenant by the adapter store).
+for a tenant by the adapter store); with `--s3-store` the queue is in the
+bucket instead (s3_jobs.py), and a heartbeat thread here renews its leases.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 from server.adapters.service import AdapterService
-from server.errors import InvalidRequest
+from server.errors import ApiError, InvalidRequest
 from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
+from server.training.job_protocol import JobQueue
 from server.training.jobs import JobStore, NewJob
 from server.training.leases import WorkerLease
 from server.training.modules import plan_targets
@@ -38,20 +41,45 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
+def open_local_queue(settings: Settings) -> JobStore:
+    """The SQLite queue in `<store>/.training/`, its jobs left running by dead processes requeued."""
+    root = Path(settings.store) / TRAINING_DIR
+    lease = WorkerLease(root / WORKERS_DIR)  # before recovering: a replica starting later sees us live
+    jobs = JobStore(root / DB_NAME, lease)
+    recovered = jobs.recover(settings.train_max_attempts, lease.owner_alive)
+    if recovered:
+        log.info("training jobs interrupted by the last shutdown: %s", recovered)
+    return jobs
+
+
 class TrainingService:
     def __init__(self, settings: Settings, base: BaseModel, adapters: AdapterService,
-                 loop: Waker | None = None) -> None:
-        """`loop`: the engine loop that runs the worker's steps; None = nobody to wake (tests)."""
+                 loop: Waker | None = None, queue: JobQueue | None = None) -> None:
+        """`loop`: the engine loop that runs the worker's steps; None = nobody to wake (tests).
+        `queue`: where jobs live (job_protocol.py); None = the local SQLite queue."""
         self.settings = settings
         self.base = base
         root = Path(settings.store) / TRAINING_DIR
-        self.jobs = JobStore(root / DB_NAME)
-        self.lease = WorkerLease(root / WORKERS_DIR)  # before recovering: a replica starting later sees us live
-        recovered = self.jobs.recover(settings.train_max_attempts, self.lease.owner_alive)
-        if recovered:
-            log.info("training jobs interrupted by the last shutdown: %s", recovered)
-        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints", self.lease.owner)
+        self.jobs: JobQueue = queue if queue is not None else open_local_queue(settings)
+        self.worker = TrainingWorker(self.jobs, base, adapters, settings, root / "checkpoints", self.jobs.owner)
         self.loop = loop
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if self.jobs.tick_s is not None:
+            self._ticker = threading.Thread(target=self._tick, args=(self.jobs.tick_s,), daemon=True,
+                                            name="training-lease")
+            self._ticker.start()
+
+    def _tick(self, every_s: float) -> None:
+        """Renew this server's leases and look for jobs other servers queued, until closed."""
+        while not self._stop.wait(every_s):
+            try:
+                self.jobs.heartbeat()
+                self.poll()
+            except ApiError as e:  # the store is unreachable: the next tick tries again
+                log.warning("training queue: %s", e.message)
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive one bad answer
+                log.exception("training queue heartbeat failed")
 
     # ------------------------------------------------------------- routes
     def submit(self, spec: TrainingJobSpec, tenant: str, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
@@ -74,7 +102,7 @@ class TrainingService:
     def poll(self) -> None:
         """Another process sharing the queue (a cluster replica) may have queued a job: look again,
         so an idle trainer here claims it instead of it waiting for the busy one it was posted to."""
-        if self.jobs.count("queued"):
+        if self.worker.active_job_id is None and self.jobs.pending():
             self.worker.notify()
             if self.loop is not None:
                 self.loop.wake()
@@ -99,9 +127,11 @@ class TrainingService:
 
     def close(self) -> None:
         """Shutdown hook (after the engine thread stopped): persist the running job, close the file."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=30)
         try:
             self.worker.shutdown()
         finally:
             self.jobs.close()
-            self.lease.close()
 

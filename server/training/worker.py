@@ -11,27 +11,42 @@ checkpoint every `train_checkpoint_every` steps (and once more before
 publishing). A job killed mid-run resumes from its checkpoint on the next
 start; one killed between publishing and its final row update is recognised
 by the `training_job` field of the newest version and not published twice.
+
+Ownership: each step first checks the job is still ours (with the queue in a
+bucket, another server takes a job whose lease ran out), and publishing asks
+the store itself; a worker that lost its job drops it, writing nothing. A job
+store that does not answer pauses training (STORE_RETRY_S) instead of failing
+the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server.adapters.service import AdapterService
+from server.errors import StoreUnavailable
 from server.model.load import BaseModel
 from server.settings import Settings
 from server.training.data import tokenize_all
-from server.training.jobs import JobStore
+from server.training.job_protocol import JobQueue
 from server.training.spec import TrainingJobSpec
 from server.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+STORE_RETRY_S = 2.0  # a job store that did not answer: training pauses this long, then tries again
+
+
+class LeaseLost(Exception):
+    """Another server took the job over (our lease expired): stop, write nothing, publish nothing."""
 
 
 @dataclass
@@ -45,7 +60,7 @@ class ActiveJob:
 
 
 class TrainingWorker:
-    def __init__(self, jobs: JobStore, base: BaseModel, adapters: AdapterService, settings: Settings,
+    def __init__(self, jobs: JobQueue, base: BaseModel, adapters: AdapterService, settings: Settings,
                  checkpoint_root: Path, owner: str | None = None) -> None:
         """`adapters` publishes the output as an upload is published (validated, old files collected);
         `owner`: the lease id claimed jobs are recorded under (server/training/leases.py)."""
@@ -60,6 +75,7 @@ class TrainingWorker:
         self._pending.set()
         self._lock = threading.Lock()  # run_one_step vs. shutdown
         self._closed = False
+        self._paused_until = 0.0  # monotonic: the job store did not answer; wait before the next call
 
     # ------------------------------------------------------- any thread
     def notify(self) -> None:
@@ -67,7 +83,9 @@ class TrainingWorker:
         self._pending.set()
 
     def has_work(self) -> bool:
-        return not self._closed and (self._job is not None or self._pending.is_set())
+        if self._closed or time.monotonic() < self._paused_until:
+            return False
+        return self._job is not None or self._pending.is_set()
 
     @property
     def active_job_id(self) -> str | None:
@@ -93,15 +111,32 @@ class TrainingWorker:
         with self._lock:
             if self._closed:
                 return
-            if self._job is None:
-                self._start_next()
-                return
             job = self._job
             try:
-                self._advance(job)
-            except Exception as exc:  # noqa: BLE001 - a failing job must not take the engine down
-                log.exception("training job %s failed", job.id)
-                self._end(job, "failed", f"training failed: {type(exc).__name__}: {exc}")
+                self._step(job)
+            except StoreUnavailable:
+                log.warning("training paused %.0fs: the job store did not answer", STORE_RETRY_S)
+                self._paused_until = time.monotonic() + STORE_RETRY_S
+                self._pending.set()
+            except LeaseLost:
+                assert job is not None
+                log.warning("training job %s: stopped here, another server owns it now", job.id)
+                self.jobs.abandon(job.id)
+                self._job = None
+                shutil.rmtree(job.checkpoints, ignore_errors=True)
+
+    def _step(self, job: ActiveJob | None) -> None:
+        """Claim a job or advance the one running; an unreachable store or a lost lease is the caller's."""
+        if job is None:
+            self._start_next()
+            return
+        try:
+            self._advance(job)
+        except (StoreUnavailable, LeaseLost):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing job must not take the engine down
+            log.exception("training job %s failed", job.id)
+            self._end(job, "failed", f"training failed: {type(exc).__name__}: {exc}")
 
     def _start_next(self) -> None:
         self._pending.clear()  # cleared before the query: a submit racing with it sets it again
@@ -113,6 +148,10 @@ class TrainingWorker:
         log.info("training job %s starting (attempt %d)", job_id, attempts)
         try:
             self._job = self._open(job_id, tenant, adapter_id)
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):  # else its lease runs out and it is taken over
+                self.jobs.requeue(job_id, refund_attempt=True)
+            raise
         except Exception as exc:  # noqa: BLE001 - e.g. a spec that no longer fits the served model
             log.exception("training job %s could not start", job_id)
             self.jobs.finish(job_id, "failed", f"could not start: {type(exc).__name__}: {exc}")
@@ -133,6 +172,8 @@ class TrainingWorker:
 
     def _advance(self, job: ActiveJob) -> None:
         _, cancel = self.jobs.status(job.id)
+        if not self.jobs.holds(job.id):
+            raise LeaseLost(job.id)
         if cancel:
             self._end(job, "cancelled", None)
             return
@@ -159,6 +200,8 @@ class TrainingWorker:
         existing = self._already_published(job)
         if existing is not None:
             return existing
+        if not self.jobs.holds(job.id, fresh=True):  # a stale owner must never publish
+            raise LeaseLost(job.id)
         with self.adapters.staging() as staged:
             job.trainer.save_output(staged, self.base.model_id)
             # The serving side's own validator: what it refuses, we must not publish.
@@ -174,7 +217,7 @@ class TrainingWorker:
         return dict(stored.record) if stored.record.get("training_job") == job.id else None
 
     def _end(self, job: ActiveJob, status: str, error: str | None, adapter: dict[str, Any] | None = None) -> None:
+        self.jobs.finish(job.id, status, error, adapter)  # an unreachable store: the job stays, retried
         self._job = None
-        self.jobs.finish(job.id, status, error, adapter)
         shutil.rmtree(job.checkpoints, ignore_errors=True)
         log.info("training job %s %s%s", job.id, status, f": {error}" if error else "")

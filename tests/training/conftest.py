@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from server.settings import Settings
 from server.training.data import tokenize_all
 from server.training.spec import TrainingJobSpec
 from server.training.trainer import Trainer
+from tests.adapters.store.s3_moto import MotoS3, moto_s3
 from tests.harness import cpu_settings
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,6 +25,13 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def settings_for(model_dir: Path, store: Path, **overrides) -> Settings:
     return cpu_settings(model_dir, store, **{"max_rank": 32, "max_adapters_resident": 4, **overrides})
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoS3]:
+    """A real S3-compatible server on loopback for the bucket-backed job queue (a bucket per test)."""
+    with moto_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,7 @@ def test_crash_mid_job_resumes_from_checkpoint_to_the_same_adapter(settings, tin
         svc.worker.run_one_step()
     assert svc.get(record["id"], "acme")["progress"]["step"] == 5
     svc.worker._job = None  # "kill -9": no shutdown hook, the row still says running
-    svc.jobs.close()
-    svc.lease.close()  # the kernel drops a dead process's flock
+    svc.jobs.close()  # and its owner's flock, as the kernel drops a dead process's
 
     again = service(settings, tiny_served)  # start-up: recover
     got = again.get(record["id"], "acme")
@@ -139,8 +138,7 @@ def test_crash_after_publish_does_not_publish_twice(settings, tiny_served):
     job.trainer.save_checkpoint(job.checkpoints)
     svc.worker._publish(job)  # ... and published, then died before the row said so
     svc.worker._job = None
-    svc.jobs.close()
-    svc.lease.close()  # the kernel drops a dead process's flock
+    svc.jobs.close()  # and its owner's flock, as the kernel drops a dead process's
 
     again = service(settings, tiny_served)
     run_until_idle(again)
