@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-long bench bench-quick setup browser clean
+.PHONY: serve test test-long bench bench-quick setup browser docker-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick $(ARGS)
+
+# Build and run the images for real with podman (no Docker engine needed; root installs podman):
+# the CPU image end to end, then the GPU image's import check on the CPU. ARGS=--skip-gpu for the CPU part.
+docker-check:
+	docker/check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
