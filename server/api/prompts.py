@@ -6,7 +6,8 @@ Now a prompt longer in characters than the context could ever hold is refused
 before tokenizing; the tokenizer truncates at context + 1 tokens (enough for
 the context check to fire); and tokenization runs on a small thread pool of
 its own, off the event loop, so concurrent requests queue instead of each
-holding a tokenizer's working memory.
+holding a tokenizer's working memory. Short prompts (the common case) are
+tokenized on the loop itself: the hop there and back would cost more than the work.
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ def max_token_chars(tokenizer: Tokenizer) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
 
 
+# Prompts up to this many characters are tokenized on the event loop (well under a millisecond): a hop to
+# the pool thread and back costs two GIL hand-offs, each up to a switch interval (5 ms) while the engine
+# thread runs a step, which under load was most of a short request's time to first token.
+INLINE_CHARS = 2048
+
+
 class PromptEncoder:
-    def __init__(self, tokenizer: Tokenizer, max_context: int, workers: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_context: int, workers: int,
+                 inline_chars: int = INLINE_CHARS) -> None:
+        """`inline_chars`: prompts up to this many characters are tokenized on the calling event loop."""
         self.tokenizer = tokenizer
+        self.inline_chars = inline_chars
         self.max_context = max_context
         self.max_chars = max_context * max_token_chars(tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraplex-tokenize")
@@ -58,12 +68,14 @@ class PromptEncoder:
                              max_length=self.max_context + 1)
         return list(out["input_ids"])
 
-    async def _run(self, fn: Any) -> Any:
+    async def _run(self, fn: Any, chars: int) -> Any:
+        if chars <= self.inline_chars:
+            return fn()
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     async def encode(self, prompt: str) -> list[int]:
         self._check_chars(len(prompt), "prompt")
-        ids = await self._run(lambda: self._ids(prompt, True))
+        ids = await self._run(lambda: self._ids(prompt, True), len(prompt))
         if not ids:
             raise InvalidRequest("prompt: the prompt encodes to zero tokens")
         return ids
@@ -72,14 +84,15 @@ class PromptEncoder:
         tokenizer = self.tokenizer
         if not tokenizer.chat_template:
             raise InvalidRequest("messages: the base model's tokenizer has no chat template")
-        self._check_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        self._check_chars(chars, "messages")
 
         def render() -> list[int]:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self._ids(text, False)
 
         try:
-            return await self._run(render)
+            return await self._run(render, chars)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the caller's

@@ -83,7 +83,7 @@ class CountingTokenizer:
 
 async def test_at_most_workers_prompts_are_tokenized_at_once_off_the_event_loop(tiny_model_dir):
     tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
-    encoder = PromptEncoder(tokenizer, CONTEXT, workers=2)
+    encoder = PromptEncoder(tokenizer, CONTEXT, workers=2, inline_chars=0)
     ticks = 0
 
     async def ticker() -> None:
@@ -103,3 +103,25 @@ async def test_at_most_workers_prompts_are_tokenized_at_once_off_the_event_loop(
     assert encoder.max_chars == CONTEXT * max_token_chars(tokenizer)
     with pytest.raises(InvalidRequest, match="cannot fit"):
         await PromptEncoder(tokenizer, CONTEXT, workers=1).encode("x" * (encoder.max_chars + 1))
+
+
+class ThreadRecordingTokenizer(CountingTokenizer):
+    def __call__(self, text, **kw):
+        self.threads = getattr(self, "threads", []) + [threading.current_thread()]
+        return self.real(text, **kw)
+
+
+async def test_a_short_prompt_is_tokenized_on_the_event_loop_a_long_one_on_the_pool(tiny_model_dir):
+    """A hop to the pool and back costs two GIL hand-offs while the engine thread steps: more than the work."""
+    tokenizer = ThreadRecordingTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    encoder = PromptEncoder(tokenizer, CONTEXT, workers=1, inline_chars=64)
+    try:
+        short = await encoder.encode("a short question")
+        chat = await encoder.encode_chat([{"role": "user", "content": "hi"}])
+        long = await encoder.encode("word " * 20)
+    finally:
+        encoder.close()
+    here = threading.current_thread()
+    assert short and chat and long
+    assert tokenizer.threads[:2] == [here, here]
+    assert tokenizer.threads[2] is not here and tokenizer.threads[2].name.startswith("loraplex-tokenize")
