@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-long bench bench-quick setup clean
+.PHONY: serve test test-long bench bench-quick setup clean docker-check
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick $(ARGS)
+
+# Builds and runs both images with podman (root; installs podman/runc/debootstrap).
+# ARGS=--skip-gpu skips the GPU image (a ~6 GB build).
+docker-check:
+	./docker/check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
