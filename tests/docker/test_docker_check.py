@@ -1,8 +1,8 @@
-"""docker/check.sh's CPU part, for real: build the CPU image with podman, run it, generate with and
-without an uploaded adapter, restart it on the same volumes, check the user and the HEALTHCHECK.
+"""docker/check.sh's CPU part: the CPU image built and run for real with podman.
 
-Long (a couple of minutes with pip's local wheels): `make test-long`. It needs root (to install podman,
-runc and debootstrap through docker/setup-host.sh) or podman already installed."""
+Long (about 6 minutes: a build, a first start that converts the model, a restart).
+Skips only where podman cannot be had: not installed and no root apt-get to install it.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +16,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.long
+
+def podman_unavailable() -> str | None:
+    if shutil.which("podman") and shutil.which("runc"):
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "podman/runc not installed and no root apt-get to install them (docker/setup-host.sh)"
+    return None
 
 
-def test_the_cpu_image_builds_serves_and_keeps_an_uploaded_adapter(tmp_path: Path) -> None:
-    if shutil.which("podman") is None and os.geteuid() != 0:
-        pytest.skip("podman is not installed and only root can install it (docker/setup-host.sh)")
+@pytest.mark.long
+@pytest.mark.timeout(3600)
+def test_cpu_image_builds_serves_and_keeps_adapters(tmp_path: Path) -> None:
+    if reason := podman_unavailable():
+        pytest.skip(reason)
     report = tmp_path / "report.json"
-    done = subprocess.run([str(ROOT / "docker" / "check.sh"), "--skip-gpu", "--report", str(report)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "PASSED" in done.stderr
+    run = subprocess.run([str(ROOT / "docker" / "check.sh"), "--skip-gpu", "--report", str(report)],
+                         capture_output=True, text=True, timeout=3300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(report.read_text())
-    assert {"cpu_build_s", "cpu_image_mb", "cpu_first_start_s", "cpu_restart_s"} <= result.keys()
+    assert int(result["cpu_first_start_s"]) > 0 and int(result["cpu_image_mb"]) > 0
