@@ -58,6 +58,11 @@ def _peft_text(tiny_model_dir: Path, tmp: Path, adapter: str | None, first: str 
         model.set_adapter(adapter)
     elif adapter is not None:
         model = PeftModel.from_pretrained(model, str(tmp / adapter))
+    return _greedy_text(model, tokenizer)
+
+
+def _greedy_text(model, tokenizer) -> str:
+    """PEFT's greedy answer to PROMPT, as text (what the server's /generate returns)."""
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     with torch.no_grad():
         out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
@@ -177,12 +182,7 @@ def _peft_recipe_text(tiny_model_dir: Path, tmp: Path, **kw) -> str:
     model.base_model.inject_adapter = lambda *a, **k: (inject(*a, **k), torch.manual_seed(5))
     model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", **kw)
     model.set_adapter("merged")
-    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    with torch.no_grad():
-        out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                    do_sample=False, pad_token_id=tokenizer.eos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return _greedy_text(model, tokenizer)
 
 
 @pytest.mark.parametrize("recipe", [{"combination_type": "ties", "density": 0.5},

@@ -108,25 +108,14 @@ def test_cat_mix_in_a_mixed_batch_matches_peft(zoo, length):
 
 
 def test_cat_mix_greedy_decode_matches_peft_generate(zoo):
-    from transformers import DynamicCache
-
     tmp, peft_base, model, _, _ = zoo
     rows = [MIX, A, BASE, M1]
     ids, steps = _ids(len(rows), 6, seed=9), 8
-    cache, out = DynamicCache(), ids
-    with torch.no_grad():
-        with adapter_step(AdapterMapping.from_row_slots(rows, ids.shape[1])):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(steps):
-            nxt = logits.argmax(-1, keepdim=True)  # [rows, 1]
-            out = torch.cat([out, nxt], dim=1)
-            with adapter_step(AdapterMapping.from_row_slots(rows, 1)):
-                logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = af.greedy_mixed_decode(model, ids, rows, steps)
     peft = _peft_cat(tmp, peft_base)
     peft.set_adapter("mix")
     with torch.no_grad():
-        expected = peft.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=steps,
-                                 min_new_tokens=steps, do_sample=False, pad_token_id=af.EOS, eos_token_id=None)
+        expected = af.peft_greedy(peft, ids[:1], steps)
     assert torch.equal(out[:1], expected)
 
 
