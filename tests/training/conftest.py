@@ -77,3 +77,24 @@ def greedy(base: BaseModel, prompt_ids: list[int], n: int, slot: int) -> list[in
         if nxt == base.tokenizer.eos_token_id:
             break
     return ids[len(prompt_ids):]
+
+
+def assert_served_like_peft(base: BaseModel, out: Path, settings: Settings, peft_model) -> None:
+    """The exported adapter in `out`, served by our wrappers, gives PEFT's greedy tokens on "Say hi:" (and the
+    base's differ: training changed something). Injects the adapter layers into `base` if not yet there."""
+    from server.adapters.peft.peft_format import read_adapter
+
+    prompt = base.tokenizer("Say hi:")["input_ids"]
+    layers = inject_adapter_layers(base.model, AdapterLimits.from_settings(settings))
+    layers.load_slot(3, read_adapter(out, base, AdapterLimits.from_settings(settings)))
+    try:
+        ours = greedy(base, prompt, 12, slot=3)
+    finally:
+        layers.clear_slot(3)
+    plain = greedy(base, prompt, 12, slot=-1)
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=base.tokenizer.eos_token_id,
+                                     eos_token_id=base.tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    assert ours == theirs
+    assert ours != plain, "training must change the greedy tokens for this test to mean anything"

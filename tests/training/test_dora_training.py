@@ -8,13 +8,10 @@ import json
 import pytest
 import torch
 
-from server.adapters.limits import AdapterLimits
-from server.adapters.peft.peft_format import read_adapter
-from server.adapters.runtime.inject import inject_adapter_layers
 from server.errors import InvalidRequest
 from server.training.export import CONFIG_NAME
 from server.training.modules import plan_targets
-from tests.training.conftest import greedy, make_spec, make_trainer
+from tests.training.conftest import assert_served_like_peft, make_spec, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +38,7 @@ def test_dora_job_round_trips_through_peft(tiny_served, train_settings, peft_bas
     peft_model = PeftModel.from_pretrained(peft_base, str(out)).eval()
     try:
         assert peft_model.peft_config["default"].use_dora
-        prompt = tiny_served.tokenizer("Say hi:")["input_ids"]
-        layers = inject_adapter_layers(tiny_served.model, AdapterLimits.from_settings(train_settings))
-        layers.load_slot(3, read_adapter(out, tiny_served, AdapterLimits.from_settings(train_settings)))
-        try:
-            ours = greedy(tiny_served, prompt, 12, slot=3)
-        finally:
-            layers.clear_slot(3)
-        base = greedy(tiny_served, prompt, 12, slot=-1)
-        with torch.no_grad():
-            theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                         pad_token_id=tiny_served.tokenizer.eos_token_id,
-                                         eos_token_id=tiny_served.tokenizer.eos_token_id)[0, len(prompt):].tolist()
-        assert ours == theirs
-        assert ours != base, "training must change the greedy tokens for this test to mean anything"
+        assert_served_like_peft(tiny_served, out, train_settings, peft_model)
     finally:
         peft_model.unload()
 

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from server.adapters.limits import AdapterLimits
-from server.adapters.peft.peft_format import read_adapter
 from server.adapters.runtime.inject import inject_adapter_layers
 from server.model.load import BaseModel, load_base
 from server.model.quantize import is_quantized
 from tests.quantized_base import reference, same_quantization
-from tests.training.conftest import greedy, make_spec, make_trainer, settings_for
+from tests.training.conftest import assert_served_like_peft, make_spec, make_trainer, settings_for
 
 
 @pytest.fixture(scope="module", params=["int8", "nf4"])
@@ -74,19 +73,6 @@ def test_qlora_job_round_trips_through_peft_on_the_same_quantized_model(method, 
 
     peft_model = PeftModel.from_pretrained(peft_quantized, str(out)).eval()
     try:
-        prompt = q_served.tokenizer("Say hi:")["input_ids"]
-        layers = inject_adapter_layers(q_served.model, AdapterLimits.from_settings(q_settings))
-        layers.load_slot(3, read_adapter(out, q_served, AdapterLimits.from_settings(q_settings)))
-        try:
-            ours = greedy(q_served, prompt, 12, slot=3)
-        finally:
-            layers.clear_slot(3)
-        base = greedy(q_served, prompt, 12, slot=-1)
-        with torch.no_grad():
-            theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                         pad_token_id=q_served.tokenizer.eos_token_id,
-                                         eos_token_id=q_served.tokenizer.eos_token_id)[0, len(prompt):].tolist()
-        assert ours == theirs
-        assert ours != base, "training must change the greedy tokens for this test to mean anything"
+        assert_served_like_peft(q_served, out, q_settings, peft_model)
     finally:
         peft_model.unload()
