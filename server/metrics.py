@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,9 @@ class LiveCollector:
         yield _gauge("loraplex_engine_alive", "1 while the engine thread runs", float(bool(engine.alive)))
         yield _gauge("loraplex_kv_rows_free", "KV-cache rows (batch slots) free", stats["free_kv_rows"])
         yield _gauge("loraplex_kv_rows", "KV-cache rows (batch slots) in all", stats["max_batch"])
+        yield CounterMetricFamily("loraplex_engine_interrupted_steps", "Steps abandoned between layers for an "
+                                  "arriving request that preempts (their work is redone)",
+                                  value=float(stats["interrupted_steps"]))
         yield _gauge("loraplex_accepting", "0 while draining (SIGTERM)", float(bool(self.services.accepting)))
 
     def _adapters(self) -> Iterator[Metric]:

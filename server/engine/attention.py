@@ -24,6 +24,7 @@ functions defer to transformers' SDPA path, padding and window masks included
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,19 @@ class AttentionMetadata:
     fold_groups: bool = False
     # Sliding-window masks built this step, shared by every layer with the same window.
     window_masks: dict[tuple, tuple[int, torch.Tensor | None]] = field(default_factory=dict, compare=False)
+    # Set by another thread to abandon this step at the next layer (see StepInterrupted); None: runs to the end.
+    interrupt: threading.Event | None = field(default=None, compare=False)
+
+
+class StepInterrupted(Exception):
+    """The step was abandoned between layers, before its results were used: nothing it wrote is read
+    before being written again (a row's KV past its length is never attended), so the engine may
+    schedule afresh and run the same sequences later."""
+
+
+def check_interrupt(ctx: AttentionMetadata) -> None:
+    if ctx.interrupt is not None and ctx.interrupt.is_set():
+        raise StepInterrupted
 
 
 def current_attention() -> AttentionMetadata | None:
@@ -96,6 +110,7 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if dropout:
         raise UnsupportedModel(f"{type(module).__name__} asks for attention dropout {dropout} while serving "
                                "(the model is in training mode?)")
+    check_interrupt(ctx)
     layer = module.layer_idx
     k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]  # [rows, kv_heads, seq, head_dim]
     # query: [1, heads, tokens, head_dim]; key/value: [1, kv_heads, tokens, head_dim]

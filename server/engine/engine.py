@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
+from server.engine.attention import StepInterrupted
 from server.engine.detokenizer import Detokenizer
 from server.engine.fairness import FairShare, TenantShares
+from server.engine.interrupts import StepInterrupts
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.preemption import Preemption
@@ -88,6 +90,7 @@ class Engine:
         if settings.fair_scheduling and settings.preemption:
             preemption = Preemption(share.shares, min(settings.max_batch, self.cache.max_batch),
                                     self._suspend, self._resume)
+        self.interrupts = StepInterrupts(enabled=preemption is not None)  # for arrivals that will preempt
         self.scheduler = Scheduler(self.cache, settings.max_batch, self.waiting,
                                    settings.max_tokens_per_step, self._new_sequence, placement, share, preemption,
                                    self.prefix_cache if self.prefix_cache.enabled else None)
@@ -145,7 +148,15 @@ class Engine:
         self.waiting.push(request)
         if not self.alive and self.waiting.discard(request):  # the loop exited meanwhile
             raise Unavailable("the generation engine is not running")
+        if self.will_preempt(request):
+            self.interrupts.request()
         self.loop.wake()
+
+    def will_preempt(self, request: Request) -> bool:
+        """Whether `request` will likely preempt: the batch is full and its tenant has nothing running (a
+        tenant below any share). A guess from another thread, on a snapshot: a wrong one costs part of a step."""
+        running = list(self.scheduler.running)
+        return len(running) >= self.scheduler.max_batch and all(s.request.tenant != request.tenant for s in running)
 
     def cancel(self, request: Request) -> None:
         request.cancel()
@@ -174,6 +185,7 @@ class Engine:
             "prefix_cache_blocks": self.prefix_cache.cached_blocks,
             "prefix_lookup_tokens": sum(self.prefix_lookup_tokens.values()),
             "prefix_hit_tokens": sum(self.prefix_hit_tokens.values()),
+            "interrupted_steps": self.interrupts.count,
         }
 
     # --- engine thread --------------------------------------------------------
@@ -195,6 +207,7 @@ class Engine:
             self._fail_everything(Unavailable("the generation engine stopped"))
 
     def _serve_step(self) -> bool:
+        interrupt = self.interrupts.arm()
         removals = Removals()
         plan = self.scheduler.schedule(removals)
         self._report_removals(removals)
@@ -203,18 +216,23 @@ class Engine:
             return False
         started = time.perf_counter()
         try:
-            self._execute(plan)
+            self._execute(plan, None if plan.urgent else interrupt)
+        except StepInterrupted:
+            self.interrupts.interrupted()
+            return True  # nothing of the step was used: the next pass schedules afresh
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             self.step_errors += 1
             log.exception("engine step failed; failing its %d requests", len(plan.decode) + len(plan.prefill))
             self._fail_plan(plan, exc)
             self.metrics.engine_errors.inc()
         self.steps += 1
+        self.interrupts.completed()
         self._observe(plan, time.perf_counter() - started)
         return True
 
-    def _execute(self, plan: StepPlan) -> None:
-        logits = self.runner.forward(plan)  # [sampling rows, vocab]
+    def _execute(self, plan: StepPlan, interrupt: threading.Event | None = None) -> None:
+        logits = self.runner.forward(plan, interrupt)  # [sampling rows, vocab]
+        self.scheduler.ran(plan)
         self._account(plan)
         sampling, logits = self._fork(plan.sampling(), logits)
         tokens: list[int] = []

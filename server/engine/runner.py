@@ -18,6 +18,7 @@ depend only on the batch bucket and the key-length bucket.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from server.adapters.runtime.mapping import AdapterMapping
 from server.adapters.runtime.plan import AdapterBatch
 from server.adapters.runtime.step import StepContext, use_step
-from server.engine.attention import AttentionMetadata, PrefillSpan, register
+from server.engine.attention import AttentionMetadata, PrefillSpan, check_interrupt, register
 from server.engine.attention_math import span_mask
 from server.engine.decode_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
@@ -86,14 +87,17 @@ class Runner:
         """Looked up per step: adapter layers are injected after the engine is built (lm_head is wrapped)."""
         return self.model.get_output_embeddings()
 
-    def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order."""
+    def forward(self, plan: StepPlan, interrupt: threading.Event | None = None) -> torch.Tensor:
+        """Run the step; logits [sampling rows, vocab] float32 in `plan.sampling()` order. `interrupt`: once
+        set, the step stops at its next layer with StepInterrupted (a CUDA graph replay always completes)."""
         layout = StepLayout.build(plan, self.cache, self.static, self.buckets)
         # Before any write: positions past the zeroed prefix were never written (see KVCache).
         self.cache.ensure_initialized(*layout.zero_rows())
         ids, positions, rows, keep, index, lengths = self.buffers.load(
             layout.ids, layout.positions, layout.rows, layout.keep, layout.decode_index, layout.lengths)
-        attention = self._attention(layout, positions, rows, index, lengths)
+        graphed = self.graphs is not None and layout.static and not layout.prefills and plan.lane is None \
+            and layout.base_only
+        attention = self._attention(layout, positions, rows, index, lengths, None if graphed else interrupt)
         # A base-only step on the shared lane has no adapter plan at all (the modules run as they are):
         # no slot tensors built and copied for it.
         plain = plan.lane is None and layout.base_only
@@ -108,7 +112,7 @@ class Runner:
                 self._fill_mask(layout, lengths)
             return self._forward(ids, positions, None if layout.keep_identity else keep, step, head_step)
 
-        if self.graphs is not None and layout.static and not layout.prefills and plain:
+        if graphed:
             logits = self.graphs.run((layout.num_decode, layout.decode_len), self.buffers.generation, run)
         else:
             logits = run()
@@ -122,6 +126,8 @@ class Runner:
                 hidden = self.decoder(input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                       attention_mask=self._prepared, use_cache=False).last_hidden_state
                 # hidden: [1, tokens, hidden]
+            if step.attention is not None:
+                check_interrupt(step.attention)  # the head is a large share of a small model's step
             with use_step(head_step):
                 rows = hidden[0] if keep is None else hidden[0].index_select(0, keep)  # [sampling rows, hidden]
                 logits = self.head(rows)  # [sampling rows, vocab]
@@ -138,7 +144,7 @@ class Runner:
         return logits
 
     def _attention(self, layout: StepLayout, positions: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
-                   lengths: torch.Tensor) -> AttentionMetadata:
+                   lengths: torch.Tensor, interrupt: threading.Event | None) -> AttentionMetadata:
         d = layout.num_decode
         decode_rows: torch.Tensor | slice | None = None
         decode_mask = None
@@ -155,7 +161,7 @@ class Runner:
         min_len = 0 if layout.static or not d else min(layout.lengths)
         return AttentionMetadata(self.cache, rows, positions, d, decode_rows,
                                  index if layout.decode_index else None, decode_mask, layout.decode_len, spans,
-                                 lengths if d else None, min_len, fold_groups=layout.static)
+                                 lengths if d else None, min_len, fold_groups=layout.static, interrupt=interrupt)
 
     def _mask(self, keys: int) -> torch.Tensor:
         """The persistent `[rows, keys]` decode mask of one key-length bucket (filled in place each step)."""

@@ -72,6 +72,7 @@ class StepPlan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     # Resumed sequences among `prefill`: the tokens they recompute (prompt + output[:-1]); they sample nothing.
     refill: dict[Sequence, list[int]] = field(default_factory=dict)
+    urgent: bool = False  # the short prefills of sequences admitted by preempting, in a step of their own
 
     @property
     def num_tokens(self) -> int:
@@ -126,7 +127,7 @@ class Scheduler:
             return None
         if urgent:  # a starved tenant's first token does not wait behind a full batch's decode step
             lane = urgent[0].lane
-            return StepPlan(lane, [], [(s, s.fill_len - s.prefilled) for s in urgent if s.lane == lane])
+            return StepPlan(lane, [], [(s, s.fill_len - s.prefilled) for s in urgent if s.lane == lane], urgent=True)
         lane = self._pick_lane()
         members = [s for s in self.running if s.lane == lane]
         decode = sorted((s for s in members if not s.prefilling and not s.awaiting_fork), key=lambda s: s.row)
@@ -139,9 +140,12 @@ class Scheduler:
                 n = min(s.fill_len - s.prefilled, budget)
                 prefill.append((s, n))
                 budget -= n
-        self.share.served(decode)
         refill = {s: s.resume_ids for s, _ in prefill if s.resume_ids is not None}
         return StepPlan(lane, decode, prefill, refill)
+
+    def ran(self, plan: StepPlan) -> None:
+        """The step ran (one that was interrupted did not): its decode rows' tokens are charged."""
+        self.share.served(plan.decode)
 
     def lanes_in_use(self) -> set[int | None]:
         """Lanes whose weights must not change: those of running and of preempted sequences (they resume there)."""

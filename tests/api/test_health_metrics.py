@@ -43,6 +43,7 @@ def test_health_ready_metrics(settings):
     # The live gauges read at scrape time: an idle engine, every KV row free, serving.
     assert values["loraplex_engine_alive"] == 1 and values["loraplex_accepting"] == 1
     assert values["loraplex_kv_rows_free"] == values["loraplex_kv_rows"] == settings.max_batch
+    assert values["loraplex_engine_interrupted_steps_total"] == 0  # one tenant: nobody ever preempts
     for name in ("adapter_cache_hits", "adapter_cache_misses", "adapter_cache_evictions"):
         assert any(k.startswith(f"loraplex_{name}") for k in _families(m.text)), name
 

@@ -127,11 +127,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, v
     real_forward = engine.runner.forward
     calls = {"n": 0}
 
-    def flaky(plan):
+    def flaky(plan, interrupt=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated device error")
-        return real_forward(plan)
+        return real_forward(plan, interrupt)
 
     monkeypatch.setattr(engine.runner, "forward", flaky)
 

@@ -274,3 +274,73 @@ def test_without_preemption_the_light_tenant_waits_for_a_row(make_engine, adapte
                          preemption=False)
     _, _, heavy_done = _run(engine, adapted, True)
     assert heavy_done > 0 and not engine.preemptions
+
+
+# --- interrupted steps: abandoned between layers, run again, nothing changes ------------------------------------
+
+def _interrupting(engine, base, every: int) -> list:
+    """Forward hooks that interrupt the engine's step in flight at every `every`-th layer call: before a layer's
+    attention (first layer) and after the last layer (before the LM head), alternately."""
+    layers = base.model.model.layers
+    calls = iter(range(10**9))
+
+    def hook(*_args) -> None:
+        if next(calls) % every == every - 1:
+            engine.interrupts.request()
+
+    return [layers[0].register_forward_pre_hook(hook), layers[-1].register_forward_hook(hook)]
+
+
+def test_interrupted_steps_change_no_output(make_engine, adapted) -> None:
+    """Greedy, sampled (seeded, penalties), logprobs, min_tokens, stop strings and a grammar: the same tokens
+    with steps abandoned mid-forward and run again, and no tenant charged for a step that did not run."""
+    from tests.harness import FixedSlots
+
+    placement = FixedSlots({k: s for s, k in enumerate(KINDS)})
+    want, _, _ = _run(make_engine(base=adapted, placement=placement, max_batch=4), adapted, False)
+    engine = make_engine(base=adapted, placement=placement, max_batch=4)
+    hooks = _interrupting(engine, adapted, every=3)
+    try:
+        got, _, _ = _run(engine, adapted, False)
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = engine.stats()
+    assert stats["interrupted_steps"] > 5
+    assert got == want
+    assert engine.scheduler.share.counters["heavy"] == pytest.approx(
+        make_engine_counter(adapted, placement, make_engine))
+
+
+def make_engine_counter(base, placement, make_engine) -> float:
+    """The heavy tenant's virtual token counter after the same run without interruptions."""
+    engine = make_engine(base=base, placement=placement, max_batch=4)
+    _run(engine, base, False)
+    return engine.scheduler.share.counters["heavy"]
+
+
+def test_only_a_tenant_with_nothing_running_facing_a_full_batch_interrupts(make_engine, adapted) -> None:
+    """The engine's guess at submission: the step in flight is interrupted for a request that will preempt
+    (its tenant has nothing running and the batch is full), not for the tenant filling the batch."""
+    from tests.harness import FixedSlots
+
+    engine = make_engine(base=adapted, placement=FixedSlots({k: s for s, k in enumerate(KINDS)}), max_batch=4)
+
+    async def go() -> tuple[bool, bool, bool]:
+        def req(tenant: str) -> Request:
+            return Request([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True), RequestStream(),
+                           tenant=tenant)
+        idle = engine.will_preempt(req("light"))
+        heavy = [req("heavy") for _ in range(4)]
+        started = [asyncio.Event() for _ in heavy]
+        for r in heavy:
+            engine.submit(r)
+        tasks = [asyncio.create_task(_collect(r, e)) for r, e in zip(heavy, started)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        full = engine.will_preempt(req("light")), engine.will_preempt(req("heavy"))
+        for r in heavy:
+            engine.cancel(r)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return idle, *full
+
+    assert asyncio.run(go()) == (False, True, False)
