@@ -185,15 +185,18 @@ def _serve_cluster(settings: Settings, keys: ApiKeys | None) -> int:
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
+    import torch
+
     from server.app import create_app, uvicorn_limits
     from server.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("loraplex").info(
         "serving model=%s device=%s dtype=%s quantize=%s host=%s port=%d max_batch=%d max_queue=%d store=%s "
-        "auth=%s", settings.model or "<embedded>", settings.device, settings.dtype, settings.quantize, settings.host,
-        settings.port, settings.max_batch, settings.max_queue, settings.s3_store or settings.store,
-        "api-keys" if settings.api_keys else "off")
+        "auth=%s cpu_threads=%d", settings.model or "<embedded>", settings.device, settings.dtype, settings.quantize,
+        settings.host, settings.port, settings.max_batch, settings.max_queue, settings.s3_store or settings.store,
+        "api-keys" if settings.api_keys else "off", settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads)  # process-wide: the engine thread's steps use it
     app = create_app(settings, keys=keys)
     app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware

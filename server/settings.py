@@ -151,6 +151,9 @@ class Settings(BaseSettings):
                                        "body (408)")
     body_read_timeout_s: float = Field(600.0, gt=0, description="A whole request body must arrive within this "
                                        "(408); 256 MiB at 0.5 MB/s fits")
+    cpu_threads: int = Field(0, ge=0, le=4096, description="torch intra-op threads of the server process; "
+                             "0 = OMP_NUM_THREADS if set, else every usable core but one (the event loop, "
+                             "tokenizer and clients keep a core instead of waiting behind spinning math threads)")
     tokenize_workers: int = Field(2, ge=1, le=64, description="Prompts tokenized at once (others wait their "
                                   "turn); each prompt is also cut at the context + 1 tokens")
     max_json_depth: int = Field(32, ge=4, le=200, description="Nesting depth of client JSON parsed outside "
@@ -231,6 +234,16 @@ class Settings(BaseSettings):
     @property
     def slot_torch_dtype(self) -> torch.dtype:
         return self.torch_dtype if self.slot_dtype == "auto" else _DTYPES[self.slot_dtype]
+
+    @property
+    def torch_threads(self) -> int:
+        """cpu_threads, else OMP_NUM_THREADS when the environment sets it, else every usable core but one."""
+        if self.cpu_threads:
+            return self.cpu_threads
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp.isdigit() and int(omp) >= 1:
+            return int(omp)
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

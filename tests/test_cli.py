@@ -76,7 +76,7 @@ def test_bad_flag_values_are_clean_errors():
 
 def test_env_twins_and_flags(varied_model_dir, tmp_path):
     """LORAPLEX_* env configures the server; a flag overrides its env twin."""
-    env = {"LORAPLEX_MAX_BATCH": "3", "LORAPLEX_MAX_QUEUE": "5", "LORAPLEX_DEVICE": "cpu"}
+    env = {"LORAPLEX_MAX_BATCH": "3", "LORAPLEX_MAX_QUEUE": "5", "LORAPLEX_DEVICE": "cpu", "LORAPLEX_CPU_THREADS": "1"}
     with spawn_server(["--model", str(varied_model_dir), "--store", str(tmp_path / "s"), "--max-queue", "7"],
                       env=env) as (proc, url):
         r = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 3})
@@ -84,7 +84,7 @@ def test_env_twins_and_flags(varied_model_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     log = read_log(proc)
-    assert "max_batch=3" in log and "max_queue=7" in log
+    assert "max_batch=3" in log and "max_queue=7" in log and "cpu_threads=1" in log
     assert "adapter device slots: 3 per adapted module (auto" in log, "auto slots follow max_batch, logged"
 
 

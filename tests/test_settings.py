@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -33,3 +35,14 @@ def test_quantize_has_an_env_twin_and_refuses_unknown_modes_and_int4_on_the_cpu(
         Settings(quantize="int2")
     with pytest.raises(ValidationError, match="quantize=int4 runs on CUDA only .* use quantize=int8 or nf4 on the CPU"):
         Settings(quantize="int4", device="cpu")
+
+
+def test_cpu_threads_leave_a_core_to_the_event_loop_unless_told_otherwise(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert Settings().torch_threads == max(1, len(os.sched_getaffinity(0)) - 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert Settings().torch_threads == 3, "the OpenMP variable a user set is honoured"
+    monkeypatch.setenv("LORAPLEX_CPU_THREADS", "5")
+    assert Settings().torch_threads == 5, "the setting wins"
+    with pytest.raises(ValidationError, match="cpu_threads"):
+        Settings(cpu_threads=-1)
