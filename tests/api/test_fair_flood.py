@@ -36,7 +36,7 @@ def test_capped_flood_keeps_the_light_tenants_ttft_within_2x_idle(tiny_model_dir
     """A may hold 2 of the 8 rows (its max_concurrent); the rest of its flood waits in order while B's requests
     find a row at once: B's p50 TTFT stays within 2x its idle p50 (what is left is the busier steps).
 
-    In `make test-long`: a clean-clone run of the default suite read 2.19 (passes alone on a quiet box)."""
+    In `make test-long` (a timing bound; bench/NOTES.md "Two-tenant flood" has the readings)."""
     result, _ = flood(tiny_model_dir, tmp_path, fair=True, heavy_cap=2)
     assert result.ratio <= 2.0, result.row()
 
@@ -52,11 +52,10 @@ def test_a_capped_tenant_leaves_rows_for_the_light_one(tiny_model_dir: Path, tmp
 @pytest.mark.long
 def test_uncapped_flood_keeps_the_light_tenants_ttft_within_2x_idle(tiny_model_dir: Path, tmp_path: Path) -> None:
     """No cap: A fills all 8 rows. B is below its share (4 of 8 with two tenants active), so each of its
-    requests preempts A's youngest running sequence instead of waiting for one of A's to end.
+    requests preempts A's youngest running sequence instead of waiting for one of A's to end, and stops
+    the step in flight at its next layer.
 
-    In `make test-long`: on the 2-core box it reads 1.75-2.3 even when quiet (B still waits behind the
-    decode step in flight, slowed by its own request's GIL hand-offs; bench/NOTES.md "Two-tenant
-    flood"), so it is a measurement to run on a quiet machine, not a gate of the default suite."""
+    In `make test-long` (a timing bound; bench/NOTES.md "Two-tenant flood" has the readings)."""
     result, preempted = flood(tiny_model_dir, tmp_path, fair=True, heavy_cap=None)
     assert preempted > 0  # loraplex_tenant_preemptions_total{tenant="heavy"}
     assert result.ratio <= 2.0, result.row()
