@@ -82,6 +82,15 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     return app
 
 
+def create_server_app(settings: Settings, keys: ApiKeys | None) -> FastAPI:
+    """The app as a server process (the serve command, a cluster replica) runs it: the process's torch
+    intra-op threads set from settings, its start-up objects frozen out of the collector's sight."""
+    torch.set_num_threads(settings.torch_threads)  # process-wide: the engine thread's steps use it
+    app = create_app(settings, keys=keys)
+    app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
+    return app
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     keys: ApiKeys | None = app.state.api_keys

@@ -185,9 +185,7 @@ def _serve_cluster(settings: Settings, keys: ApiKeys | None) -> int:
 
 
 def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
-    import torch
-
-    from server.app import create_app, uvicorn_limits
+    from server.app import create_server_app, uvicorn_limits
     from server.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -196,9 +194,7 @@ def _serve_locked(settings: Settings, keys: ApiKeys | None) -> int:
         "auth=%s cpu_threads=%d", settings.model or "<embedded>", settings.device, settings.dtype, settings.quantize,
         settings.host, settings.port, settings.max_batch, settings.max_queue, settings.s3_store or settings.store,
         "api-keys" if settings.api_keys else "off", settings.torch_threads)
-    torch.set_num_threads(settings.torch_threads)  # process-wide: the engine thread's steps use it
-    app = create_app(settings, keys=keys)
-    app.state.freeze_gc = True  # this process is the server: its start-up objects never die (see lifespan)
+    app = create_server_app(settings, keys)
     # log_config=None: uvicorn's loggers propagate to our (JSON) root handler; our RequestIdMiddleware
     # writes the access lines (with request id and tenant), so uvicorn's own are off.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -33,12 +33,11 @@ def replica_class(capacity: int) -> type:
 
     class Replica:
         async def __init__(self, settings: Settings, keys: ApiKeys | None, board: Any) -> None:
-            from server.app import create_app
+            from server.app import create_server_app
             from server.logging import configure_logging
 
             configure_logging(settings.log_level, settings.log_format)
-            self.app = create_app(settings, keys=keys)
-            self.app.state.freeze_gc = True  # this process is a server: its start-up objects never die
+            self.app = create_server_app(settings, keys)  # torch threads: OMP_NUM_THREADS from Ray's num_cpus
             self._life = self.app.router.lifespan_context(self.app)
             await self._life.__aenter__()  # builds the services, starts the engine
             self.services = self.app.state.services
