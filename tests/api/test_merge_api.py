@@ -131,6 +131,7 @@ def test_mixed_traffic_dedicated_tenant_never_runs_adapter_math(client, server, 
     assert merge(client, "mix-ded").json()["mode"] == "merged"
     keys = {a: AdapterKey({ALICE: "alice", BOB: "bob"}[k], a, 1) for a, k in tenants.items()}
     before = {a: counters(services, keys[a]) for a in tenants}
+    recomputed = services.engine.recomputed_tokens
 
     def one(job: tuple) -> tuple[tuple, dict]:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -143,11 +144,18 @@ def test_mixed_traffic_dedicated_tenant_never_runs_adapter_math(client, server, 
         merge(client, "mix-ded", method="DELETE")
     for job, result in results:
         assert result["text"] == refs[job], f"{job} differs from its solo reference"
-    ded_fed = sum(fed(r) for job, r in results if job[0] == "mix-ded")
-    assert counters(services, keys["mix-ded"]) == (before["mix-ded"][0], before["mix-ded"][1] + ded_fed)
-    for adapter_id in ("mix-u1", "mix-u2", "mix-u3"):
-        shared_fed = sum(fed(r) for job, r in results if job[0] == adapter_id)
-        assert counters(services, keys[adapter_id]) == (before[adapter_id][0] + shared_fed, before[adapter_id][1])
+    # Each adapter's tokens went one way only: the dedicated one's through its merged lane, the others'
+    # through adapter math. Beyond the tokens the requests fed, a count may hold only what the engine
+    # recomputed for sequences preempted between the two tenants (the same path again).
+    excess = 0
+    for adapter_id in tenants:
+        adapter, merged = (a - b for a, b in zip(counters(services, keys[adapter_id]), before[adapter_id]))
+        used, unused = (merged, adapter) if adapter_id == "mix-ded" else (adapter, merged)
+        assert unused == 0, f"{adapter_id} ran the other path"
+        wanted = sum(fed(r) for job, r in results if job[0] == adapter_id)
+        assert used >= wanted, adapter_id
+        excess += used - wanted
+    assert excess <= services.engine.recomputed_tokens - recomputed
 
 
 @contextlib.contextmanager
