@@ -1,7 +1,10 @@
 """The cluster's front door: reads each request, picks its adapter's replica, relays the answer.
 
 Serve's HTTP proxy (on `--host/--port`) hands every request to this ASGI app.
-It buffers the body (bounded by the largest body any route accepts), computes
+The single server's front checks run here first, before a byte of the body is
+read: the API key (401) and the size and time limits (413/414/431, 408 for slow
+bodies), so an unauthenticated or oversized request never reaches a buffer.
+It buffers the body (bounded by the route's limit), computes
 the multiplexed id (server/cluster/affinity.py) and calls a replica through a
 handle with it, streaming back whatever the replica's app sends, byte for
 byte: the status, headers (X-Request-ID included) and chunks (SSE flushes as
@@ -22,7 +25,11 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
+from starlette.exceptions import HTTPException
+
+from server.api.auth import AuthMiddleware
 from server.api.keys import ApiKeys, authenticate
+from server.api.limits import SizeLimitMiddleware
 from server.cluster.affinity import affinity_id
 from server.cluster.bridge import RequestHead, ResponseStart
 from server.cluster.board import readiness, render_metrics
@@ -48,6 +55,7 @@ class Ingress:
         self.keys = keys
         self.max_body = max(settings.max_body_bytes, settings.max_adapter_bytes,
                             settings.max_train_upload_bytes) + BODY_SLACK
+        self._front = AuthMiddleware(SizeLimitMiddleware(self._forward, settings=settings), keys=keys)
         self._base_model_id: str | None = None
         self.app_name = serve.get_replica_context().app_name
 
@@ -63,8 +71,17 @@ class Ingress:
             return
         if scope["type"] != "http":
             return
+        await self._front(scope, receive, send)
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Behind the key and limit checks: read the body, relay it to a replica."""
         head = RequestHead.from_scope(scope)
-        body = await _read_body(receive, self.max_body)
+        try:
+            body = await _read_body(receive, self.max_body)
+        except HTTPException as exc:  # the limits' 413 (a chunked body past it) or 408 (a slow body)
+            await _send_error(send, exc.status_code, "payload_too_large" if exc.status_code == 413
+                              else "request_timeout", str(exc.detail), retry=False)
+            return
         if body is None:  # the client left mid-body: nothing to relay (a single server would drop it too)
             return
         try:
@@ -170,9 +187,9 @@ async def _lifespan(receive: Any, send: Any) -> None:
             return
 
 
-async def _send_error(send: Any, status: int, type_: str, message: str) -> None:
+async def _send_error(send: Any, status: int, type_: str, message: str, retry: bool = True) -> None:
     body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1")]})
+                "headers": [*headers, (b"retry-after", b"1")] if retry else headers})
     await send({"type": "http.response.body", "body": body})

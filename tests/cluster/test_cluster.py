@@ -99,6 +99,25 @@ def test_errors_pass_through_unchanged(cluster, single):
         assert r.json()["error"]["message"] == r1.json()["error"]["message"]
 
 
+def test_the_front_door_refuses_on_the_head_without_reading_the_body(cluster):
+    """An unauthenticated or over-the-limit request is answered from its head at the ingress: the client
+    declares 500 MiB, asks for `100 Continue` and sends none of it, and still gets its JSON 401 / 413 (with a
+    request id) at once."""
+    from tests.api.raw_http import connect, json_body, read_response
+
+    for key, status in ((None, 401), ("not-a-key-123", 401), (ALICE, 413)):
+        lines = ["PUT /v1/adapters/big HTTP/1.1", "Host: t", f"Content-Length: {500 * 1024 * 1024}",
+                 "Content-Type: multipart/form-data; boundary=xyz", "Expect: 100-continue",
+                 *([f"Authorization: Bearer {key}"] if key else [])]
+        with connect(cluster, timeout=20) as sock:
+            started = time.monotonic()
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            got, headers, body = read_response(sock)
+        assert (got, json_body(body)["error"]["type"]) == (status, "unauthorized" if status == 401
+                                                           else "payload_too_large"), body[:200]
+        assert headers.get("x-request-id") and time.monotonic() - started < 10
+
+
 def test_request_ids_come_back_once(cluster, single):
     for url in (cluster, single):
         r = httpx.get(f"{url}/health", headers={"X-Request-ID": "trace-123"}, timeout=30)
