@@ -153,10 +153,16 @@ class Engine:
         self.loop.wake()
 
     def will_preempt(self, request: Request) -> bool:
-        """Whether `request` will likely preempt: the batch is full and its tenant has nothing running (a
-        tenant below any share). A guess from another thread, on a snapshot: a wrong one costs part of a step."""
-        running = list(self.scheduler.running)
-        return len(running) >= self.scheduler.max_batch and all(s.request.tenant != request.tenant for s in running)
+        """Whether `request` will preempt at the next pass: the batch is full, its tenant has nothing running,
+        and the preemption rule finds it victims now. A guess from another thread on a snapshot (the batch
+        may change before the pass): a wrong one costs part of a step."""
+        preemption, running = self.scheduler.preemption, list(self.scheduler.running)
+        if preemption is None or len(running) < self.scheduler.max_batch:
+            return False
+        if any(s.request.tenant == request.tenant for s in running):
+            return False
+        n = request.params.n
+        return bool(preemption.victims(request.tenant, n, n, running, self.scheduler.share.active))
 
     def cancel(self, request: Request) -> None:
         request.cancel()

@@ -319,28 +319,38 @@ def make_engine_counter(base, placement, make_engine) -> float:
     return engine.scheduler.share.counters["heavy"]
 
 
-def test_only_a_tenant_with_nothing_running_facing_a_full_batch_interrupts(make_engine, adapted) -> None:
-    """The engine's guess at submission: the step in flight is interrupted for a request that will preempt
-    (its tenant has nothing running and the batch is full), not for the tenant filling the batch."""
+def test_only_a_request_that_would_preempt_now_interrupts(make_engine, adapted) -> None:
+    """The engine's guess at submission: the step in flight is interrupted for a request that the
+    preemption rule would give a row now (full batch, its tenant has nothing running and a share of at
+    least one row), not for the tenant filling the batch nor for one whose share is under a row."""
     from tests.harness import FixedSlots
 
     engine = make_engine(base=adapted, placement=FixedSlots({k: s for s, k in enumerate(KINDS)}), max_batch=4)
 
-    async def go() -> tuple[bool, bool, bool]:
-        def req(tenant: str) -> Request:
-            return Request([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True), RequestStream(),
-                           tenant=tenant)
-        idle = engine.will_preempt(req("light"))
-        heavy = [req("heavy") for _ in range(4)]
-        started = [asyncio.Event() for _ in heavy]
-        for r in heavy:
+    def req(tenant: str) -> Request:
+        return Request([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True), RequestStream(),
+                       tenant=tenant)
+
+    async def filled_by(tenants: list[str], asks: list[str]) -> list[bool]:
+        running = [req(t) for t in tenants]
+        started = [asyncio.Event() for _ in running]
+        for r in running:
             engine.submit(r)
-        tasks = [asyncio.create_task(_collect(r, e)) for r, e in zip(heavy, started)]
+        tasks = [asyncio.create_task(_collect(r, e)) for r, e in zip(running, started)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
-        full = engine.will_preempt(req("light")), engine.will_preempt(req("heavy"))
-        for r in heavy:
+        engine.wake()
+        await asyncio.sleep(0.05)  # an admission pass has seen every tenant running
+        answers = [engine.will_preempt(req(t)) for t in asks]
+        for r in running:
             engine.cancel(r)
         await asyncio.gather(*tasks, return_exceptions=True)
-        return idle, *full
+        return answers
 
-    assert asyncio.run(go()) == (False, True, False)
+    async def go() -> tuple[bool, list[bool], list[bool]]:
+        idle = engine.will_preempt(req("light"))
+        return idle, await filled_by(["heavy"] * 4, ["light", "heavy"]), await filled_by(["a", "b", "c", "d"], ["e"])
+
+    idle, one_heavy, four_tenants = asyncio.run(go())
+    assert not idle
+    assert one_heavy == [True, False]
+    assert four_tenants == [False], "five tenants on four rows: a newcomer's share is under one row"
