@@ -20,11 +20,12 @@ import random
 import threading
 import time
 from collections import Counter
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from server.engine.attention import StepInterrupted
+from server.engine.background import BackgroundTurns, BackgroundWorker
 from server.engine.detokenizer import Detokenizer
 from server.engine.fairness import FairShare, TenantShares
 from server.engine.interrupts import StepInterrupts
@@ -48,11 +49,6 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
-
-
-class BackgroundWorker(Protocol):
-    def has_work(self) -> bool: ...
-    def run_one_step(self) -> None: ...
 
 
 class EngineStepError(ApiError):
@@ -98,9 +94,7 @@ class Engine:
         self.vocab = int(base.model.config.vocab_size)
         self.sampler = StepSampler(self.cache.max_batch, self.vocab, base.device, self.eos_ids)
         self.forks = 0  # prefills shared by n > 1 sequences (KV rows copied instead of recomputed)
-        self.background_every = settings.train_interleave_steps
-        self._worker = background
-        self._since_background = 0
+        self.background = BackgroundTurns(background, settings.train_interleave_steps)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -108,7 +102,6 @@ class Engine:
         self.tokens_generated = 0
         self.prompt_tokens = 0
         self.step_errors = 0
-        self.background_steps = 0
         # Token accounting by path: adapter math vs a merged copy, per adapter key.
         self.adapter_tokens = 0
         self.merged_tokens = 0
@@ -148,21 +141,9 @@ class Engine:
         self.waiting.push(request)
         if not self.alive and self.waiting.discard(request):  # the loop exited meanwhile
             raise Unavailable("the generation engine is not running")
-        if self.will_preempt(request):
+        if self.scheduler.would_preempt(request):  # its prefill should not wait for the step in flight
             self.interrupts.request()
         self.loop.wake()
-
-    def will_preempt(self, request: Request) -> bool:
-        """Whether `request` will preempt at the next pass: the batch is full, its tenant has nothing running,
-        and the preemption rule finds it victims now. A guess from another thread on a snapshot (the batch
-        may change before the pass): a wrong one costs part of a step."""
-        preemption, running = self.scheduler.preemption, list(self.scheduler.running)
-        if preemption is None or len(running) < self.scheduler.max_batch:
-            return False
-        if any(s.request.tenant == request.tenant for s in running):
-            return False
-        n = request.params.n
-        return bool(preemption.victims(request.tenant, n, n, running, self.scheduler.share.active))
 
     def cancel(self, request: Request) -> None:
         request.cancel()
@@ -185,7 +166,7 @@ class Engine:
             "tokens_generated": self.tokens_generated,
             "prompt_tokens": self.prompt_tokens,
             "step_errors": self.step_errors,
-            "background_steps": self.background_steps,
+            "background_steps": self.background.steps,
             "adapter_tokens": self.adapter_tokens,
             "merged_tokens": self.merged_tokens,
             "prefix_cache_blocks": self.prefix_cache.cached_blocks,
@@ -356,23 +337,10 @@ class Engine:
             request.stream.put(ErrorEvent(error))
 
     def _background_step(self, busy: bool) -> bool:
-        worker = self._worker
-        if worker is None:
-            return False
-        if busy:
-            self._since_background += 1
-            if self._since_background < self.background_every:
-                return False
-        try:
-            if not worker.has_work():
-                return False
-            self._since_background = 0
-            worker.run_one_step()
-        except Exception:  # noqa: BLE001 - the worker owns its errors; serving goes on
-            log.exception("background worker step failed")
-        self.background_steps += 1
-        self.metrics.training_steps.inc()
-        return True
+        ran = self.background.take(busy)
+        if ran:
+            self.metrics.training_steps.inc()
+        return ran
 
     def _new_sequence(self, request: Request, row: int, slot: int, lane: int | None, index: int = 0) -> Sequence:
         """Sequence `index` of the request's n: seed + index seeds its own stream (reproducible, distinct)."""

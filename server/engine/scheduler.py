@@ -143,6 +143,17 @@ class Scheduler:
         refill = {s: s.resume_ids for s, _ in prefill if s.resume_ids is not None}
         return StepPlan(lane, decode, prefill, refill)
 
+    def would_preempt(self, request: Request) -> bool:
+        """Any thread: whether `request` would preempt at a pass now (the batch is full, its tenant has nothing
+        running, the preemption rule finds it victims). A guess on a snapshot: the batch may change first."""
+        running = list(self.running)
+        if self.preemption is None or len(running) < self.max_batch:
+            return False
+        if any(s.request.tenant == request.tenant for s in running):
+            return False
+        n = request.params.n
+        return bool(self.preemption.victims(request.tenant, n, n, running, self.share.active))
+
     def ran(self, plan: StepPlan) -> None:
         """The step ran (one that was interrupted did not): its decode rows' tokens are charged."""
         self.share.served(plan.decode)

@@ -340,14 +340,14 @@ def test_only_a_request_that_would_preempt_now_interrupts(make_engine, adapted) 
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         engine.wake()
         await asyncio.sleep(0.05)  # an admission pass has seen every tenant running
-        answers = [engine.will_preempt(req(t)) for t in asks]
+        answers = [engine.scheduler.would_preempt(req(t)) for t in asks]
         for r in running:
             engine.cancel(r)
         await asyncio.gather(*tasks, return_exceptions=True)
         return answers
 
     async def go() -> tuple[bool, list[bool], list[bool]]:
-        idle = engine.will_preempt(req("light"))
+        idle = engine.scheduler.would_preempt(req("light"))
         return idle, await filled_by(["heavy"] * 4, ["light", "heavy"]), await filled_by(["a", "b", "c", "d"], ["e"])
 
     idle, one_heavy, four_tenants = asyncio.run(go())
