@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from server.adapters.runtime.mapping import AdapterMapping
 from server.adapters.runtime.plan import AdapterBatch
 from server.adapters.runtime.step import StepContext, use_step
-from server.engine.attention import AttentionMetadata, PrefillSpan, check_interrupt, register
+from server.engine.attention import AttentionMetadata, PrefillSpan, StepInterrupted, check_interrupt, register
 from server.engine.attention_math import span_mask
 from server.engine.decode_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
@@ -115,7 +115,12 @@ class Runner:
         if graphed:
             logits = self.graphs.run((layout.num_decode, layout.decode_len), self.buffers.generation, run)
         else:
-            logits = run()
+            try:
+                logits = run()
+            except StepInterrupted:
+                if self.device.type == "cuda":  # the next step refills the host buffers the queued copies read
+                    torch.cuda.synchronize(self.device)
+                raise
         return logits[:layout.num_sampling]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None,
