@@ -34,6 +34,11 @@ def is_openai_route(path: str) -> bool:
     return path.startswith(OPENAI_PREFIXES)
 
 
+# Error types of the HTTP-level refusals (Starlette's HTTPException, the limits' 408 / 413).
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 408: "request_timeout",
+                    413: "payload_too_large"}
+
+
 def error_response(request: Request, status: int, type_: str, message: str,
                    headers: dict[str, str] | None = None, param: str | None = None,
                    request_id: str | None = None) -> JSONResponse:
@@ -133,12 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI/Starlette could not parse the body: a client error like any other
             return error_response(request, 422, "invalid_request_error", _unparsable_body(exc), param="body")
-        types = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 408: "request_timeout",
-                 413: "payload_too_large"}
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
-        return error_response(request, exc.status_code, types.get(exc.status_code, "http_error"),
+        return error_response(request, exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"),
                               str(exc.detail), headers or None)
 
 

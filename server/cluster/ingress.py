@@ -4,7 +4,7 @@ Serve's HTTP proxy (on `--host/--port`) hands every request to this ASGI app.
 The single server's front checks run here first, before a byte of the body is
 read: the API key (401) and the size and time limits (413/414/431, 408 for slow
 bodies), so an unauthenticated or oversized request never reaches a buffer.
-It buffers the body (bounded by the route's limit), computes
+It buffers the body (which the limits bound by its route's), computes
 the multiplexed id (server/cluster/affinity.py) and calls a replica through a
 handle with it, streaming back whatever the replica's app sends, byte for
 byte: the status, headers (X-Request-ID included) and chunks (SSE flushes as
@@ -26,8 +26,10 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from server.api.auth import AuthMiddleware
+from server.api.errors import HTTP_ERROR_TYPES, error_response
 from server.api.keys import ApiKeys, authenticate
 from server.api.limits import SizeLimitMiddleware
 from server.cluster.affinity import affinity_id
@@ -37,7 +39,6 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BODY_SLACK = 64 * 1024  # multipart framing around an upload's files
 REPLICA_DEPLOYMENT = "Replica"
 REQUEST_ID = b"x-request-id"
 FULL = "the server is at capacity (every replica busy, the queue full); retry later"
@@ -53,8 +54,6 @@ class Ingress:
         self.board = board
         self.wanted = settings.replicas
         self.keys = keys
-        self.max_body = max(settings.max_body_bytes, settings.max_adapter_bytes,
-                            settings.max_train_upload_bytes) + BODY_SLACK
         self._front = AuthMiddleware(SizeLimitMiddleware(self._forward, settings=settings), keys=keys)
         self._base_model_id: str | None = None
         self.app_name = serve.get_replica_context().app_name
@@ -77,10 +76,11 @@ class Ingress:
         """Behind the key and limit checks: read the body, relay it to a replica."""
         head = RequestHead.from_scope(scope)
         try:
-            body = await _read_body(receive, self.max_body)
+            body = await _read_body(receive)
         except HTTPException as exc:  # the limits' 413 (a chunked body past it) or 408 (a slow body)
-            await _send_error(send, exc.status_code, "payload_too_large" if exc.status_code == 413
-                              else "request_timeout", str(exc.detail), retry=False)
+            response = error_response(Request(scope), exc.status_code, HTTP_ERROR_TYPES[exc.status_code],
+                                      str(exc.detail))
+            await response(scope, receive, send)
             return
         if body is None:  # the client left mid-body: nothing to relay (a single server would drop it too)
             return
@@ -160,21 +160,17 @@ def _running_replicas(app_name: str) -> int:
     return sum(n for state, n in deployment.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
-async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The whole body, cut at `limit` bytes (the replica's size check then answers 413 as one server
-    would); None when the client disconnects first."""
-    chunks, size = [], 0
+async def _read_body(receive: Any) -> bytes | None:
+    """The whole body (the limits in front raise 413 past its route's limit, 408 when it is slow); None when
+    the client disconnects first."""
+    chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunk = message.get("body", b"")
-        if size < limit:
-            chunks.append(chunk[: limit - size])
-        size += len(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
@@ -187,9 +183,9 @@ async def _lifespan(receive: Any, send: Any) -> None:
             return
 
 
-async def _send_error(send: Any, status: int, type_: str, message: str, retry: bool = True) -> None:
+async def _send_error(send: Any, status: int, type_: str, message: str) -> None:
     body = json.dumps({"error": {"type": type_, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"retry-after", b"1")] if retry else headers})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1")]})
     await send({"type": "http.response.body", "body": body})
