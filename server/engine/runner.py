@@ -95,12 +95,11 @@ class Runner:
         self.cache.ensure_initialized(*layout.zero_rows())
         ids, positions, rows, keep, index, lengths = self.buffers.load(
             layout.ids, layout.positions, layout.rows, layout.keep, layout.decode_index, layout.lengths)
-        graphed = self.graphs is not None and layout.static and not layout.prefills and plan.lane is None \
-            and layout.base_only
-        attention = self._attention(layout, positions, rows, index, lengths, None if graphed else interrupt)
         # A base-only step on the shared lane has no adapter plan at all (the modules run as they are):
         # no slot tensors built and copied for it.
         plain = plan.lane is None and layout.base_only
+        graphed = self.graphs is not None and layout.static and not layout.prefills and plain
+        attention = self._attention(layout, positions, rows, index, lengths, None if graphed else interrupt)
         step = StepContext(adapters=None if plain else self._adapters(layout.slots, plan.lane), attention=attention)
         # The LM head sees only the sampling rows, so it gets their own batch
         # (an adapter on lm_head must line up with the rows it is given).

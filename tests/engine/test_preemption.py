@@ -297,7 +297,8 @@ def test_interrupted_steps_change_no_output(make_engine, adapted) -> None:
     from tests.harness import FixedSlots
 
     placement = FixedSlots({k: s for s, k in enumerate(KINDS)})
-    want, _, _ = _run(make_engine(base=adapted, placement=placement, max_batch=4), adapted, False)
+    uninterrupted = make_engine(base=adapted, placement=placement, max_batch=4)
+    want, _, _ = _run(uninterrupted, adapted, False)
     engine = make_engine(base=adapted, placement=placement, max_batch=4)
     hooks = _interrupting(engine, adapted, every=3)
     try:
@@ -308,15 +309,7 @@ def test_interrupted_steps_change_no_output(make_engine, adapted) -> None:
     stats = engine.stats()
     assert stats["interrupted_steps"] > 5
     assert got == want
-    assert engine.scheduler.share.counters["heavy"] == pytest.approx(
-        make_engine_counter(adapted, placement, make_engine))
-
-
-def make_engine_counter(base, placement, make_engine) -> float:
-    """The heavy tenant's virtual token counter after the same run without interruptions."""
-    engine = make_engine(base=base, placement=placement, max_batch=4)
-    _run(engine, base, False)
-    return engine.scheduler.share.counters["heavy"]
+    assert engine.scheduler.share.counters["heavy"] == pytest.approx(uninterrupted.scheduler.share.counters["heavy"])
 
 
 def test_only_a_request_that_would_preempt_now_interrupts(make_engine, adapted) -> None:
