@@ -33,6 +33,9 @@ from tests.harness import TRAIN_DATA, app_of, cpu_settings, gate_engine, running
 from tests.training.conftest import make_spec, settings_for
 
 LEASE_S = 1.5
+# The two real servers renew from a thread that shares the test process's GIL with both engines' training
+# steps: at 1.5 s one slow renewal on a loaded box handed a healthy owner's job to the other server.
+SERVER_LEASE_S = 6.0
 SKEW_S = 0.2
 S3 = {"train_lease_s": LEASE_S, "train_clock_skew_s": SKEW_S, "s3_region": "us-east-1", "s3_timeout_s": 1.0,
       "s3_max_attempts": 1}
@@ -127,7 +130,8 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
 
     def settings(name: str):  # its own --store (adapter cache; no job database used), the shared bucket
         return cpu_settings(tiny_model_dir, tmp / name, api_keys=keys, max_batch=2, max_adapters_resident=2,
-                            max_rank=16, s3_store=str(options.location), s3_endpoint_url=moto.endpoint, **S3)
+                            max_rank=16, s3_store=str(options.location), s3_endpoint_url=moto.endpoint,
+                            **{**S3, "train_lease_s": SERVER_LEASE_S})
 
     with running_server(settings("a")) as url_a, running_server(settings("b")) as url_b:
         yield url_a, url_b
